@@ -1,0 +1,163 @@
+"""In-process executor: the same interface as ``RayExecutor`` with no Ray at all.
+
+Used by unit tests and for debugging a step with a plain Python debugger. Work runs sequentially in
+the calling process; resource requests are recorded but not enforced.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from cluster.resources import Resources
+from cluster.space import expand
+
+
+@dataclass
+class TrainResult:
+    metrics: dict
+    checkpoint: dict | None
+    history: list[dict]
+
+
+def iter_batches(source: pa.Table | Sequence[str], batch_size: int) -> Iterable[pa.Table]:
+    """Record batches of ``batch_size`` rows from a table or a list of Parquet files, in order."""
+    tables = [source] if isinstance(source, pa.Table) else (pq.read_table(p) for p in source)
+    buffer: list[pa.Table] = []
+    buffered = 0
+    for table in tables:
+        for batch in table.to_batches(max_chunksize=batch_size):
+            buffer.append(pa.Table.from_batches([batch]))
+            buffered += batch.num_rows
+            while buffered >= batch_size:
+                merged = pa.concat_tables(buffer).combine_chunks()
+                yield merged.slice(0, batch_size)
+                rest = merged.slice(batch_size)
+                buffer, buffered = ([rest] if rest.num_rows else []), rest.num_rows
+    if buffered:
+        yield pa.concat_tables(buffer).combine_chunks()
+
+
+class LocalExecutor:
+    name = "local"
+    max_parallel_steps = 1
+
+    def __init__(self, progress: bool = True):
+        self.progress = progress
+
+    def cluster_gpus(self) -> float:
+        import torch
+
+        return float(torch.cuda.device_count())
+
+    def node(self) -> str:
+        return socket.gethostname()
+
+    def run_task(self, fn: Callable, *args, resources: Resources = Resources(), **kwargs) -> Any:
+        return fn(*args, **kwargs)
+
+    def map(
+        self,
+        fn: Callable,
+        items: Sequence,
+        *,
+        resources: Resources = Resources(),
+        desc: str = "map",
+    ) -> list:
+        bar = tqdm(total=len(items), desc=desc, unit="item", disable=not self.progress)
+        out = []
+        for item in items:
+            out.append(fn(item))
+            bar.update(1)
+        bar.close()
+        return out
+
+    def infer(
+        self,
+        source: pa.Table | Sequence[str],
+        predictor: type,
+        predictor_kwargs: dict,
+        output_dir: str | Path,
+        *,
+        batch_size: int,
+        resources: Resources = Resources(),
+        num_actors: int = 1,
+        desc: str = "infer",
+    ) -> None:
+        """Run ``predictor(**kwargs)(batch: pa.Table) -> pa.Table`` over ``source`` and write the
+        results as Parquet files in ``output_dir``."""
+        model = predictor(**predictor_kwargs)
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        writer = None
+        bar = tqdm(desc=desc, unit="row", disable=not self.progress)
+        for batch in iter_batches(source, batch_size):
+            result = model(batch)
+            if writer is None:
+                writer = pq.ParquetWriter(output_dir / "part-00000.parquet", result.schema)
+            writer.write_table(result)
+            bar.update(batch.num_rows)
+        bar.close()
+        if writer is not None:
+            writer.close()
+
+    def train(
+        self,
+        train_fn: Callable,
+        config: dict,
+        *,
+        num_workers: int = 1,
+        resources_per_worker: Resources = Resources(),
+        storage_path: str,
+        name: str,
+        max_failures: int = 0,
+    ) -> TrainResult:
+        from stages.training.context import LocalTrainContext
+
+        ctx = LocalTrainContext(checkpoint_dir=Path(storage_path) / name / "local")
+        train_fn(ctx, config)
+        metrics = ctx.history[-1] if ctx.history else {}
+        checkpoint = ctx.last_checkpoint or ctx.load_checkpoint()
+        return TrainResult(metrics=metrics, checkpoint=checkpoint, history=ctx.history)
+
+    def sweep(
+        self,
+        trainable: Callable,
+        space: dict,
+        *,
+        metric: str,
+        mode: str,
+        num_samples: int = 1,
+        max_concurrent: int | None = None,
+        resources_per_trial: Resources = Resources(),
+        storage_path: str,
+        name: str,
+        resume: bool = False,
+        scheduler: str | None = None,
+        seed: int = 0,
+    ) -> list[dict]:
+        """Run every trial config in turn; ``trainable(config, report)`` calls ``report(metrics)``."""
+        results = []
+        for config in expand(space, num_samples, seed):
+            history: list[dict] = []
+            error = None
+            try:
+                trainable(config, history.append)
+            except Exception as e:  # a failed trial is a result, as under Tune
+                error = f"{type(e).__name__}: {e}"
+            results.append(
+                {
+                    "config": config,
+                    "metrics": history[-1] if history else {},
+                    "history": history,
+                    "error": error,
+                }
+            )
+        return results

@@ -1,0 +1,65 @@
+"""Connect to Ray: an embedded single-node instance by default, or an existing cluster by address.
+
+Token authentication stays on (DESIGN): an embedded instance creates and uses a token; attaching to
+a cluster uses ``RAY_AUTH_TOKEN`` / ``RAY_AUTH_TOKEN_PATH`` / ``~/.ray/auth_token``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+# Small machines: Ray's default object store (30% of RAM) starves torch; large arrays go through the
+# store's Parquet files, not the object store, so 2 GiB is plenty for the embedded case.
+EMBEDDED_OBJECT_STORE_BYTES = 2 << 30
+
+
+def connect(
+    address: str | None = None,
+    *,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    temp_dir: str | None = None,
+    include_dashboard: bool | None = None,
+) -> dict:
+    """Start or attach to Ray once per process; returns a short description of the cluster."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not ray.is_initialized():
+        common = dict(configure_logging=True, logging_level=logging.WARNING, log_to_driver=True)
+        if address:
+            ray.init(address=address, **common)
+        else:
+            if include_dashboard is None:
+                include_dashboard = os.environ.get("PAPERLINE_DASHBOARD", "1") != "0"
+            ray.init(
+                num_cpus=num_cpus or os.cpu_count(),
+                num_gpus=num_gpus,
+                object_store_memory=EMBEDDED_OBJECT_STORE_BYTES,
+                include_dashboard=include_dashboard,
+                dashboard_host="127.0.0.1",  # never expose an embedded dashboard beyond loopback
+                _temp_dir=temp_dir,
+                **common,
+            )
+        quiet_data()
+    res = ray.cluster_resources()
+    return {
+        "address": address or "embedded",
+        "cpus": res.get("CPU", 0.0),
+        "gpus": res.get("GPU", 0.0),
+        "nodes": len([n for n in ray.nodes() if n.get("Alive")]),
+    }
+
+
+def quiet_data() -> None:
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+def shutdown() -> None:
+    if ray.is_initialized():
+        ray.shutdown()

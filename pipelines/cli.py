@@ -1,0 +1,227 @@
+"""``paperline`` (also ``python -m pipelines``): list, run, submit, jobs, report.
+
+Exit status: 0 success, 1 a step failed, 2 bad usage or configuration (reported before Ray starts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from pipelines import registry
+from pipelines.config import ConfigError, parse_set_args, valid_keys
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pipeline", help="pipeline name (see `paperline list`)")
+    p.add_argument("--preset", help="named preset (default: the pipeline's small preset)")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set proposals.mode=quality (repeatable)",
+    )
+    p.add_argument(
+        "--store",
+        default=os.environ.get("PAPERLINE_STORE", "store"),
+        help="artifact store: local path or pyarrow.fs URI (default ./store)",
+    )
+    p.add_argument("--out", default="runs", help="root of run directories (default ./runs)")
+    p.add_argument("--force", metavar="STEP", help="recompute STEP and every step after it")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="paperline", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("list", help="pipelines, presets and steps")
+
+    p = sub.add_parser("run", help="run a pipeline (embedded Ray unless --address)")
+    _add_run_args(p)
+    p.add_argument("--address", help="attach to a Ray cluster (ray://host:10001, auto, host:port)")
+    p.add_argument(
+        "--executor",
+        choices=["ray", "local"],
+        default="ray",
+        help="local = in-process without Ray (debugging)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("submit", help="submit a pipeline run to a cluster via the Ray Jobs API")
+    _add_run_args(p)
+    p.add_argument(
+        "--address",
+        default=os.environ.get("RAY_API_SERVER_ADDRESS"),
+        help="Jobs API address, e.g. http://head:8265",
+    )
+    p.add_argument("--wait", action="store_true", help="wait for the job and print its logs")
+
+    p = sub.add_parser("jobs", help="status / logs / stop of a submitted job")
+    p.add_argument("action", choices=["status", "logs", "stop"])
+    p.add_argument("job_id")
+    p.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS"))
+
+    p = sub.add_parser("report", help="summarise a run directory")
+    p.add_argument("run_dir")
+    return parser
+
+
+def _config_from_args(args):
+    spec = registry.get(args.pipeline)
+    overrides = parse_set_args(args.sets)
+    cfg = spec.build_config(args.preset, overrides)
+    if args.force and args.force not in {s.name for s in spec.steps(cfg)}:
+        raise ConfigError(
+            f"--force: unknown step {args.force!r}; steps: "
+            f"{', '.join(s.name for s in spec.steps(cfg))}"
+        )
+    return spec, overrides, cfg
+
+
+def cmd_list() -> int:
+    for name in registry.names():
+        spec = registry.get(name)
+        cfg = spec.build_config()
+        print(f"{name}: {spec.summary}")
+        for preset in spec.presets:
+            mark = " (default)" if preset == spec.default_preset else ""
+            print(f"  preset {preset}{mark}")
+        steps = spec.steps(cfg)
+        print("  steps: " + " -> ".join(f"{s.name}[{s.kind}]" for s in steps))
+        print("  keys: " + ", ".join(valid_keys(cfg)))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from pipelines import runner
+
+    _, overrides, _ = _config_from_args(args)
+    runner.run(
+        args.pipeline,
+        args.preset,
+        overrides,
+        store=args.store,
+        runs=args.out,
+        executor=args.executor,
+        address=args.address,
+        force=args.force,
+        progress=not args.quiet,
+    )
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from cluster import jobs
+
+    spec, _, _ = _config_from_args(args)  # validate here, not after a round trip to the cluster
+    if not args.address:
+        raise ConfigError("submit needs --address http://HOST:8265 (or RAY_API_SERVER_ADDRESS)")
+    store = args.store if "://" in args.store else str(Path(args.store).resolve())
+    out = str(Path(args.out).resolve())
+    argv = [
+        "python",
+        "-m",
+        "pipelines",
+        "run",
+        args.pipeline,
+        "--store",
+        store,
+        "--out",
+        out,
+        "--quiet",
+    ]
+    if args.preset:
+        argv += ["--preset", args.preset]
+    for s in args.sets:
+        argv += ["--set", s]
+    if args.force:
+        argv += ["--force", args.force]
+    entrypoint = shlex.join(argv)
+    job_id = jobs.submit(
+        args.address,
+        entrypoint,
+        REPO_ROOT,
+        metadata={"pipeline": spec.name, "preset": args.preset or ""},
+    )
+    print(f"submitted {job_id}: {entrypoint}")
+    if not args.wait:
+        print(f"follow it with: paperline jobs logs {job_id} --address {args.address}")
+        return 0
+    state = jobs.wait(args.address, job_id)
+    print(jobs.logs(args.address, job_id))
+    print(f"job {job_id}: {state}")
+    return 0 if state == "SUCCEEDED" else 1
+
+
+def cmd_jobs(args) -> int:
+    from cluster import jobs
+
+    if not args.address:
+        raise ConfigError("jobs needs --address http://HOST:8265 (or RAY_API_SERVER_ADDRESS)")
+    if args.action == "status":
+        print(jobs.status(args.address, args.job_id))
+    elif args.action == "logs":
+        print(jobs.logs(args.address, args.job_id))
+    else:
+        print("stopped" if jobs.stop(args.address, args.job_id) else "not running")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from pipelines.runner import summary_table
+
+    run_dir = Path(args.run_dir)
+    manifest_path = run_dir / "manifest.json"
+    if not manifest_path.exists():
+        raise ConfigError(f"{manifest_path}: not a run directory (no manifest.json)")
+    manifest = json.loads(manifest_path.read_text())
+    print(summary_table(manifest))
+    metrics_path = run_dir / "metrics.json"
+    if metrics_path.exists():
+        metrics = json.loads(metrics_path.read_text())
+        for key, value in metrics.items():
+            if isinstance(value, int | float | str):
+                print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+    report = run_dir / "report.md"
+    print(f"report: {report}" if report.exists() else "no report.md in this run")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "list":
+            return cmd_list()
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "submit":
+            return cmd_submit(args)
+        if args.command == "jobs":
+            return cmd_jobs(args)
+        return cmd_report(args)
+    except ConfigError as e:
+        print(f"paperline: error: {e}", file=sys.stderr)
+        return 2
+    except PermissionError as e:
+        print(f"paperline: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from data.errors import DatasetError
+        from pipelines.engine import StepFailed
+
+        if isinstance(e, StepFailed | DatasetError):
+            print(f"paperline: error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,365 @@
+"""Steps, content-addressed keys, and the scheduler that runs a pipeline's steps on an executor.
+
+A **step** names a stage adaptor ``fn(ctx, **params)``, the artifacts it reads (names of earlier
+steps), the config values it uses (``params``) and its kind:
+
+- ``task``: the whole step runs as one unit of work (a Ray task on the Ray executor, where it may land
+  on a GPU node); it writes into ``ctx.out_dir``.
+- ``map`` / ``infer`` / ``train`` / ``sweep``: the step's glue runs on the driver and fans its heavy
+  work out through ``ctx.map`` / ``ctx.infer`` / ``ctx.train`` / ``ctx.sweep``.
+
+Its output artifact's key is ``hash(step name, version, params, input keys)``: a completed key is
+never recomputed, and changing one config value recomputes exactly the steps whose params (or
+inputs, transitively) change. Independent steps run concurrently when the executor allows it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import json
+import shutil
+import socket
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cluster.resources import Resources
+from data.store import Artifact, ArtifactStore
+
+KINDS = ("task", "map", "infer", "train", "sweep")
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    fn: Callable[..., Any]  # fn(ctx: StepContext, **params)
+    kind: str = "task"
+    inputs: tuple[str, ...] = ()
+    params: Mapping[str, Any] = field(default_factory=dict)
+    version: str = "1"  # bump when the stage's output changes for the same params
+    resources: Resources = Resources()
+    publish: tuple[str, ...] = ()  # files of the artifact copied into the run directory
+    description: str = ""
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"step {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
+
+
+def step_key(step: Step, input_keys: Mapping[str, str]) -> str:
+    blob = json.dumps(
+        {
+            "step": step.name,
+            "version": step.version,
+            "params": dict(step.params),
+            "inputs": dict(input_keys),
+        },
+        sort_keys=True,
+        default=repr,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class StepContext:
+    """What a step adaptor sees: its inputs, a private output directory, and the executor."""
+
+    pipeline: str
+    step: str
+    key: str
+    inputs: dict[str, Artifact]
+    out_dir: Path
+    resources: Resources
+    work_uri: str  # scratch space on the store for Train/Tune storage (resume after a crash)
+    executor: Any = None  # None inside a `task` step (it already runs as one unit of work)
+
+    def input_dir(self, name: str) -> Path:
+        return self.inputs[name].local_dir()
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        path = self.out_dir / name
+        path.write_text(json.dumps(obj, indent=1, sort_keys=True, default=_json_default))
+        return path
+
+    def map(self, fn: Callable, items: Sequence, desc: str | None = None) -> list:
+        return self.executor.map(fn, items, resources=self.resources, desc=desc or self.step)
+
+    def infer(
+        self,
+        source,
+        predictor: type,
+        predictor_kwargs: dict,
+        *,
+        batch_size: int,
+        num_actors: int = 1,
+        subdir: str = "parts",
+    ) -> Path:
+        out = self.out_dir / subdir
+        self.executor.infer(
+            source,
+            predictor,
+            predictor_kwargs,
+            out,
+            batch_size=batch_size,
+            resources=self.resources,
+            num_actors=num_actors,
+            desc=self.step,
+        )
+        return out
+
+    def train(
+        self, train_fn: Callable, config: dict, *, num_workers: int = 1, max_failures: int = 0
+    ):
+        return self.executor.train(
+            train_fn,
+            config,
+            num_workers=num_workers,
+            resources_per_worker=self.resources,
+            storage_path=self.work_uri,
+            name=f"{self.step}-{self.key}",
+            max_failures=max_failures,
+        )
+
+    def sweep(self, trainable: Callable, space: dict, *, metric: str, mode: str, **kwargs):
+        return self.executor.sweep(
+            trainable,
+            space,
+            metric=metric,
+            mode=mode,
+            resources_per_trial=self.resources,
+            storage_path=self.work_uri,
+            name=f"{self.step}-{self.key}",
+            **kwargs,
+        )
+
+
+def _json_default(obj):
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
+
+
+def _execute_in_writer(
+    store_uri: str,
+    artifact: Artifact,
+    ctx: StepContext,
+    fn: Callable,
+    params: Mapping[str, Any],
+    info: dict,
+) -> dict:
+    """Run one step into a staging directory and publish it; runs wherever the step runs."""
+    store = ArtifactStore(store_uri)
+    started = time.time()
+    with store.writer(artifact, info) as out_dir:
+        ctx.out_dir = out_dir
+        fn(ctx, **params)
+    return {"node": socket.gethostname(), "start_unix_s": started, "end_unix_s": time.time()}
+
+
+class StepFailed(RuntimeError):
+    def __init__(self, step: str, error: BaseException):
+        self.step = step
+        self.error = error
+        super().__init__(f"step {step!r} failed: {type(error).__name__}: {error}")
+
+
+def topo_sort(steps: Sequence[Step]) -> list[Step]:
+    by_name = {s.name: s for s in steps}
+    if len(by_name) != len(steps):
+        raise ValueError("duplicate step names")
+    for s in steps:
+        for i in s.inputs:
+            if i not in by_name:
+                raise ValueError(f"step {s.name!r} reads {i!r}, which no step produces")
+    order: list[Step] = []
+    seen: set[str] = set()
+
+    def visit(s: Step, stack: tuple[str, ...]):
+        if s.name in stack:
+            raise ValueError(f"cycle through {' -> '.join(stack + (s.name,))}")
+        if s.name in seen:
+            return
+        for i in s.inputs:
+            visit(by_name[i], stack + (s.name,))
+        seen.add(s.name)
+        order.append(s)
+
+    for s in steps:
+        visit(s, ())
+    return order
+
+
+def descendants(steps: Sequence[Step], root: str) -> set[str]:
+    out = {root}
+    changed = True
+    while changed:
+        changed = False
+        for s in steps:
+            if s.name not in out and any(i in out for i in s.inputs):
+                out.add(s.name)
+                changed = True
+    return out
+
+
+@dataclass
+class RunResult:
+    pipeline: str
+    run_dir: Path | None
+    manifest: list[dict]
+    metrics: dict
+    artifacts: dict[str, Artifact]
+
+    def computed(self) -> list[str]:
+        return [m["step"] for m in self.manifest if m["status"] == "computed"]
+
+    def cached(self) -> list[str]:
+        return [m["step"] for m in self.manifest if m["status"] == "cached"]
+
+
+def run_steps(
+    pipeline: str,
+    steps: Sequence[Step],
+    *,
+    store: ArtifactStore,
+    executor,
+    force: str | None = None,
+    run_dir: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> RunResult:
+    """Run ``steps`` (skipping completed keys) and return their manifest and merged metrics."""
+    order = topo_sort(steps)
+    by_name = {s.name: s for s in order}
+    if force is not None and force not in by_name:
+        raise ValueError(f"--force: unknown step {force!r}; steps: {', '.join(by_name)}")
+    forced = descendants(order, force) if force else set()
+
+    keys: dict[str, str] = {}
+    artifacts: dict[str, Artifact] = {}
+    for s in order:
+        keys[s.name] = step_key(s, {i: keys[i] for i in s.inputs})
+        artifacts[s.name] = store.artifact(pipeline, s.name, keys[s.name])
+
+    manifest: dict[str, dict] = {}
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    def record(entry: dict) -> None:
+        manifest[entry["step"]] = entry
+        if run_dir is not None:
+            rows = [manifest[s.name] for s in order if s.name in manifest]
+            tmp = run_dir / "manifest.json.tmp"
+            tmp.write_text(json.dumps(rows, indent=1))
+            tmp.replace(run_dir / "manifest.json")
+
+    def execute(s: Step) -> dict:
+        ctx = StepContext(
+            pipeline=pipeline,
+            step=s.name,
+            key=keys[s.name],
+            inputs={i: artifacts[i] for i in s.inputs},
+            out_dir=Path(),
+            resources=s.resources,
+            work_uri=f"{store.uri.rstrip('/')}/_work/{pipeline}",
+            executor=None if s.kind == "task" else executor,
+        )
+        info = {
+            "step": s.name,
+            "kind": s.kind,
+            "key": keys[s.name],
+            "version": s.version,
+            "params": dict(s.params),
+            "inputs": {i: keys[i] for i in s.inputs},
+        }
+        if s.kind == "task":
+            return executor.run_task(
+                _execute_in_writer,
+                store.uri,
+                artifacts[s.name],
+                ctx,
+                s.fn,
+                dict(s.params),
+                info,
+                resources=s.resources,
+            )
+        return _execute_in_writer(store.uri, artifacts[s.name], ctx, s.fn, dict(s.params), info)
+
+    done: set[str] = set()
+    for s in order:
+        if s.name not in forced and store.is_complete(artifacts[s.name]):
+            done.add(s.name)
+            record(
+                {
+                    "step": s.name,
+                    "kind": s.kind,
+                    "key": keys[s.name],
+                    "status": "cached",
+                    "wall_s": 0.0,
+                    "resources": s.resources.to_dict(),
+                }
+            )
+            log(f"[{pipeline}] {s.name}: cached ({keys[s.name]})")
+
+    failure: StepFailed | None = None
+    running: dict[cf.Future, Step] = {}
+    with cf.ThreadPoolExecutor(max_workers=max(1, executor.max_parallel_steps)) as pool:
+        while True:
+            if failure is None:
+                for s in order:
+                    started = {r.name for r in running.values()}
+                    if (
+                        s.name not in done
+                        and s.name not in started
+                        and all(i in done for i in s.inputs)
+                    ):
+                        log(f"[{pipeline}] {s.name}: running ({s.kind})")
+                        fut = pool.submit(execute, s)
+                        fut.t0 = time.time()  # type: ignore[attr-defined]
+                        running[fut] = s
+            if not running:
+                break
+            finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            for fut in finished:
+                s = running.pop(fut)
+                wall = time.time() - fut.t0  # type: ignore[attr-defined]
+                entry = {
+                    "step": s.name,
+                    "kind": s.kind,
+                    "key": keys[s.name],
+                    "wall_s": wall,
+                    "resources": s.resources.to_dict(),
+                }
+                try:
+                    entry.update(fut.result(), status="computed")
+                    done.add(s.name)
+                    log(f"[{pipeline}] {s.name}: computed in {wall:.1f} s")
+                except BaseException as e:  # noqa: BLE001 - reported, then re-raised below
+                    entry.update(
+                        status="failed",
+                        error=f"{type(e).__name__}: {e}",
+                        traceback=traceback.format_exc(),
+                    )
+                    if failure is None:
+                        failure = StepFailed(s.name, e)
+                record(entry)
+    if failure is not None:
+        raise failure
+
+    metrics: dict = {}
+    for s in order:
+        art_dir = artifacts[s.name].local_dir()
+        if (art_dir / "metrics.json").exists():
+            metrics.update(json.loads((art_dir / "metrics.json").read_text()))
+        if run_dir is not None:
+            for name in s.publish:
+                src = art_dir / name
+                if src.is_dir():
+                    shutil.copytree(src, run_dir / name, dirs_exist_ok=True)
+                elif src.exists():
+                    shutil.copy2(src, run_dir / name)
+    if run_dir is not None:
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
+    return RunResult(pipeline, run_dir, [manifest[s.name] for s in order], metrics, artifacts)

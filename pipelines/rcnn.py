@@ -1,0 +1,495 @@
+"""R-CNN — Girshick, Donahue, Darrell, Malik, "Rich feature hierarchies for accurate object detection
+and semantic segmentation", CVPR 2014 (arXiv 1311.2524).
+
+Steps so far: ``dataset`` → ``proposals`` → ``proposal_report``; the detector's later steps
+(warp, CNN, features, SVMs, bbox regression, NMS, VOC mAP) extend the same list.
+
+Reproduces: the region-proposal stage of §2.1 (selective search, fast mode) with the standard proposal
+quality measure — recall of ground truth at IoU 0.5 / 0.7 against the number of proposals kept — and
+seconds per image next to the paper's ≈2 s/image.
+
+Commands::
+
+    paperline run rcnn                         # preset tiny: generated VOC-format set, embedded Ray
+    paperline run rcnn --preset ci             # what the test suite runs
+    paperline run rcnn --preset voc2007 --set data.root=/data/VOCdevkit/VOC2007 --address auto
+    paperline run rcnn --preset voc2007 --set data.root=... \
+        --set proposals.method=precomputed --set proposals.precomputed_path=voc07_ss.mat
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cluster.resources import Resources
+from pipelines.config import check
+from pipelines.engine import Step, StepContext
+from pipelines.registry import PipelineSpec
+
+
+# ----------------------------------------------------------------------------------------------
+# Config: defaults are the paper's setting; presets are small deltas.
+@dataclass(frozen=True)
+class DataConfig:
+    source: Literal["voc", "synthetic"] = "voc"  # §4.1: PASCAL VOC 2007
+    root: str = ""  # VOC directory holding Annotations/, JPEGImages/, ImageSets/ (source=voc)
+    train_split: str = "trainval"  # §4.1: train on VOC2007 trainval
+    test_split: str = "test"
+    max_images: int = 0  # per split, 0 = all; a slice for quick looks at a real dataset
+    download: bool = False  # fetch VOC2007 via torchvision into data.root (needs internet)
+    # generated set (source=synthetic): VOC-format shapes over natural-image backgrounds
+    num_train: int = 40
+    num_test: int = 20
+    width_px: int = 320
+    height_px: int = 240
+    max_objects: int = 4
+    seed: int = 0
+
+    def __post_init__(self):
+        check(self.max_images >= 0, f"data.max_images must be >= 0, got {self.max_images}")
+        check(
+            self.num_train > 0 and self.num_test > 0,
+            f"data.num_train and data.num_test must be > 0, got {self.num_train}, {self.num_test}",
+        )
+        check(
+            self.width_px >= 64 and self.height_px >= 64,
+            f"data.width_px/height_px must be >= 64, got {self.width_px}x{self.height_px}",
+        )
+        check(self.max_objects >= 1, f"data.max_objects must be >= 1, got {self.max_objects}")
+
+
+@dataclass(frozen=True)
+class ProposalConfig:
+    method: Literal["selective_search", "precomputed"] = "selective_search"  # §2.1
+    # §2.1 selective search "fast mode" as R-CNN ran it: HSV + Lab, k ∈ {50, 100} with min size k,
+    # two strategies. OpenCV's own "fast" differs (k ∈ {50, 100, 150}, min size 100): see
+    # stages/detection/proposals.py.
+    mode: Literal["rcnn", "fast", "quality", "single"] = "rcnn"
+    base_k: int = 50
+    inc_k: int = 50
+    sigma: float = 0.8
+    min_width_px: int = 20  # boxes narrower than 20 px are dropped (R-CNN code)
+    resize_width_px: int = 0  # 0 = search at native size (PASCAL); 500 for ILSVRC-like images
+    max_per_image: int = 0  # 0 = keep all (≈2000 per VOC image)
+    precomputed_path: str = ""  # Parquet or selective-search .mat (method=precomputed)
+    images_per_task: int = (
+        4  # map-step shard size: small enough to balance, large enough to amortise
+    )
+
+    def __post_init__(self):
+        check(self.base_k > 0 and self.inc_k >= 0, "proposals.base_k must be > 0, inc_k >= 0")
+        check(self.sigma > 0, f"proposals.sigma must be > 0, got {self.sigma}")
+        check(
+            self.min_width_px >= 1, f"proposals.min_width_px must be >= 1, got {self.min_width_px}"
+        )
+        check(self.resize_width_px >= 0, "proposals.resize_width_px must be >= 0 (0 = none)")
+        check(self.max_per_image >= 0, "proposals.max_per_image must be >= 0 (0 = all)")
+        check(self.images_per_task >= 1, "proposals.images_per_task must be >= 1")
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    recall_top_ns: tuple[int, ...] = (10, 50, 100, 200, 500, 1000, 2000)
+    recall_ious: tuple[float, ...] = (0.5, 0.7)
+
+    def __post_init__(self):
+        check(all(n > 0 for n in self.recall_top_ns), "report.recall_top_ns must be positive")
+        check(all(0 < t <= 1 for t in self.recall_ious), "report.recall_ious must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class RCNNConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    proposals: ProposalConfig = field(default_factory=ProposalConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+
+PRESETS = {
+    # generated VOC-format set; a few minutes on 2 cores (`make demo`)
+    "tiny": {"data.source": "synthetic", "data.num_train": 40, "data.num_test": 20},
+    # the same at the size the test suite affords
+    "ci": {
+        "data.source": "synthetic",
+        "data.num_train": 8,
+        "data.num_test": 6,
+        "data.width_px": 240,
+        "data.height_px": 180,
+        "proposals.images_per_task": 2,
+    },
+    # real VOC2007 at --set data.root=...; on a cluster
+    "voc2007": {"data.source": "voc"},
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# dataset: the index tables every later step reads
+IMAGES_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("split", pa.string()),
+        (
+            "path",
+            pa.string(),
+        ),  # relative to the dataset artifact, or absolute for an external VOC dir
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+    ]
+)
+
+
+def make_dataset(
+    ctx: StepContext,
+    *,
+    source: str,
+    root: str,
+    train_split: str,
+    test_split: str,
+    max_images: int,
+    download: bool,
+    num_train: int,
+    num_test: int,
+    width_px: int,
+    height_px: int,
+    max_objects: int,
+    seed: int,
+) -> None:
+    from data import voc
+    from data.synthetic_voc import SHAPE_CLASSES, generate_voc
+
+    if source == "synthetic":
+        generate_voc(
+            ctx.out_dir / "voc",
+            num_train=num_train,
+            num_test=num_test,
+            seed=seed,
+            image_size=(width_px, height_px),
+            max_objects=max_objects,
+        )
+        voc_root, classes = ctx.out_dir / "voc", SHAPE_CLASSES
+    else:
+        if not root:
+            raise ValueError("data.root: set it to a VOC directory (…/VOCdevkit/VOC2007)")
+        voc_root, classes = Path(root).expanduser().resolve(), voc.VOC_CLASSES
+        if download and not (voc_root / "Annotations").exists():
+            _download_voc2007(voc_root)
+    image_rows, tables = [], []
+    for split in (train_split, test_split):
+        images = voc.read_voc(voc_root, split, classes=classes)
+        if max_images:
+            images = images[:max_images]
+        for im in images:
+            path = Path(im.image_path)
+            rel = path.relative_to(ctx.out_dir) if source == "synthetic" else path
+            image_rows.append(
+                {
+                    "image_id": im.image_id,
+                    "split": split,
+                    "path": str(rel),
+                    "width": im.width,
+                    "height": im.height,
+                }
+            )
+        objects = voc.objects_table(images)
+        tables.append(objects.append_column("split", pa.array([split] * objects.num_rows)))
+    pq.write_table(
+        pa.Table.from_pylist(image_rows, schema=IMAGES_SCHEMA), ctx.out_dir / "images.parquet"
+    )
+    pq.write_table(pa.concat_tables(tables), ctx.out_dir / "objects.parquet")
+    ctx.write_json("classes.json", list(classes))
+
+
+def _download_voc2007(root: Path) -> None:  # pragma: no cover - needs internet
+    import torchvision
+
+    for image_set in ("trainval", "test"):
+        torchvision.datasets.VOCDetection(
+            str(root.parent.parent), year="2007", image_set=image_set, download=True
+        )
+
+
+def read_images(dataset_dir: Path, split: str | None = None) -> list[dict]:
+    rows = pq.read_table(dataset_dir / "images.parquet").to_pylist()
+    for r in rows:
+        r["path"] = str(dataset_dir / r["path"])  # joining an absolute path keeps it
+    return [r for r in rows if split is None or r["split"] == split]
+
+
+def gt_boxes_by_image(
+    dataset_dir: Path, split: str, *, include_difficult: bool = False
+) -> dict[str, np.ndarray]:
+    """Ground-truth boxes (G, 4) xyxy 1-based per image of ``split`` (every image has an entry)."""
+    objects = pq.read_table(dataset_dir / "objects.parquet").to_pylist()
+    out = {r["image_id"]: [] for r in read_images(dataset_dir, split)}
+    for o in objects:
+        if o["split"] == split and (include_difficult or not o["difficult"]):
+            out[o["image_id"]].append([o["x1"], o["y1"], o["x2"], o["y2"]])
+    return {k: np.asarray(v, dtype=np.float32).reshape(-1, 4) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# proposals: selective search as a map over image shards
+def propose_shard(
+    shard: list[dict],
+    *,
+    mode: str,
+    base_k: int,
+    inc_k: int,
+    sigma: float,
+    min_width_px: int,
+    resize_width_px: int,
+    max_per_image: int,
+) -> list[tuple]:
+    """Selective search on each image of a shard -> [(image_id, boxes (N, 4), seconds)]."""
+    from data.voc import load_image
+    from stages.detection.proposals import selective_search
+
+    out = []
+    for row in shard:
+        image = load_image(row["path"])
+        t0 = time.perf_counter()
+        boxes = selective_search(
+            image,
+            mode=mode,
+            base_k=base_k,
+            inc_k=inc_k,
+            sigma=sigma,
+            resize_width=resize_width_px or None,
+            min_width_px=min_width_px,
+            max_boxes=max_per_image or None,
+        )
+        out.append((row["image_id"], boxes, time.perf_counter() - t0))
+    return out
+
+
+def extract_proposals(
+    ctx: StepContext,
+    *,
+    method: str,
+    mode: str,
+    base_k: int,
+    inc_k: int,
+    sigma: float,
+    min_width_px: int,
+    resize_width_px: int,
+    max_per_image: int,
+    precomputed_path: str,
+    images_per_task: int,
+) -> None:
+    from data.proposals import read_precomputed_proposals
+    from stages.detection.proposals import proposals_table
+
+    images = read_images(ctx.input_dir("dataset"))
+    ids = [r["image_id"] for r in images]
+    if method == "precomputed":
+        if not precomputed_path:
+            raise ValueError(
+                "proposals.precomputed_path: required when proposals.method=precomputed"
+            )
+        by_id = read_precomputed_proposals(precomputed_path, image_ids=ids)
+        boxes = [by_id[i][: max_per_image or None] for i in ids]
+        seconds = [0.0] * len(ids)
+    else:
+        shards = [images[i : i + images_per_task] for i in range(0, len(images), images_per_task)]
+        fn = functools.partial(
+            propose_shard,
+            mode=mode,
+            base_k=base_k,
+            inc_k=inc_k,
+            sigma=sigma,
+            min_width_px=min_width_px,
+            resize_width_px=resize_width_px,
+            max_per_image=max_per_image,
+        )
+        results = [r for shard in ctx.map(fn, shards, desc="selective search") for r in shard]
+        by_id = {image_id: (b, s) for image_id, b, s in results}
+        boxes = [by_id[i][0] for i in ids]
+        seconds = [by_id[i][1] for i in ids]
+    pq.write_table(proposals_table(ids, boxes), ctx.out_dir / "proposals.parquet")
+    timing = pa.table(
+        {
+            "image_id": ids,
+            "seconds": pa.array(seconds, pa.float64()),
+            "num_proposals": pa.array([len(b) for b in boxes], pa.int32()),
+        }
+    )
+    pq.write_table(timing, ctx.out_dir / "timing.parquet")
+
+
+# ----------------------------------------------------------------------------------------------
+# proposal_report: recall vs number of proposals (table + plot), proposals/image, s/image
+def report_proposals(
+    ctx: StepContext,
+    *,
+    test_split: str,
+    recall_top_ns: tuple[int, ...],
+    recall_ious: tuple[float, ...],
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from stages.detection.proposals import boxes_by_image
+    from stages.detection.recall import mean_best_overlap, proposal_recall
+
+    dataset_dir, prop_dir = ctx.input_dir("dataset"), ctx.input_dir("proposals")
+    proposals = boxes_by_image(pq.read_table(prop_dir / "proposals.parquet"))
+    timing = pq.read_table(prop_dir / "timing.parquet").to_pydict()
+    gt = gt_boxes_by_image(dataset_dir, test_split)
+    rows = proposal_recall(
+        gt,
+        {k: proposals.get(k, np.zeros((0, 4))) for k in gt},
+        iou_thresholds=recall_ious,
+        top_ns=recall_top_ns,
+    )
+    mabo = mean_best_overlap(gt, proposals)
+    pq.write_table(pa.Table.from_pylist(rows), ctx.out_dir / "recall.parquet")
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for iou in recall_ious:
+        pts = [(r["top_n"], r["recall"]) for r in rows if r["iou"] == iou and r["top_n"]]
+        ax.plot(*zip(*pts, strict=True), marker="o", label=f"IoU ≥ {iou}")
+    ax.set(
+        xscale="log",
+        xlabel="proposals kept per image",
+        ylabel="recall of ground truth",
+        ylim=(0, 1.02),
+        title=f"Selective search recall ({test_split})",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(ctx.out_dir / "proposal_recall.png", dpi=120)
+    plt.close(fig)
+
+    secs = np.asarray(timing["seconds"], dtype=float)
+    counts = np.asarray(timing["num_proposals"], dtype=float)
+    metrics = {
+        "proposals_per_image": float(counts.mean()) if len(counts) else 0.0,
+        "proposal_seconds_per_image": float(secs.mean()) if len(secs) else 0.0,
+        "proposal_mabo": mabo,
+    }
+    for r in rows:
+        if r["top_n"] is None:
+            metrics[f"proposal_recall_iou{r['iou']:g}"] = r["recall"]
+    ctx.write_json("metrics.json", metrics)
+
+    ious = sorted(set(recall_ious))
+    lines = [
+        "# R-CNN — region proposals",
+        "",
+        f"Selective search on the `{test_split}` split: {len(gt)} images, "
+        f"{sum(len(v) for v in gt.values())} non-difficult ground-truth boxes.",
+        "",
+        f"- proposals per image: {metrics['proposals_per_image']:.0f} (paper: ≈2000 on VOC)",
+        f"- seconds per image: {metrics['proposal_seconds_per_image']:.2f} "
+        "(paper: ≈2 s per VOC image on a CPU)",
+        f"- mean best overlap (MABO): {mabo:.3f}",
+        "",
+        "| proposals kept | " + " | ".join(f"recall @ IoU {t:g}" for t in ious) + " |",
+        "|---:|" + "---:|" * len(ious),
+    ]
+    for n in [*recall_top_ns, None]:
+        vals = [next(r["recall"] for r in rows if r["top_n"] == n and r["iou"] == t) for t in ious]
+        label = "all" if n is None else str(n)
+        lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
+    lines += ["", "![recall vs proposals](proposal_recall.png)", ""]
+    (ctx.out_dir / "report.md").write_text("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------------------------
+def steps(cfg: RCNNConfig) -> list[Step]:
+    d, p, r = cfg.data, cfg.proposals, cfg.report
+    if d.source == "synthetic":  # fields that don't change the generated set's bytes stay out
+        data_params = dict(
+            source=d.source,
+            root="",
+            train_split="trainval",
+            test_split="test",
+            max_images=d.max_images,
+            download=False,
+            num_train=d.num_train,
+            num_test=d.num_test,
+            width_px=d.width_px,
+            height_px=d.height_px,
+            max_objects=d.max_objects,
+            seed=d.seed,
+        )
+    else:
+        data_params = dict(
+            source=d.source,
+            root=d.root,
+            train_split=d.train_split,
+            test_split=d.test_split,
+            max_images=d.max_images,
+            download=d.download,
+            num_train=0,
+            num_test=0,
+            width_px=0,
+            height_px=0,
+            max_objects=0,
+            seed=0,
+        )
+    proposal_params = dict(
+        method=p.method,
+        mode=p.mode,
+        base_k=p.base_k,
+        inc_k=p.inc_k,
+        sigma=p.sigma,
+        min_width_px=p.min_width_px,
+        resize_width_px=p.resize_width_px,
+        max_per_image=p.max_per_image,
+        precomputed_path=p.precomputed_path,
+    )
+    if p.method == "precomputed":
+        proposal_params.update(mode="", base_k=0, inc_k=0, sigma=0.0, resize_width_px=0)
+    return [
+        Step(
+            "dataset",
+            make_dataset,
+            kind="task",
+            params=data_params,
+            description="read (or generate) the VOC-format dataset; index tables",
+        ),
+        # shard size changes scheduling, not results: kept out of the hashed params
+        Step(
+            "proposals",
+            functools.partial(extract_proposals, images_per_task=p.images_per_task),
+            kind="map",
+            inputs=("dataset",),
+            params=proposal_params,
+            resources=Resources(cpus=1),
+            description="selective search, one task per image shard",
+        ),
+        Step(
+            "proposal_report",
+            report_proposals,
+            kind="task",
+            inputs=("dataset", "proposals"),
+            params=dict(
+                test_split=data_params["test_split"],
+                recall_top_ns=r.recall_top_ns,
+                recall_ious=r.recall_ious,
+            ),
+            publish=("report.md", "proposal_recall.png", "recall.parquet"),
+            description="recall vs number of proposals, timing",
+        ),
+    ]
+
+
+PIPELINE = PipelineSpec(
+    name="rcnn",
+    summary="R-CNN (Girshick et al. 2014): selective search → CNN features → SVMs → VOC mAP",
+    config=RCNNConfig,
+    presets=PRESETS,
+    default_preset="tiny",
+    steps=steps,
+)

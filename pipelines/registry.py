@@ -1,0 +1,41 @@
+"""The pipelines Paperline knows, by name. Each module defines ``PIPELINE = PipelineSpec(...)``."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pipelines.config import ConfigError, apply_overrides
+
+MODULES = {"rcnn": "pipelines.rcnn"}
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    name: str
+    summary: str
+    config: type  # frozen dataclass whose defaults are the paper's setting
+    presets: Mapping[str, Mapping[str, Any]]  # name -> dotted-key overrides of the defaults
+    default_preset: str
+    steps: Callable[[Any], list]  # steps(cfg) -> list[Step]
+
+    def build_config(self, preset: str | None = None, overrides: Mapping[str, Any] | None = None):
+        preset = preset or self.default_preset
+        if preset not in self.presets:
+            raise ConfigError(
+                f"{self.name}: unknown preset {preset!r}; presets: {', '.join(self.presets)}"
+            )
+        cfg = apply_overrides(self.config(), self.presets[preset])
+        return apply_overrides(cfg, overrides or {})
+
+
+def names() -> list[str]:
+    return list(MODULES)
+
+
+def get(name: str) -> PipelineSpec:
+    if name not in MODULES:
+        raise ConfigError(f"unknown pipeline {name!r}; pipelines: {', '.join(MODULES)}")
+    return importlib.import_module(MODULES[name]).PIPELINE

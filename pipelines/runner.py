@@ -1,0 +1,101 @@
+"""Run a named pipeline end to end: config → run directory → executor → steps → summary."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from data.store import ArtifactStore
+from pipelines import registry
+from pipelines.config import config_hash, to_dict
+from pipelines.engine import RunResult, run_steps
+
+
+def run_dir_for(runs_root: str | Path, pipeline: str, preset: str, cfg) -> Path:
+    return Path(runs_root) / pipeline / f"{preset}-{config_hash(cfg)}"
+
+
+def make_executor(
+    kind: str,
+    address: str | None = None,
+    progress: bool = True,
+    ray_init: Mapping[str, Any] | None = None,
+):
+    if kind == "local":
+        from cluster.local import LocalExecutor
+
+        return LocalExecutor(progress=progress), {"address": "in-process"}
+    if kind == "ray":
+        from cluster import runtime
+        from cluster.ray_executor import RayExecutor
+
+        info = runtime.connect(address, **(ray_init or {}))
+        return RayExecutor(progress=progress), info
+    raise ValueError(f"unknown executor {kind!r}; valid: ray, local")
+
+
+def run(
+    pipeline: str,
+    preset: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    store: str = "store",
+    runs: str | Path = "runs",
+    executor: str = "ray",
+    address: str | None = None,
+    force: str | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    ray_init: Mapping[str, Any] | None = None,
+) -> RunResult:
+    spec = registry.get(pipeline)
+    preset = preset or spec.default_preset
+    cfg = spec.build_config(preset, overrides)  # bad keys/values fail here, before Ray starts
+    steps = spec.steps(cfg)
+    if force is not None and force not in {s.name for s in steps}:
+        from pipelines.config import ConfigError
+
+        raise ConfigError(
+            f"--force: unknown step {force!r}; steps: {', '.join(s.name for s in steps)}"
+        )
+    artifact_store = ArtifactStore(store)
+    artifact_store.check_writable()
+    run_dir = run_dir_for(runs, pipeline, preset, cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(
+        json.dumps(
+            {
+                "pipeline": pipeline,
+                "preset": preset,
+                "overrides": dict(overrides or {}),
+                "store": artifact_store.uri,
+                "config": to_dict(cfg),
+            },
+            indent=1,
+            default=str,
+        )
+    )
+    ex, info = make_executor(executor, address, progress, ray_init)
+    log(f"[{pipeline}] preset={preset} executor={executor} cluster={info} run_dir={run_dir}")
+    t0 = time.time()
+    result = run_steps(
+        pipeline, steps, store=artifact_store, executor=ex, force=force, run_dir=run_dir, log=log
+    )
+    log(summary_table(result.manifest, time.time() - t0))
+    if (run_dir / "report.md").exists():
+        log(f"report: {run_dir / 'report.md'}")
+    return result
+
+
+def summary_table(manifest: list[dict], total_s: float | None = None) -> str:
+    lines = [f"{'step':<20} {'kind':<6} {'status':<9} {'wall_s':>8}  key"]
+    for m in manifest:
+        lines.append(
+            f"{m['step']:<20} {m['kind']:<6} {m['status']:<9} {m['wall_s']:>8.1f}  {m['key']}"
+        )
+    if total_s is not None:
+        lines.append(f"total {total_s:.1f} s")
+    return "\n".join(lines)

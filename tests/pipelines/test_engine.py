@@ -1,0 +1,160 @@
+"""Engine semantics on the in-process executor: keys, caching, invalidation, resume, atomicity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cluster.local import LocalExecutor
+from data.store import MARKER, ArtifactStore
+from pipelines.engine import Step, StepFailed, descendants, run_steps, step_key, topo_sort
+from tests.pipelines.toy import counts, read, toy_steps
+
+
+def run(tmp_path: Path, **kw):
+    store = ArtifactStore(tmp_path / "store")
+    steps = toy_steps(tmp_path / "counts", **kw)
+    return run_steps(
+        "toy",
+        steps,
+        store=store,
+        executor=LocalExecutor(progress=False),
+        run_dir=tmp_path / "run",
+        log=lambda _: None,
+    )
+
+
+@pytest.fixture
+def counter(tmp_path):
+    (tmp_path / "counts").mkdir()
+    return tmp_path / "counts"
+
+
+def test_first_run_computes_everything_and_publishes(tmp_path, counter):
+    result = run(tmp_path, n=5)
+    assert result.computed() == ["numbers", "squares", "total", "label"]
+    assert read(result.artifacts["squares"], "squares.json") == [0, 1, 4, 9, 16]
+    assert result.metrics == {"total": 30}
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == {"total": 30}
+    assert (tmp_path / "run" / "report.md").read_text() == "# total\n\n30\n"
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert [m["status"] for m in manifest] == ["computed"] * 4
+    assert all(m["wall_s"] >= 0 and m["node"] for m in manifest)
+
+
+def test_rerun_reuses_every_step(tmp_path, counter):
+    first = run(tmp_path)
+    second = run(tmp_path)
+    assert second.cached() == ["numbers", "squares", "total", "label"]
+    assert counts(counter) == {"numbers": 1, "squares": 1, "total": 1, "label": 1}
+    assert {k: a.key for k, a in first.artifacts.items()} == {
+        k: a.key for k, a in second.artifacts.items()
+    }
+
+
+def test_changing_one_value_recomputes_only_dependents(tmp_path, counter):
+    run(tmp_path, offset=0)
+    result = run(tmp_path, offset=1)  # used by `squares` only
+    assert result.cached() == ["numbers", "label"]
+    assert result.computed() == ["squares", "total"]
+    assert result.metrics == {"total": 35}
+    assert counts(counter) == {"numbers": 1, "squares": 2, "total": 2, "label": 1}
+    # and going back finds the first version still in the store
+    back = run(tmp_path, offset=0)
+    assert back.computed() == [] and back.metrics == {"total": 30}
+
+
+def test_step_failure_leaves_nothing_visible_and_rerun_resumes(tmp_path, counter):
+    marker = tmp_path / "fail-now"
+    marker.touch()
+    with pytest.raises(StepFailed, match="injected failure") as info:
+        run(tmp_path, fail_marker=str(marker))
+    assert info.value.step == "squares"
+    store_dir = tmp_path / "store" / "toy" / "squares"
+    # no final directory, and no staging directory left behind
+    assert [p.name for p in store_dir.iterdir()] == []
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    status = {m["step"]: m["status"] for m in manifest}
+    assert status["numbers"] == "computed" and status["squares"] == "failed"
+    assert "total" not in status  # never started
+
+    marker.unlink()
+    result = run(tmp_path, fail_marker=str(marker))
+    assert "numbers" in result.cached()
+    assert result.computed()[:2] == ["squares", "total"]
+    assert counts(counter)["numbers"] == 1 and counts(counter)["squares"] == 2
+
+
+def test_force_recomputes_step_and_descendants(tmp_path, counter):
+    store = ArtifactStore(tmp_path / "store")
+    steps = toy_steps(counter)
+    ex = LocalExecutor(progress=False)
+    run_steps("toy", steps, store=store, executor=ex, log=lambda _: None)
+    result = run_steps("toy", steps, store=store, executor=ex, force="squares", log=lambda _: None)
+    assert result.computed() == ["squares", "total"]
+    assert result.cached() == ["numbers", "label"]
+    with pytest.raises(ValueError, match="unknown step 'nope'"):
+        run_steps("toy", steps, store=store, executor=ex, force="nope", log=lambda _: None)
+
+
+def test_corrupted_artifact_is_recomputed_not_trusted(tmp_path, counter):
+    first = run(tmp_path)
+    squares = first.artifacts["squares"].local_dir() / "squares.json"
+    squares.write_text(squares.read_text().replace("16", "17"))  # same size, different bytes
+    result = run(tmp_path)
+    assert "squares" in result.computed()
+    assert read(result.artifacts["squares"], "squares.json") == [0, 1, 4, 9, 16]
+    (first.artifacts["numbers"].local_dir() / "numbers.json").unlink()
+    assert "numbers" in run(tmp_path).computed()
+
+
+def test_keys_depend_on_params_version_and_inputs():
+    s = Step("a", fn=print, params={"x": 1})
+    assert step_key(s, {}) == step_key(Step("a", fn=len, params={"x": 1}), {})
+    assert step_key(s, {}) != step_key(Step("a", fn=print, params={"x": 2}), {})
+    assert step_key(s, {}) != step_key(Step("a", fn=print, params={"x": 1}, version="2"), {})
+    assert step_key(s, {"b": "k1"}) != step_key(s, {"b": "k2"})
+
+
+def test_graph_checks():
+    a = Step("a", fn=print)
+    b = Step("b", fn=print, inputs=("a",))
+    c = Step("c", fn=print, inputs=("b",))
+    assert [s.name for s in topo_sort([c, b, a])] == ["a", "b", "c"]
+    assert descendants([a, b, c], "b") == {"b", "c"}
+    with pytest.raises(ValueError, match="reads 'zz'"):
+        topo_sort([Step("x", fn=print, inputs=("zz",))])
+    with pytest.raises(ValueError, match="cycle"):
+        topo_sort([Step("x", fn=print, inputs=("y",)), Step("y", fn=print, inputs=("x",))])
+    with pytest.raises(ValueError, match="kind must be one of"):
+        Step("x", fn=print, kind="batch")
+
+
+def test_store_writer_is_atomic(tmp_path):
+    store = ArtifactStore(tmp_path)
+    art = store.artifact("p", "s", "k1")
+    with pytest.raises(RuntimeError):
+        with store.writer(art) as out:
+            (out / "a.txt").write_text("partial")
+            raise RuntimeError("crash")
+    assert not (tmp_path / "p" / "s" / "k1").exists()
+    assert list((tmp_path / "p" / "s").iterdir()) == []
+    with store.writer(art) as out:
+        (out / "a.txt").write_text("done")
+        (out / "sub").mkdir()
+        (out / "sub" / "b.bin").write_bytes(b"\x00" * 10)
+    marker = json.loads((tmp_path / "p" / "s" / "k1" / MARKER).read_text())
+    assert marker["files"]["a.txt"]["size"] == 4
+    assert marker["files"]["sub/b.bin"]["size"] == 10
+    assert store.is_complete(art)
+    (tmp_path / "p" / "s" / "k1" / "sub" / "b.bin").write_bytes(b"\x00" * 11)
+    assert not store.is_complete(art)
+
+
+def test_unwritable_store_fails_early(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(PermissionError, match="not writable"):
+        ArtifactStore(blocker / "store").check_writable()

@@ -1,0 +1,86 @@
+"""A toy pipeline for engine tests: numbers → squares (map) → total, with a counter of computations.
+
+Module-level functions so that Ray can import them on workers.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+from cluster.resources import Resources
+from pipelines.engine import Step, StepContext
+
+
+def _count(counter_dir: str, step: str) -> None:
+    """Append one line per computation, so tests can count them across processes."""
+    with open(Path(counter_dir) / f"{step}.count", "a") as f:
+        f.write("x\n")
+
+
+def counts(counter_dir: str | Path) -> dict[str, int]:
+    return {p.stem: len(p.read_text().splitlines()) for p in Path(counter_dir).glob("*.count")}
+
+
+def make_numbers(ctx: StepContext, *, n: int, counter_dir: str) -> None:
+    _count(counter_dir, "numbers")
+    ctx.write_json("numbers.json", list(range(n)))
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+def square_all(ctx: StepContext, *, power_offset: int, counter_dir: str, fail_marker: str) -> None:
+    _count(counter_dir, "squares")
+    numbers = ctx.inputs["numbers"].read_json("numbers.json")
+    (ctx.out_dir / "partial.txt").write_text("half-written")
+    if fail_marker and os.path.exists(fail_marker):
+        raise RuntimeError("injected failure in the middle of the step")
+    squares = ctx.map(_square, numbers)
+    ctx.write_json("squares.json", [s + power_offset for s in squares])
+
+
+def total(ctx: StepContext, *, counter_dir: str) -> None:
+    _count(counter_dir, "total")
+    squares = ctx.inputs["squares"].read_json("squares.json")
+    ctx.write_json("metrics.json", {"total": sum(squares)})
+    (ctx.out_dir / "report.md").write_text(f"# total\n\n{sum(squares)}\n")
+
+
+def label(ctx: StepContext, *, text: str, counter_dir: str) -> None:
+    """Independent of the chain above (runs concurrently with it on Ray)."""
+    _count(counter_dir, "label")
+    ctx.write_json("label.json", {"text": text})
+
+
+def toy_steps(
+    counter_dir: str | Path, *, n: int = 5, offset: int = 0, text: str = "hi", fail_marker: str = ""
+) -> list[Step]:
+    c = str(counter_dir)
+    return [
+        Step(
+            "numbers", functools.partial(make_numbers, counter_dir=c), kind="task", params={"n": n}
+        ),
+        Step(
+            "squares",
+            functools.partial(square_all, counter_dir=c, fail_marker=fail_marker),
+            kind="map",
+            inputs=("numbers",),
+            params={"power_offset": offset},
+            resources=Resources(cpus=1),
+        ),
+        Step(
+            "total",
+            functools.partial(total, counter_dir=c),
+            inputs=("squares",),
+            publish=("report.md",),
+        ),
+        Step("label", functools.partial(label, counter_dir=c), params={"text": text}),
+    ]
+
+
+def read(artifact, name: str):
+    return json.loads((artifact.local_dir() / name).read_text())
