@@ -1,0 +1,159 @@
+"""The in-process and Ray executors give the same results for every kind of work."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from cluster.local import LocalExecutor
+from cluster.resources import Resources
+from cluster.space import Choice, Grid, Uniform, expand
+from tests.cluster.workloads import (
+    AffinePredictor,
+    linear_regression_train,
+    make_table,
+    quadratic_trial,
+    threads_and_double,
+)
+
+
+@pytest.fixture(scope="module")
+def ray_executor():
+    ray = pytest.importorskip("ray")
+    from cluster import runtime
+    from cluster.ray_executor import RayExecutor
+
+    runtime.connect(num_cpus=2, include_dashboard=True, temp_dir="/tmp/pl-ray-ex")
+    yield RayExecutor(progress=False)
+    ray.shutdown()
+
+
+def executors(request):
+    return (
+        request.getfixturevalue("ray_executor")
+        if request.param == "ray"
+        else LocalExecutor(progress=False)
+    )
+
+
+both = pytest.mark.parametrize(
+    "ex", ["local", pytest.param("ray", marks=pytest.mark.ray)], indirect=True
+)
+
+
+@pytest.fixture
+def ex(request):
+    return executors(request)
+
+
+@both
+def test_map_keeps_order(ex):
+    out = ex.map(threads_and_double, list(range(7)), resources=Resources(cpus=1))
+    assert [v for _, v in out] == [0, 2, 4, 6, 8, 10, 12]
+
+
+@pytest.mark.ray
+def test_ray_tasks_pin_torch_threads_to_their_cpus(ray_executor):
+    out = ray_executor.map(threads_and_double, [1, 2, 3], resources=Resources(cpus=1))
+    assert {t for t, _ in out} == {1}
+    threads, value = ray_executor.run_task(threads_and_double, 5, resources=Resources(cpus=2))
+    assert (threads, value) == (2, 10)
+
+
+@both
+def test_infer_applies_model_to_every_row(ex, tmp_path):
+    table = make_table(100)
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    ex.infer(
+        table,
+        AffinePredictor,
+        {"scale": 2.0, "marker_dir": str(markers)},
+        tmp_path / "out",
+        batch_size=16,
+        resources=Resources(cpus=1),
+        num_actors=1,
+    )
+    out = pq.read_table(tmp_path / "out").sort_by("id")
+    assert out.num_rows == 100
+    np.testing.assert_allclose(out.column("y").to_numpy(), 2 * np.linspace(0, 1, 100) + 1)
+    # one model per actor, not one per batch (7 batches)
+    assert len(os.listdir(markers)) == 1
+
+
+@both
+def test_train_fits_and_returns_checkpoint(ex, tmp_path):
+    result = ex.train(
+        linear_regression_train,
+        {"lr": 0.5, "epochs": 4},
+        num_workers=1,
+        storage_path=str(tmp_path / "train"),
+        name="lr",
+    )
+    assert result.metrics["epoch"] == 3
+    assert result.metrics["loss"] < 1e-3
+    weight = result.checkpoint["model"]["weight"].item()
+    bias = result.checkpoint["model"]["bias"].item()
+    assert abs(weight - 3) < 0.05 and abs(bias + 1) < 0.05
+
+
+@pytest.mark.ray
+def test_ray_train_two_workers_ddp_and_resume(ray_executor, tmp_path):
+    storage = str(tmp_path / "train")
+    first = ray_executor.train(
+        linear_regression_train,
+        {"lr": 0.5, "epochs": 3},
+        num_workers=2,
+        storage_path=storage,
+        name="ddp",
+    )
+    assert first.metrics["world_size"] == 2 and first.metrics["epoch"] == 2
+    # same (name, storage_path), more epochs: resumes at epoch 3 from the checkpoint
+    second = ray_executor.train(
+        linear_regression_train,
+        {"lr": 0.5, "epochs": 5},
+        num_workers=2,
+        storage_path=storage,
+        name="ddp",
+    )
+    # each epoch exactly once: the rerun continued at epoch 3 instead of starting over
+    assert [h["epoch"] for h in second.history] == [0, 1, 2, 3, 4]
+    assert second.checkpoint["epoch"] == 4
+
+
+@both
+def test_sweep_runs_every_grid_point(ex, tmp_path):
+    results = ex.sweep(
+        quadratic_trial,
+        {"x": Grid((0.0, 1.0, 2.0, 3.0)), "tag": "t"},
+        metric="score",
+        mode="max",
+        resources_per_trial=Resources(cpus=1),
+        storage_path=str(tmp_path / "tune"),
+        name="quad",
+    )
+    by_x = {r["config"]["x"]: r["metrics"]["score"] for r in results}
+    assert by_x == {0.0: -2.0, 1.0: 1.0, 2.0: 2.0, 3.0: 1.0}
+    assert all(r["error"] is None and r["metrics"]["tag"] == "t" for r in results)
+
+
+def test_space_expansion_order_and_sampling():
+    trials = expand({"a": Grid((1, 2)), "b": Grid(("x", "y")), "c": 7}, num_samples=2)
+    assert [(t["a"], t["b"]) for t in trials] == [(1, "x"), (1, "y"), (2, "x"), (2, "y")] * 2
+    assert all(t["c"] == 7 for t in trials)
+    sampled = expand({"lr": Uniform(1e-4, 1e-1, log=True), "k": Choice((3, 5))}, 50, seed=1)
+    lrs = np.array([t["lr"] for t in sampled])
+    assert lrs.min() >= 1e-4 and lrs.max() <= 1e-1 and np.median(lrs) < 0.02
+    assert {t["k"] for t in sampled} == {3, 5}
+    assert expand({"lr": Uniform(0, 1)}, 3, seed=1) == expand({"lr": Uniform(0, 1)}, 3, seed=1)
+
+
+def test_gpu_auto_resolution():
+    assert Resources(gpus="auto").resolve_gpus(0) == 0
+    assert Resources(gpus="auto").resolve_gpus(4) == 1
+    assert Resources(gpus=0.5).resolve_gpus(0) == 0.5
+    with pytest.raises(ValueError, match="'auto'"):
+        Resources(gpus="all")

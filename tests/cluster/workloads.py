@@ -1,0 +1,75 @@
+"""Small workloads for the executor tests (module level so Ray workers can import them)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+
+def threads_and_double(x: int) -> tuple[int, int]:
+    return torch.get_num_threads(), 2 * x
+
+
+class AffinePredictor:
+    """A 'model' loaded once per actor; counts its constructions in a file to prove reuse."""
+
+    def __init__(self, scale: float, marker_dir: str):
+        import os
+        import uuid
+
+        open(os.path.join(marker_dir, f"actor-{uuid.uuid4().hex}"), "w").close()
+        self.scale = scale
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        x = batch.column("x").to_numpy()
+        return pa.table({"id": batch.column("id"), "y": pa.array(self.scale * x + 1.0)})
+
+
+def linear_regression_train(ctx, config: dict) -> None:
+    """Fit y = 3x - 1 with SGD; checkpoints every epoch, resumes from the last one."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2048, 1, generator=g)
+    y = 3 * x - 1
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=32, shuffle=False
+    )
+    loader = ctx.prepare_data_loader(loader)
+    model = ctx.prepare_model(torch.nn.Linear(1, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=config["lr"])
+    start = 0
+    state = ctx.load_checkpoint()
+    if state is not None:
+        getattr(model, "module", model).load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start = state["epoch"] + 1
+    for epoch in range(start, config["epochs"]):
+        total = 0.0
+        for xb, yb in loader:
+            loss = torch.nn.functional.mse_loss(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item()
+        net = getattr(model, "module", model)
+        ctx.report(
+            {"epoch": epoch, "loss": total / len(loader), "world_size": ctx.world_size},
+            checkpoint={"model": net.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch},
+        )
+
+
+def quadratic_trial(config: dict, report) -> None:
+    """Score peaks at x = 2; reports three 'epochs' like a training loop would."""
+    for step in range(3):
+        report(
+            {
+                "score": -((config["x"] - 2.0) ** 2) + step,
+                "x": config["x"],
+                "tag": config.get("tag", ""),
+            }
+        )
+
+
+def make_table(n: int) -> pa.Table:
+    return pa.table({"id": np.arange(n), "x": np.linspace(0, 1, n)})
