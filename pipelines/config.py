@@ -99,34 +99,33 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     return value
 
 
-def apply_overrides(cfg, overrides: Mapping[str, Any]):
+def apply_overrides(cfg, overrides: Mapping[str, Any], _prefix: str = "", _root=None):
     """Return a copy of ``cfg`` with dotted-key overrides applied (validated, type-checked)."""
+    root = cfg if _root is None else _root
     grouped: dict[str, dict[str, Any]] = {}
-    leaf: dict[str, Any] = {}
+    changes: dict[str, Any] = {}
     fields = _fields(cfg)
     hints = _hints(type(cfg))
     for key, value in overrides.items():
+        full = _prefix + key
         head, _, rest = key.partition(".")
         if head not in fields:
-            raise ConfigError(f"unknown key {key!r}; valid keys: {', '.join(valid_keys(cfg))}")
+            raise ConfigError(f"unknown key {full!r}; valid keys: {', '.join(valid_keys(root))}")
         sub = getattr(cfg, head)
         if dataclasses.is_dataclass(sub):
             if not rest:
                 raise ConfigError(
-                    f"{key!r} is a section; set one of its fields, e.g. {head}.<field>"
+                    f"{full!r} is a section; set one of its fields, e.g. {full}.<field>"
                 )
             grouped.setdefault(head, {})[rest] = value
+        elif rest:
+            raise ConfigError(f"unknown key {full!r}; valid keys: {', '.join(valid_keys(root))}")
         else:
-            if rest:
-                raise ConfigError(f"unknown key {key!r}; valid keys: {', '.join(valid_keys(cfg))}")
-            leaf[head] = _coerce(value, hints[head], key)
-    changes = dict(leaf)
+            changes[head] = _coerce(value, hints[head], full)
     for head, sub_overrides in grouped.items():
-        try:
-            changes[head] = apply_overrides(getattr(cfg, head), sub_overrides)
-        except ConfigError as e:
-            msg = str(e)
-            raise ConfigError(msg.replace("unknown key '", f"unknown key '{head}.")) from None
+        changes[head] = apply_overrides(
+            getattr(cfg, head), sub_overrides, f"{_prefix}{head}.", root
+        )
     try:
         return dataclasses.replace(cfg, **changes)
     except (ValueError, TypeError) as e:  # __post_init__ range checks

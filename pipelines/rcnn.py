@@ -249,13 +249,13 @@ def propose_shard(
 ) -> list[tuple]:
     """Selective search on each image of a shard -> [(image_id, boxes (N, 4), seconds)]."""
     from data.voc import load_image
-    from stages.detection.proposals import selective_search
+    from stages.detection.proposals import selective_search_isolated
 
     out = []
     for row in shard:
         image = load_image(row["path"])
         t0 = time.perf_counter()
-        boxes = selective_search(
+        boxes = selective_search_isolated(
             image,
             mode=mode,
             base_k=base_k,

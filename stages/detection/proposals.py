@@ -20,8 +20,10 @@ Use it to reproduce the paper; ``"fast"`` is OpenCV's own preset.
 Ranking. OpenCV, like the MATLAB code, ranks each region by ``rand() * hierarchy level`` and sorts
 ascending ("pseudo-random sorting as in the paper"). OpenCV draws from the C library's ``rand()``,
 so we reseed it with ``srand`` before every search: the same image then always gives the same
-boxes in the same order (POSIX only; calling this from several threads of one process at once
-shares that state and loses determinism — run searches in separate processes, as Ray does).
+boxes in the same order (POSIX only). That state is shared by every thread of the process: inside
+a Ray worker, Ray's own threads draw from ``rand()`` while a search runs (measured: repeated searches
+of one image in one worker gave different orders), so ``selective_search_isolated`` runs the search
+in a private single-threaded helper process, started once per calling process and reused.
 
 Threads. Selective search takes ≈2 s per PASCAL image on one core (REFERENCE §1). OpenCV may start
 its own worker threads; a caller running one search per core should call ``cv2.setNumThreads(1)``
@@ -30,8 +32,11 @@ in each worker. This module leaves that setting alone.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
+import multiprocessing
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 
 import cv2
 import numpy as np
@@ -108,6 +113,27 @@ def selective_search(
     if max_boxes is not None:
         boxes = boxes[:max_boxes]
     return boxes.astype(np.float32)
+
+
+_HELPER: ProcessPoolExecutor | None = None
+
+
+def _search_in_helper(image_bgr: np.ndarray, kwargs: dict) -> np.ndarray:
+    cv2.setNumThreads(1)
+    return selective_search(image_bgr, **kwargs)
+
+
+def selective_search_isolated(image_bgr: np.ndarray, **kwargs) -> np.ndarray:
+    """``selective_search`` in a private helper process, so that no other thread of the caller can
+    draw from ``rand()`` during the ranking: deterministic inside Ray workers too."""
+    global _HELPER
+    if _HELPER is None:
+        # spawn, not fork: forking a multi-threaded Ray worker can copy held locks
+        _HELPER = ProcessPoolExecutor(
+            max_workers=1, mp_context=multiprocessing.get_context("spawn")
+        )
+        atexit.register(_HELPER.shutdown, wait=False, cancel_futures=True)
+    return _HELPER.submit(_search_in_helper, np.ascontiguousarray(image_bgr), kwargs).result()
 
 
 def _configure(image: np.ndarray, mode: str, *, base_k: int, inc_k: int, sigma: float):

@@ -20,17 +20,6 @@ from tests.cluster.workloads import (
 )
 
 
-@pytest.fixture(scope="module")
-def ray_executor():
-    ray = pytest.importorskip("ray")
-    from cluster import runtime
-    from cluster.ray_executor import RayExecutor
-
-    runtime.connect(num_cpus=2, include_dashboard=True, temp_dir="/tmp/pl-ray-ex")
-    yield RayExecutor(progress=False)
-    ray.shutdown()
-
-
 def executors(request):
     return (
         request.getfixturevalue("ray_executor")

@@ -122,3 +122,12 @@ def test_boxes_by_image_sorts_by_rank():
 def test_table_length_mismatch():
     with pytest.raises(ValueError, match="2 image ids but 1"):
         proposals_table(["a", "b"], [np.zeros((1, 4))])
+
+
+def test_isolated_search_matches_in_process_search(image):
+    from stages.detection.proposals import selective_search_isolated
+
+    direct = selective_search(image, mode="rcnn")
+    isolated = selective_search_isolated(image, mode="rcnn")
+    np.testing.assert_array_equal(direct, isolated)
+    np.testing.assert_array_equal(isolated, selective_search_isolated(image, mode="rcnn"))

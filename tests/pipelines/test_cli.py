@@ -1,0 +1,123 @@
+"""The CLI: bad overrides exit 2 before Ray starts; list and report print what they should."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pipelines import cli
+from pipelines.config import ConfigError, apply_overrides, parse_set_args, valid_keys
+from pipelines.rcnn import RCNNConfig
+
+
+def run_cli(capsys, *argv):
+    code = cli.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["proposals.sigmaa=0.8"], "unknown key 'proposals.sigmaa'; valid keys: data.source"),
+        (["nope=1"], "unknown key 'nope'"),
+        (["proposals.base_k=fifty"], "proposals.base_k: expected an integer, got 'fifty'"),
+        (["proposals.sigma=abc"], "proposals.sigma: expected a number"),
+        (["proposals.mode=slow"], "'slow' is not one of rcnn, fast, quality, single"),
+        (["data.download=maybe"], "expected a boolean"),
+        (["proposals.sigma=-1"], "proposals.sigma must be > 0"),
+        (["data.max_images=-3"], "data.max_images must be >= 0"),
+        (["proposals"], "--set expects KEY=VALUE"),
+        (["proposals=1"], "'proposals' is a section"),
+    ],
+)
+def test_bad_set_exits_2_before_ray(capsys, tmp_path, sets, message):
+    import ray
+
+    argv = ["run", "rcnn", "--store", str(tmp_path / "s"), "--out", str(tmp_path / "r")]
+    for s in sets:
+        argv += ["--set", s]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert message in err
+    assert not ray.is_initialized()
+    assert not (tmp_path / "s").exists() and not (tmp_path / "r").exists()
+
+
+def test_unknown_preset_pipeline_and_force_step(capsys, tmp_path):
+    assert run_cli(capsys, "run", "rcnn", "--preset", "huge")[2].count("presets: tiny, ci") == 1
+    code, _, err = run_cli(capsys, "run", "yolo")
+    assert code == 2 and "pipelines: rcnn" in err
+    code, _, err = run_cli(capsys, "run", "rcnn", "--force", "svmm", "--store", str(tmp_path))
+    assert code == 2 and "steps: dataset, proposals, proposal_report" in err
+
+
+def test_overrides_are_typed():
+    cfg = apply_overrides(
+        RCNNConfig(),
+        parse_set_args(
+            [
+                "proposals.sigma=0.5",
+                "proposals.base_k=100",
+                "data.download=true",
+                "report.recall_top_ns=1,5",
+                "proposals.mode=quality",
+            ]
+        ),
+    )
+    assert cfg.proposals.sigma == 0.5 and isinstance(cfg.proposals.sigma, float)
+    assert cfg.proposals.base_k == 100 and cfg.data.download is True
+    assert cfg.report.recall_top_ns == (1, 5) and cfg.proposals.mode == "quality"
+    assert RCNNConfig().proposals.sigma == 0.8  # the default object is untouched
+    with pytest.raises(ConfigError):
+        apply_overrides(RCNNConfig(), {"report.recall_top_ns": "1,x"})
+    assert "proposals.min_width_px" in valid_keys(RCNNConfig())
+
+
+def test_list_names_presets_steps_and_keys(capsys):
+    code, out, _ = run_cli(capsys, "list")
+    assert code == 0
+    assert "rcnn:" in out and "preset tiny (default)" in out and "preset voc2007" in out
+    assert "dataset[task] -> proposals[map] -> proposal_report[task]" in out
+    assert "proposals.min_width_px" in out
+
+
+def test_report_of_a_run_dir(capsys, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "manifest.json").write_text(
+        json.dumps(
+            [
+                {"step": "dataset", "kind": "task", "status": "cached", "wall_s": 0.0, "key": "k1"},
+                {
+                    "step": "proposals",
+                    "kind": "map",
+                    "status": "computed",
+                    "wall_s": 3.25,
+                    "key": "k2",
+                },
+            ]
+        )
+    )
+    (run_dir / "metrics.json").write_text(json.dumps({"proposal_recall_iou0.5": 0.875}))
+    (run_dir / "report.md").write_text("# r\n")
+    code, out, _ = run_cli(capsys, "report", str(run_dir))
+    assert code == 0
+    assert "proposals            map    computed       3.2  k2" in out
+    assert "proposal_recall_iou0.5: 0.875" in out
+    code, _, err = run_cli(capsys, "report", str(tmp_path / "missing"))
+    assert code == 2 and "not a run directory" in err
+
+
+def test_module_entry_point_exit_code(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines", "run", "rcnn", "--set", "x.y=1"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert "unknown key 'x.y'" in proc.stderr
