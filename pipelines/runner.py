@@ -85,6 +85,9 @@ def run(
         pipeline, steps, store=artifact_store, executor=ex, force=force, run_dir=run_dir, log=log
     )
     log(summary_table(result.manifest, time.time() - t0))
+    for key, value in result.metrics.items():
+        if isinstance(value, int | float):
+            log(f"{key}: {value:.4g}")
     if (run_dir / "report.md").exists():
         log(f"report: {run_dir / 'report.md'}")
     return result

@@ -32,11 +32,14 @@ in each worker. This module leaves that setting alone.
 
 from __future__ import annotations
 
-import atexit
 import ctypes
-import multiprocessing
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 
 import cv2
 import numpy as np
@@ -115,25 +118,70 @@ def selective_search(
     return boxes.astype(np.float32)
 
 
-_HELPER: ProcessPoolExecutor | None = None
+class _SearchHelper:
+    """A private child process running searches one at a time (stdin/stdout, ``.npy`` payloads).
+
+    A plain subprocess rather than ``multiprocessing``: inside Ray workers the latter's resource
+    tracker gets killed and spews warnings. The child is single-threaded, so ``srand`` + search is
+    deterministic there.
+    """
+
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+        self.lock = threading.Lock()
+
+    def _start(self) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        return subprocess.Popen(
+            [sys.executable, "-c", "from stages.detection.proposals import _serve; _serve()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+
+    def search(self, image: np.ndarray, kwargs: dict) -> np.ndarray:
+        with self.lock:
+            if self.proc is None or self.proc.poll() is not None:
+                self.proc = self._start()
+            buf = io.BytesIO()
+            np.save(buf, np.ascontiguousarray(image))
+            payload = buf.getvalue()
+            self.proc.stdin.write(json.dumps({**kwargs, "_nbytes": len(payload)}).encode() + b"\n")
+            self.proc.stdin.write(payload)
+            self.proc.stdin.flush()
+            header = self.proc.stdout.readline()
+            if not header:
+                raise RuntimeError("selective search helper process died")
+            reply = json.loads(header)
+            if not reply["ok"]:
+                raise ValueError(reply["error"])
+            return np.load(io.BytesIO(self.proc.stdout.read(reply["nbytes"])))
 
 
-def _search_in_helper(image_bgr: np.ndarray, kwargs: dict) -> np.ndarray:
+def _serve() -> None:
+    """Child side of ``_SearchHelper``: answer requests until stdin closes."""
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # stray prints go to stderr, never into the reply stream
     cv2.setNumThreads(1)
-    return selective_search(image_bgr, **kwargs)
+    inp = sys.stdin.buffer
+    while header := inp.readline():
+        kwargs = json.loads(header)
+        image = np.load(io.BytesIO(inp.read(kwargs.pop("_nbytes"))))
+        try:
+            buf = io.BytesIO()
+            np.save(buf, selective_search(image, **kwargs))
+            out.write(json.dumps({"ok": True, "nbytes": buf.tell()}).encode() + b"\n")
+            out.write(buf.getvalue())
+        except Exception as e:  # reported to the caller, which raises it
+            out.write(json.dumps({"ok": False, "error": f"{type(e).__name__}: {e}"}).encode()
+                      + b"\n")
+        out.flush()
+
+
+_HELPER = _SearchHelper()
 
 
 def selective_search_isolated(image_bgr: np.ndarray, **kwargs) -> np.ndarray:
     """``selective_search`` in a private helper process, so that no other thread of the caller can
     draw from ``rand()`` during the ranking: deterministic inside Ray workers too."""
-    global _HELPER
-    if _HELPER is None:
-        # spawn, not fork: forking a multi-threaded Ray worker can copy held locks
-        _HELPER = ProcessPoolExecutor(
-            max_workers=1, mp_context=multiprocessing.get_context("spawn")
-        )
-        atexit.register(_HELPER.shutdown, wait=False, cancel_futures=True)
-    return _HELPER.submit(_search_in_helper, np.ascontiguousarray(image_bgr), kwargs).result()
+    return _HELPER.search(image_bgr, kwargs)
 
 
 def _configure(image: np.ndarray, mode: str, *, base_k: int, inc_k: int, sigma: float):
