@@ -36,6 +36,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", default="runs", help="root of run directories (default ./runs)")
     p.add_argument("--force", metavar="STEP", help="recompute STEP and every step after it")
+    p.add_argument("--until", metavar="STEP", help="run only STEP and the steps it needs")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,7 +79,10 @@ def _config_from_args(args):
     spec = registry.get(args.pipeline)
     overrides = parse_set_args(args.sets)
     cfg = spec.build_config(args.preset, overrides)
-    if args.force and args.force not in {s.name for s in spec.steps(cfg)}:
+    names = {s.name for s in spec.steps(cfg)}
+    if args.until and args.until not in names:
+        raise ConfigError(f"--until: unknown step {args.until!r}; steps: {', '.join(names)}")
+    if args.force and args.force not in names:
         raise ConfigError(
             f"--force: unknown step {args.force!r}; steps: "
             f"{', '.join(s.name for s in spec.steps(cfg))}"
@@ -113,6 +117,7 @@ def cmd_run(args) -> int:
         executor=args.executor,
         address=args.address,
         force=args.force,
+        until=args.until,
         progress=not args.quiet,
     )
     return 0
@@ -144,6 +149,8 @@ def cmd_submit(args) -> int:
         argv += ["--set", s]
     if args.force:
         argv += ["--force", args.force]
+    if args.until:
+        argv += ["--until", args.until]
     entrypoint = shlex.join(argv)
     job_id = jobs.submit(
         args.address,

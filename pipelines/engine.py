@@ -193,6 +193,29 @@ def topo_sort(steps: Sequence[Step]) -> list[Step]:
     return order
 
 
+def ancestors(steps: Sequence[Step], target: str) -> set[str]:
+    """``target`` and every step it (transitively) reads."""
+    by_name = {s.name: s for s in steps}
+    out, todo = set(), [target]
+    while todo:
+        name = todo.pop()
+        if name not in out:
+            out.add(name)
+            todo += list(by_name[name].inputs)
+    return out
+
+
+def select_until(steps: Sequence[Step], until: str | None) -> list[Step]:
+    """The steps needed to produce ``until`` (all steps when None), in their original order."""
+    if until is None:
+        return list(steps)
+    names = [s.name for s in steps]
+    if until not in names:
+        raise ValueError(f"--until: unknown step {until!r}; steps: {', '.join(names)}")
+    keep = ancestors(steps, until)
+    return [s for s in steps if s.name in keep]
+
+
 def descendants(steps: Sequence[Step], root: str) -> set[str]:
     out = {root}
     changed = True

@@ -106,25 +106,159 @@ class ReportConfig:
 
 
 @dataclass(frozen=True)
+class CNNConfig:
+    model: Literal["rcnn_alexnet", "rcnn_vgg16", "rcnn_small"] = "rcnn_alexnet"  # T-Net, §2.1
+    input_size: int = 227  # AlexNet 227, VGG16 224 (fixed by the net); rcnn_small: multiple of 16
+    padding: int = 16  # App. A: 16 warped pixels of context around each box
+    # rcnn_small only (not in the paper): conv block widths; narrow enough for a 2-core CPU
+    small_widths: tuple[int, ...] = (16, 32, 64, 128)
+
+    def __post_init__(self):
+        fixed = {"rcnn_alexnet": 227, "rcnn_vgg16": 224}
+        check(
+            self.model not in fixed or self.input_size == fixed[self.model],
+            f"cnn.input_size must be {fixed.get(self.model)} for {self.model}",
+        )
+        check(0 <= self.padding < self.input_size // 2, "cnn.padding must be in [0, size/2)")
+
+    def model_kwargs(self) -> dict:
+        if self.model == "rcnn_small":
+            return {"input_size": self.input_size, "widths": self.small_widths}
+        return {}
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    # §2.3: supervised pretraining on ILSVRC2012. Offline default: image-level classification of
+    # the training split's object crops plus distractor background windows (class N).
+    weights_path: str = ""  # local ImageNet weights for the net: skip our pretraining
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 0.01
+    backgrounds_per_image: int = 4
+    num_workers: int = 1  # Ray Train workers (DDP)
+    seed: int = 0
+
+    def __post_init__(self):
+        check(self.epochs >= 1 and self.batch_size >= 1, "pretrain.epochs/batch_size must be >= 1")
+        check(self.lr > 0, f"pretrain.lr must be > 0, got {self.lr}")
+        check(self.num_workers >= 1, "pretrain.num_workers must be >= 1")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    enabled: bool = True  # False: the "no fine-tuning" rows of Table 2
+    iterations: int = 70_000  # released nets at 70k (code); gains saturate ≈40k
+    batch_size: int = 128  # 32 foreground + 96 background windows (§2.3)
+    lr: float = 0.001  # 1/10 of pretraining (§2.3)
+    lr_step: int = 20_000  # ÷10 every 20k iterations (code)
+    num_workers: int = 1
+    seed: int = 0
+
+    def __post_init__(self):
+        check(self.iterations >= 1 and self.lr_step >= 1, "finetune.iterations/lr_step >= 1")
+        check(self.lr > 0, f"finetune.lr must be > 0, got {self.lr}")
+        check(self.batch_size >= 4, "finetune.batch_size must be >= 4")
+        check(self.num_workers >= 1, "finetune.num_workers must be >= 1")
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    images_per_shard: int = 8  # one Parquet shard per this many images, read alone
+    dtype: Literal["float32", "float16"] = "float32"  # float16 halves the cache, slower reads
+    num_actors: int = 1  # Ray Data actors, each holding one CNN (one GPU each when present)
+    chunk: int = 256  # crops per forward pass
+
+    def __post_init__(self):
+        check(
+            self.images_per_shard >= 1 and self.num_actors >= 1 and self.chunk >= 1,
+            "features.images_per_shard/num_actors/chunk must be >= 1",
+        )
+
+
+@dataclass(frozen=True)
+class SVMConfig:
+    layer: Literal["pool5", "fc6", "fc7"] = "fc7"  # §2.3: one linear SVM per class on fc7
+    neg_iou: float = 0.3  # negatives: IoU < 0.3 with every gt of the class (grid-searched, §2.3)
+    C: float = 0.001  # liblinear, features scaled to mean norm 20 (code)
+    pos_weight: float = 2.0  # (code)
+    bias_value: float = 10.0  # (code)
+    mode: Literal["hnm", "all"] = "hnm"  # hard negative mining (App. B) or all negatives
+    norm_sample_rows: int = 40_000  # rows sampled to measure the mean feature norm (code)
+    seed: int = 0
+
+    def __post_init__(self):
+        check(0 <= self.neg_iou <= 1, f"svm.neg_iou must be in [0, 1], got {self.neg_iou}")
+        check(self.C > 0 and self.pos_weight > 0, "svm.C and svm.pos_weight must be > 0")
+        check(self.norm_sample_rows >= 1, "svm.norm_sample_rows must be >= 1")
+
+
+@dataclass(frozen=True)
+class BBoxConfig:
+    enabled: bool = True  # App. C: +3-4 mAP
+    alpha: float = 1000.0  # ridge λ (App. C)
+    min_iou: float = 0.6  # training pairs: proposals with IoU > 0.6 (App. C)
+
+    def __post_init__(self):
+        check(self.alpha > 0 and 0 <= self.min_iou < 1, "bbox.alpha > 0, bbox.min_iou in [0, 1)")
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    top_k: int = 100  # per class per image before NMS (code)
+    nms_iou: float = 0.3  # §2.2 greedy NMS threshold
+
+    def __post_init__(self):
+        check(self.top_k >= 1 and 0 < self.nms_iou <= 1, "detect.top_k >= 1, nms_iou in (0, 1]")
+
+
+@dataclass(frozen=True)
 class RCNNConfig:
     data: DataConfig = field(default_factory=DataConfig)
     proposals: ProposalConfig = field(default_factory=ProposalConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    cnn: CNNConfig = field(default_factory=CNNConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    svm: SVMConfig = field(default_factory=SVMConfig)
+    bbox: BBoxConfig = field(default_factory=BBoxConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
 
 
+_SMALL_CPU = {  # the small CNN and short schedules that fit a 2-core CPU
+    "cnn.model": "rcnn_small",
+    "cnn.input_size": 64,
+    "cnn.padding": 4,  # 16/227 of the warped side, scaled to 64 px
+    "pretrain.epochs": 15,
+    "pretrain.lr": 0.05,
+    "pretrain.batch_size": 64,
+    "finetune.iterations": 300,
+    "finetune.lr": 0.01,
+    "finetune.lr_step": 200,
+    "svm.norm_sample_rows": 5000,
+    "proposals.max_per_image": 300,  # "a few hundred proposals per image"
+    "features.num_actors": 2,
+}
 PRESETS = {
     # generated VOC-format set; a few minutes on 2 cores (`make demo`)
-    "tiny": {"data.source": "synthetic", "data.num_train": 40, "data.num_test": 20},
+    "tiny": {**_SMALL_CPU, "data.source": "synthetic", "data.num_train": 40, "data.num_test": 20},
     # the same at the size the test suite affords
     "ci": {
+        **_SMALL_CPU,
         "data.source": "synthetic",
-        "data.num_train": 8,
-        "data.num_test": 6,
+        "data.num_train": 16,
+        "data.num_test": 8,
         "data.width_px": 240,
         "data.height_px": 180,
         "proposals.images_per_task": 2,
+        "proposals.max_per_image": 150,
+        "pretrain.epochs": 10,
+        "finetune.iterations": 120,
+        "finetune.lr_step": 80,
+        "features.images_per_shard": 4,
     },
-    # real VOC2007 at --set data.root=...; on a cluster
+    # real VOC2007 at --set data.root=...; AlexNet as in the paper, on a GPU cluster
     "voc2007": {"data.source": "voc"},
 }
 
@@ -204,6 +338,7 @@ def make_dataset(
     )
     pq.write_table(pa.concat_tables(tables), ctx.out_dir / "objects.parquet")
     ctx.write_json("classes.json", list(classes))
+    ctx.write_json("splits.json", {"train": train_split, "test": test_split})
 
 
 def _download_voc2007(root: Path) -> None:  # pragma: no cover - needs internet
@@ -406,6 +541,145 @@ def report_proposals(
 
 
 # ----------------------------------------------------------------------------------------------
+def detector_steps(cfg: RCNNConfig, test_split: str) -> list[Step]:
+    from pipelines import rcnn_detect as d
+
+    c, pt, ft, f, s, b, det = (
+        cfg.cnn,
+        cfg.pretrain,
+        cfg.finetune,
+        cfg.features,
+        cfg.svm,
+        cfg.bbox,
+        cfg.detect,
+    )
+    layers = tuple(sorted({s.layer, "pool5"} if b.enabled else {s.layer}))
+    train_res = Resources(cpus=1, gpus="auto")
+    return [
+        Step(
+            "pretrain",
+            functools.partial(d.pretrain, num_workers=pt.num_workers),
+            kind="train",
+            inputs=("dataset",),
+            resources=train_res,
+            params=dict(
+                model=c.model,
+                model_kwargs=c.model_kwargs(),
+                padding=c.padding,
+                weights_path=pt.weights_path,
+                epochs=pt.epochs,
+                batch_size=pt.batch_size,
+                lr=pt.lr,
+                backgrounds_per_image=pt.backgrounds_per_image,
+                seed=pt.seed,
+            ),
+            description="supervised pretraining (image-level classification)",
+        ),
+        Step(
+            "finetune",
+            functools.partial(d.finetune, num_workers=ft.num_workers),
+            kind="train",
+            inputs=("dataset", "proposals", "pretrain"),
+            resources=train_res,
+            params=dict(
+                enabled=ft.enabled,
+                padding=c.padding,
+                iterations=ft.iterations,
+                batch_size=ft.batch_size,
+                lr=ft.lr,
+                lr_step=ft.lr_step,
+                seed=ft.seed,
+            )
+            if ft.enabled
+            else dict(enabled=False),
+            description="(N+1)-way fine-tuning on warped proposals, 32 fg + 96 bg",
+        ),
+        Step(
+            "features",
+            functools.partial(
+                d.extract_features,
+                images_per_shard=f.images_per_shard,
+                num_actors=f.num_actors,
+                chunk=f.chunk,
+            ),
+            kind="infer",
+            inputs=("dataset", "proposals", "finetune"),
+            resources=Resources(cpus=1, gpus="auto"),
+            params=dict(layers=layers, padding=c.padding, dtype=f.dtype),
+            description="pool5/fc6/fc7 of every box → Parquet feature cache",
+        ),
+        Step(
+            "svm",
+            d.train_svms,
+            kind="map",
+            inputs=("dataset", "features"),
+            params=dict(
+                layer=s.layer,
+                neg_iou=s.neg_iou,
+                C=s.C,
+                pos_weight=s.pos_weight,
+                bias_value=s.bias_value,
+                mode=s.mode,
+                norm_sample_rows=s.norm_sample_rows,
+                seed=s.seed,
+            ),
+            description="per-class linear SVMs with hard negative mining",
+        ),
+        *(
+            [
+                Step(
+                    "bbox_regression",
+                    d.train_box_regressors,
+                    kind="map",
+                    inputs=("dataset", "features"),
+                    params=dict(
+                        alpha=b.alpha,
+                        min_iou=b.min_iou,
+                        norm_sample_rows=s.norm_sample_rows,
+                        seed=s.seed,
+                    ),
+                    description="per-class ridge regression of box corrections",
+                )
+            ]
+            if b.enabled
+            else []
+        ),
+        Step(
+            "detect",
+            d.detect,
+            kind="map",
+            inputs=("dataset", "features", "svm", *(("bbox_regression",) if b.enabled else ())),
+            params=dict(
+                layer=s.layer, use_bbox_regression=b.enabled, top_k=det.top_k, nms_iou=det.nms_iou
+            ),
+            description="score proposals, top-k, bbox regression, per-class NMS",
+        ),
+        Step(
+            "evaluate",
+            d.evaluate,
+            kind="task",
+            inputs=("dataset", "detect"),
+            params=dict(test_split=test_split),
+            description="VOC devkit AP",
+        ),
+        Step(
+            "report",
+            d.write_report,
+            kind="task",
+            inputs=("dataset", "detect", "evaluate", "proposal_report"),
+            params=dict(layer=s.layer, finetuned=ft.enabled, bbox_regression=b.enabled),
+            publish=(
+                "report.md",
+                "detections.parquet",
+                "precision_recall.png",
+                "detections.png",
+                "proposal_recall.png",
+            ),
+            description="report.md with tables and figures",
+        ),
+    ]
+
+
 def steps(cfg: RCNNConfig) -> list[Step]:
     d, p, r = cfg.data, cfg.proposals, cfg.report
     if d.source == "synthetic":  # fields that don't change the generated set's bytes stay out
@@ -479,9 +753,10 @@ def steps(cfg: RCNNConfig) -> list[Step]:
                 recall_top_ns=r.recall_top_ns,
                 recall_ious=r.recall_ious,
             ),
-            publish=("report.md", "proposal_recall.png", "recall.parquet"),
+            publish=("proposal_recall.png", "recall.parquet"),
             description="recall vs number of proposals, timing",
         ),
+        *detector_steps(cfg, data_params["test_split"]),
     ]
 
 

@@ -10,8 +10,8 @@ from typing import Any
 
 from data.store import ArtifactStore
 from pipelines import registry
-from pipelines.config import config_hash, to_dict
-from pipelines.engine import RunResult, run_steps
+from pipelines.config import ConfigError, config_hash, to_dict
+from pipelines.engine import RunResult, run_steps, select_until
 
 
 def run_dir_for(runs_root: str | Path, pipeline: str, preset: str, cfg) -> Path:
@@ -47,6 +47,7 @@ def run(
     executor: str = "ray",
     address: str | None = None,
     force: str | None = None,
+    until: str | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
     ray_init: Mapping[str, Any] | None = None,
@@ -54,10 +55,11 @@ def run(
     spec = registry.get(pipeline)
     preset = preset or spec.default_preset
     cfg = spec.build_config(preset, overrides)  # bad keys/values fail here, before Ray starts
-    steps = spec.steps(cfg)
+    try:
+        steps = select_until(spec.steps(cfg), until)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if force is not None and force not in {s.name for s in steps}:
-        from pipelines.config import ConfigError
-
         raise ConfigError(
             f"--force: unknown step {force!r}; steps: {', '.join(s.name for s in steps)}"
         )

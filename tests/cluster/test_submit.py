@@ -37,26 +37,45 @@ def free_ports(n: int) -> list[int]:
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     token = secrets.token_hex(32)
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
     gcs, dash, client, agent, agent_grpc, metrics, rtenv, nm, om = free_ports(9)
     temp_dir = f"/tmp/pl-head-{secrets.token_hex(3)}"  # short: Unix socket path limit
-    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
-           f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-           f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
-           f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
-           f"--runtime-env-agent-port={rtenv}", f"--node-manager-port={nm}",
-           f"--object-manager-port={om}", "--num-cpus=2", f"--temp-dir={temp_dir}",
-           "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
+    cmd = [
+        str(Path(sys.executable).parent / "ray"),
+        "start",
+        "--head",
+        "--block",
+        f"--port={gcs}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        f"--ray-client-server-port={client}",
+        f"--dashboard-agent-listen-port={agent}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--metrics-export-port={metrics}",
+        f"--runtime-env-agent-port={rtenv}",
+        f"--node-manager-port={nm}",
+        f"--object-manager-port={om}",
+        "--num-cpus=2",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+        "--node-ip-address=127.0.0.1",
+    ]
     log = open(tmp_path_factory.mktemp("head") / "head.log", "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     address = f"http://127.0.0.1:{dash}"
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         try:
-            req = urllib.request.Request(f"{address}/api/version",
-                                         headers={"Authorization": f"Bearer {token}"})
+            req = urllib.request.Request(
+                f"{address}/api/version", headers={"Authorization": f"Bearer {token}"}
+            )
             urllib.request.urlopen(req, timeout=2)
             break
         except (urllib.error.URLError, ConnectionError, OSError):
@@ -75,15 +94,38 @@ def ray_head(tmp_path_factory):
 
 
 def paperline(*args: str, env: dict, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines", *args], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=360)
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=360,
+    )
 
 
 def test_submit_runs_pipeline_on_the_cluster(ray_head, tmp_path):
     store, runs = tmp_path / "store", tmp_path / "runs"
-    proc = paperline("submit", "rcnn", "--preset", "ci", "--set", "data.num_train=4",
-                     "--set", "data.num_test=2", "--store", str(store), "--out", str(runs),
-                     "--address", ray_head["address"], "--wait", env=ray_head["env"])
+    proc = paperline(
+        "submit",
+        "rcnn",
+        "--preset",
+        "ci",
+        "--set",
+        "data.num_train=4",
+        "--set",
+        "data.num_test=2",
+        "--until",
+        "proposal_report",
+        "--store",
+        str(store),
+        "--out",
+        str(runs),
+        "--address",
+        ray_head["address"],
+        "--wait",
+        env=ray_head["env"],
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "SUCCEEDED" in proc.stdout
     job_id = proc.stdout.split("submitted ", 1)[1].split(":", 1)[0]
@@ -96,18 +138,17 @@ def test_submit_runs_pipeline_on_the_cluster(ray_head, tmp_path):
     assert [m["status"] for m in manifest] == ["computed"] * 3
     assert len(list(store.glob("rcnn/*/*/_COMPLETE.json"))) == 3
 
-    status = paperline("jobs", "status", job_id, "--address", ray_head["address"],
-                       env=ray_head["env"])
+    status = paperline(
+        "jobs", "status", job_id, "--address", ray_head["address"], env=ray_head["env"]
+    )
     assert status.returncode == 0 and status.stdout.strip() == "SUCCEEDED"
-    logs = paperline("jobs", "logs", job_id, "--address", ray_head["address"],
-                     env=ray_head["env"])
+    logs = paperline("jobs", "logs", job_id, "--address", ray_head["address"], env=ray_head["env"])
     assert "proposal_report" in logs.stdout and "cluster={'address': " in logs.stdout
 
 
 def test_client_without_token_is_refused(ray_head, tmp_path):
     env = {k: v for k, v in ray_head["env"].items() if not k.startswith("RAY_AUTH")}
     env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either
-    proc = paperline("jobs", "status", "raysubmit_nope", "--address", ray_head["address"],
-                     env=env)
+    proc = paperline("jobs", "status", "raysubmit_nope", "--address", ray_head["address"], env=env)
     assert proc.returncode != 0
     assert "auth" in (proc.stdout + proc.stderr).lower()

@@ -34,16 +34,19 @@ def run_cli(capsys, *argv):
         (["proposals=1"], "'proposals' is a section"),
     ],
 )
-def test_bad_set_exits_2_before_ray(capsys, tmp_path, sets, message):
-    import ray
+def test_bad_set_exits_2_before_ray(capsys, tmp_path, monkeypatch, sets, message):
+    from cluster import runtime
 
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray must not start for a bad configuration")
+
+    monkeypatch.setattr(runtime, "connect", no_ray)
     argv = ["run", "rcnn", "--store", str(tmp_path / "s"), "--out", str(tmp_path / "r")]
     for s in sets:
         argv += ["--set", s]
     code, _, err = run_cli(capsys, *argv)
     assert code == 2
     assert message in err
-    assert not ray.is_initialized()
     assert not (tmp_path / "s").exists() and not (tmp_path / "r").exists()
 
 

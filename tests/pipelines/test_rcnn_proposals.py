@@ -18,6 +18,7 @@ def run_ci(tmp_path, tag: str, executor: str, **overrides):
         store=str(tmp_path / f"store-{tag}"),
         runs=tmp_path / f"runs-{tag}",
         executor=executor,
+        until="proposal_report",
         progress=False,
         log=lambda _: None,
     )
@@ -34,13 +35,13 @@ def test_ci_preset_outputs(local_run):
     assert result.computed() == ["dataset", "proposals", "proposal_report"]
     m = result.metrics
     # selective search finds nearly every generated object at IoU 0.5 (measured: 1.0 on ci)
-    assert m["proposal_recall_iou0.5"] >= 0.9
+    assert m["proposal_recall_iou0.5"] >= 0.85
     assert m["proposal_recall_iou0.7"] >= 0.6
     assert m["proposal_mabo"] > 0.75
-    assert 100 < m["proposals_per_image"] < 3000
+    assert 100 < m["proposals_per_image"] <= 150  # the ci preset keeps the best 150
     run_dir = result.run_dir
     assert json.loads((run_dir / "metrics.json").read_text()) == m
-    report = (run_dir / "report.md").read_text()
+    report = (result.artifacts["proposal_report"].local_dir() / "report.md").read_text()
     assert "| all |" in report and "recall @ IoU 0.7" in report
     assert (run_dir / "proposal_recall.png").stat().st_size > 5000
     config = json.loads((run_dir / "config.json").read_text())
@@ -52,7 +53,7 @@ def test_ci_preset_outputs(local_run):
     assert widths.min() >= 20  # R-CNN drops boxes narrower than 20 px
     images = pq.read_table(result.artifacts["dataset"].local_dir() / "images.parquet")
     assert set(props.column("image_id").to_pylist()) == set(images.column("image_id").to_pylist())
-    assert images.num_rows == 14  # 8 trainval + 6 test
+    assert images.num_rows == 24  # 16 trainval + 8 test
 
 
 def test_rerun_is_fully_cached_and_one_knob_recomputes_its_dependents(local_run):

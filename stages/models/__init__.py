@@ -1,0 +1,9 @@
+"""Models, built by name through ``stages.models.registry``.
+
+Importing this package registers every model module's constructors.
+"""
+
+from stages.models import rcnn_backbones  # noqa: F401  (registers rcnn_* constructors)
+from stages.models.registry import create, names, register
+
+__all__ = ["create", "names", "register"]

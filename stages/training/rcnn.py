@@ -1,0 +1,370 @@
+"""R-CNN's supervised pretraining and domain-specific fine-tuning (REFERENCE §1, R-CNN §2.3, App. B).
+
+Fine-tuning replaces the classifier by an (N+1)-way layer (0 = background) and runs SGD on warped
+proposal windows: a proposal takes the class of its max-IoU ground truth if IoU >= 0.5, else it is
+background; every minibatch of 128 holds 32 foreground and 96 background windows drawn uniformly,
+with replacement, from dataset-wide pools (Caffe's ``window_data_layer``). Both loops are
+``train_fn(ctx, config)`` (``stages.training.context``): the same function runs in-process or under
+Ray Train with DDP. ``batch_size`` is the *global* minibatch: each of the ``world_size`` workers
+draws ``batch_size / world_size`` samples, so the averaged DDP gradient matches the paper's batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from stages.detection.boxes import max_iou_assign
+from stages.models.registry import create
+
+
+def assign_labels(
+    proposal_boxes: np.ndarray, gt_boxes: np.ndarray, gt_classes: np.ndarray, fg_iou: float = 0.5
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fine-tuning labels for ``(N, 4)`` VOC xyxy proposals against ``(M, 4)`` ground truth.
+
+    ``gt_classes`` ``(M,)`` are 0-based. Returns ``(labels (N,) int64, max_iou (N,))`` with
+    ``label = 1 + class of the max-IoU ground truth`` when ``max_iou >= fg_iou`` and 0 (background)
+    otherwise (§2.3: "≥ 0.5 IoU overlap ... as positives"). Ground-truth boxes passed as proposals
+    get IoU 1 with themselves and so their own class.
+    """
+    gt_classes = np.asarray(gt_classes, dtype=np.int64)
+    if gt_classes.shape != (len(np.asarray(gt_boxes)),):
+        raise ValueError(f"gt_classes {gt_classes.shape} must have one entry per gt box")
+    max_iou, gt_index = max_iou_assign(proposal_boxes, gt_boxes)
+    labels = np.zeros(len(max_iou), dtype=np.int64)
+    fg = max_iou >= fg_iou
+    labels[fg] = gt_classes[gt_index[fg]] + 1
+    return labels, max_iou
+
+
+class WindowSampler:
+    """Fixed-composition minibatches of window ids, as Caffe's ``window_data_layer`` (App. B).
+
+    ``windows`` ``(W,)`` are ids (e.g. rows of a window source), ``labels`` ``(W,)`` their classes
+    (0 = background; ground-truth boxes belong in the foreground pool with their class). Each batch
+    has ``int(batch_size * fg_fraction)`` foreground ids (truncated as in Caffe: 32 of 128) and the
+    rest background, each drawn uniformly with replacement. If one pool is empty the whole batch
+    comes from the other. Batch ``b`` depends only on ``(seed, b)``, so a resumed run redraws
+    exactly the batches an uninterrupted one would.
+    """
+
+    def __init__(
+        self, windows, labels, *, batch_size: int = 128, fg_fraction: float = 0.25, seed: int = 0
+    ):
+        windows, labels = np.asarray(windows), np.asarray(labels)
+        if windows.ndim != 1 or windows.shape != labels.shape:
+            raise ValueError(
+                f"windows {windows.shape} and labels {labels.shape} must be equal (W,)"
+            )
+        if batch_size < 1 or not 0.0 <= fg_fraction <= 1.0:
+            raise ValueError(
+                f"need batch_size >= 1, 0 <= fg_fraction <= 1: {batch_size}, {fg_fraction}"
+            )
+        self.fg_windows = windows[labels > 0]
+        self.bg_windows = windows[labels == 0]
+        if len(self.fg_windows) == 0 and len(self.bg_windows) == 0:
+            raise ValueError("WindowSampler needs at least one window")
+        self.num_fg = int(batch_size * fg_fraction)
+        if len(self.fg_windows) == 0:
+            self.num_fg = 0
+        elif len(self.bg_windows) == 0:
+            self.num_fg = batch_size
+        self.num_bg = batch_size - self.num_fg
+        self.batch_size, self.seed = batch_size, seed
+        self.batches_drawn = 0
+
+    def sample(self, batch_number: int | None = None) -> np.ndarray:
+        """Window ids ``(batch_size,)``: ``num_fg`` foreground then ``num_bg`` background."""
+        b = self.batches_drawn if batch_number is None else batch_number
+        rng = np.random.default_rng([self.seed, b])
+        fg = self.fg_windows[rng.integers(0, max(len(self.fg_windows), 1), self.num_fg)]
+        bg = self.bg_windows[rng.integers(0, max(len(self.bg_windows), 1), self.num_bg)]
+        self.batches_drawn = b + 1
+        return np.concatenate([fg, bg])
+
+    def batches(self, num_batches: int, start: int = 0) -> Iterator[np.ndarray]:
+        for b in range(start, start + num_batches):
+            yield self.sample(b)
+
+
+class WindowSource(Protocol):
+    """Warped training windows, produced on the worker (not shipped through the driver)."""
+
+    labels: np.ndarray  # (W,) int, 0 = background
+
+    def __len__(self) -> int: ...
+
+    def get(self, indices: np.ndarray) -> torch.Tensor: ...  # (B, 3, S, S) float
+
+
+FINETUNE_DEFAULTS = {
+    "model_kwargs": {},
+    "init_state": None,  # pretrained weights; fc8 is dropped (replaced by the (N+1)-way layer)
+    "iterations": 70_000,  # released nets; gains saturate ~40k (App. B, code)
+    "batch_size": 128,  # 32 fg + 96 bg windows (§2.3)
+    "fg_fraction": 0.25,
+    "lr": 0.001,  # 1/10 of the pretraining rate (§2.3)
+    # New fc8 learns 10× faster (code). Caffe's model files also give biases 2× lr and no weight
+    # decay; that convention is not in the paper and not reproduced here.
+    "head_lr_mult": 10.0,
+    "momentum": 0.9,
+    "weight_decay": 5e-4,
+    "lr_step": 20_000,  # lr ÷10 every 20k iterations (code)
+    "flip": True,  # random horizontal flip of windows (code)
+    "seed": 0,
+    "report_every": 1000,
+}
+PRETRAIN_DEFAULTS = {
+    "model_kwargs": {},
+    "epochs": 10,
+    "batch_size": 128,
+    "lr": 0.01,  # Caffe's ImageNet AlexNet base_lr; fine-tuning uses 1/10 of it (§2.3)
+    "momentum": 0.9,
+    "weight_decay": 5e-4,
+    "lr_step_epochs": None,  # lr ÷10 every this many epochs; None keeps it constant
+    "flip": True,
+    "pixel_mean": None,  # (3,) subtracted from inputs; None: uint8 set's own mean, 0 for float
+    "seed": 0,
+}
+
+
+def _resolve(config: dict, required: tuple[str, ...], defaults: dict, what: str) -> dict:
+    unknown = set(config) - set(required) - set(defaults)
+    if unknown:
+        valid = ", ".join(sorted({*required, *defaults}))
+        raise KeyError(f"{what} config: unknown keys {sorted(unknown)}; valid keys: {valid}")
+    missing = [k for k in required if k not in config]
+    if missing:
+        raise KeyError(f"{what} config: missing required keys {missing}")
+    return {**defaults, **config}
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)  # DDP keeps the real model in .module
+
+
+def _flip(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Mirror a random half of ``(B, 3, S, S)`` crops left-right."""
+    mask = torch.from_numpy(rng.random(len(x)) < 0.5).to(x.device)
+    x = x.clone()
+    x[mask] = x[mask].flip(-1)
+    return x
+
+
+def _load_backbone(model: torch.nn.Module, init_state: dict) -> None:
+    state = init_state["model"] if isinstance(init_state.get("model"), dict) else init_state
+    state = {k: v for k, v in state.items() if not k.startswith("fc8.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("fc8.")]
+    if missing or unexpected:
+        raise ValueError(
+            f"init_state does not fit the model: missing {missing}, unexpected {unexpected}"
+        )
+
+
+def _resume(ctx, net, optimizer, scheduler, counter: str) -> int:
+    """Restore the last reported state, if any; returns the completed ``counter`` (0 if none)."""
+    checkpoint = ctx.load_checkpoint()
+    if checkpoint is None:
+        return 0
+    net.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    return int(checkpoint[counter])
+
+
+def finetune_train_fn(ctx, config: dict) -> None:
+    """Fine-tune on windows of ``config["window_source"]`` (see ``FINETUNE_DEFAULTS``).
+
+    Required keys: ``model`` (registry name), ``num_classes`` (N, without background),
+    ``window_source`` (a ``WindowSource``). Reports ``{"iteration", "loss", "fg_accuracy",
+    "bg_accuracy"}`` (averages since the previous report, this worker's windows) every
+    ``report_every`` iterations and at the end, with checkpoint ``{"model", "optimizer",
+    "scheduler", "iteration"}``; a rerun resumes from ``ctx.load_checkpoint()``.
+    """
+    cfg = _resolve(config, ("model", "num_classes", "window_source"), FINETUNE_DEFAULTS, "finetune")
+    source, num_classes, seed = cfg["window_source"], int(cfg["num_classes"]), int(cfg["seed"])
+    labels = np.asarray(source.labels, dtype=np.int64)
+    if (
+        labels.shape != (len(source),)
+        or labels.min(initial=0) < 0
+        or labels.max(initial=0) > num_classes
+    ):
+        raise ValueError(
+            f"window_source.labels must be (W,) in [0, {num_classes}], got {labels.shape}"
+        )
+    if cfg["batch_size"] % ctx.world_size:
+        raise ValueError(
+            f"batch_size {cfg['batch_size']} is not divisible by {ctx.world_size} workers"
+        )
+
+    torch.manual_seed(seed)  # same initial head on every rank (DDP also broadcasts rank 0's)
+    model = create(cfg["model"], **cfg["model_kwargs"])
+    head_ids = {id(p) for p in model.replace_head(num_classes + 1)}
+    if cfg["init_state"] is not None:
+        _load_backbone(model, cfg["init_state"])
+    model = ctx.prepare_model(model)
+    net = _unwrap(model)  # .to()/DDP keep the Parameter objects, so head_ids still identify fc8
+    backbone = [p for p in net.parameters() if id(p) not in head_ids]
+    head = [p for p in net.parameters() if id(p) in head_ids]
+    optimizer = torch.optim.SGD(
+        [
+            {"params": backbone, "lr": cfg["lr"]},
+            {"params": head, "lr": cfg["lr"] * cfg["head_lr_mult"]},
+        ],
+        lr=cfg["lr"],
+        momentum=cfg["momentum"],
+        weight_decay=cfg["weight_decay"],
+    )
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg["lr_step"], gamma=0.1)
+    start = _resume(ctx, net, optimizer, scheduler, "iteration")
+
+    sampler = WindowSampler(
+        np.arange(len(source)),
+        labels,
+        batch_size=cfg["batch_size"] // ctx.world_size,
+        fg_fraction=cfg["fg_fraction"],
+        seed=seed + ctx.rank,  # each worker draws its own windows
+    )
+    model.train()
+    sums = np.zeros(5)  # loss, fg correct, fg seen, bg correct, bg seen since the last report
+    steps = 0
+    for it in range(start, cfg["iterations"]):
+        # All randomness of iteration `it` (windows, flips, dropout) derives from (seed, rank, it),
+        # so a resumed run replays exactly what an uninterrupted one would have done.
+        rng = np.random.default_rng([seed, ctx.rank, it])
+        torch.manual_seed(int(rng.integers(2**62)))
+        idx = sampler.sample(it)
+        crops = torch.as_tensor(source.get(idx), dtype=torch.float32)  # (B, 3, S, S)
+        if cfg["flip"]:
+            crops = _flip(crops, rng)
+        target = torch.from_numpy(labels[idx]).to(ctx.device)  # (B,)
+        logits = model(crops.to(ctx.device))  # (B, N + 1)
+        loss = F.cross_entropy(logits, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()  # per iteration, as Caffe's "step" policy
+
+        correct = logits.detach().argmax(1) == target
+        fg = target > 0
+        sums += [
+            loss.item(),
+            correct[fg].sum().item(),
+            fg.sum().item(),
+            correct[~fg].sum().item(),
+            (~fg).sum().item(),
+        ]
+        steps += 1
+        if (it + 1) % cfg["report_every"] == 0 or it + 1 == cfg["iterations"]:
+            metrics = {
+                "iteration": it + 1,
+                "loss": float(sums[0] / steps),
+                "fg_accuracy": float(sums[1] / sums[2]) if sums[2] else float("nan"),
+                "bg_accuracy": float(sums[3] / sums[4]) if sums[4] else float("nan"),
+            }
+            state = {
+                "model": net.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "iteration": it + 1,
+            }
+            ctx.report(metrics, checkpoint=state)
+            sums[:], steps = 0.0, 0
+
+
+def pretrain_train_fn(ctx, config: dict) -> None:
+    """Supervised image-level classification pretraining (§2.3; see ``PRETRAIN_DEFAULTS``).
+
+    Required keys: ``model``, ``num_classes``, ``images`` ``(N, 3, S, S)`` (uint8 0-255 or float),
+    ``labels`` ``(N,)`` 0-based. Inputs become float minus ``pixel_mean`` (default: the set's own
+    per-channel mean for uint8, as R-CNN subtracts the training mean, App. A; 0 for float); the
+    checkpoint stores it as ``"pixel_mean"`` so warped crops can be normalised the same way later.
+    Reports ``{"epoch", "loss", "train_accuracy"}`` per epoch with checkpoint ``{"model",
+    "optimizer", "scheduler", "epoch", "pixel_mean"}``; resumes from ``ctx.load_checkpoint()``.
+    """
+    cfg = _resolve(
+        config, ("model", "num_classes", "images", "labels"), PRETRAIN_DEFAULTS, "pretrain"
+    )
+    images, seed = torch.as_tensor(cfg["images"]), int(cfg["seed"])
+    labels = torch.as_tensor(cfg["labels"], dtype=torch.int64)
+    if (
+        images.ndim != 4
+        or images.shape[1] != 3
+        or len(images) == 0
+        or labels.shape != (len(images),)
+    ):
+        raise ValueError(
+            f"images must be (N, 3, S, S), N > 0, and labels (N,): {images.shape}, {labels.shape}"
+        )
+    if labels.min() < 0 or labels.max() >= cfg["num_classes"]:
+        raise ValueError(
+            f"labels must lie in [0, {cfg['num_classes']}), got {labels.min()}..{labels.max()}"
+        )
+    if cfg["batch_size"] % ctx.world_size:
+        raise ValueError(
+            f"batch_size {cfg['batch_size']} is not divisible by {ctx.world_size} workers"
+        )
+    mean = cfg["pixel_mean"]
+    if mean is None and images.dtype == torch.uint8:  # float64 sums, no float copy of the set
+        mean = images.sum((0, 2, 3), dtype=torch.float64) / (images.numel() // 3)
+    mean = torch.zeros(3) if mean is None else torch.as_tensor(mean, dtype=torch.float32)
+
+    torch.manual_seed(seed)
+    model = ctx.prepare_model(
+        create(cfg["model"], num_classes=cfg["num_classes"], **cfg["model_kwargs"])
+    )
+    net = _unwrap(model)
+    optimizer = torch.optim.SGD(
+        net.parameters(), lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"]
+    )
+    step = cfg["lr_step_epochs"] or 10**9  # None: a step that never comes
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step, gamma=0.1)
+    shuffle = torch.Generator()
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(images, labels),
+        batch_size=cfg["batch_size"] // ctx.world_size,
+        shuffle=True,
+        generator=shuffle,
+    )
+    loader = ctx.prepare_data_loader(loader)  # Ray: DistributedSampler + device placement
+    start = _resume(ctx, net, optimizer, scheduler, "epoch")
+
+    model.train()
+    for epoch in range(start, cfg["epochs"]):
+        # Order, flips and dropout of an epoch derive from (seed, rank, epoch): resuming replays them.
+        rng = np.random.default_rng([seed, ctx.rank, epoch])
+        torch.manual_seed(int(rng.integers(2**62)))
+        shuffle.manual_seed(seed * 1_000_003 + epoch)  # same order on every rank, as DDP expects
+        if hasattr(getattr(loader, "sampler", None), "set_epoch"):
+            loader.sampler.set_epoch(epoch)  # DistributedSampler reshuffles per epoch
+        loss_sum, correct, seen = 0.0, 0, 0
+        for x, y in loader:
+            x = x.float() - mean.to(x.device).view(1, 3, 1, 1)  # (B, 3, S, S)
+            if cfg["flip"]:
+                x = _flip(x, rng)
+            x, y = x.to(ctx.device), y.to(ctx.device)
+            logits = model(x)  # (B, num_classes)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * len(y)
+            correct += (logits.detach().argmax(1) == y).sum().item()
+            seen += len(y)
+        scheduler.step()
+        state = {
+            "model": net.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch + 1,
+            "pixel_mean": mean,
+        }
+        seen = max(seen, 1)
+        metrics = {"epoch": epoch + 1, "loss": loss_sum / seen, "train_accuracy": correct / seen}
+        ctx.report(metrics, checkpoint=state)
