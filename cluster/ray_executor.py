@@ -169,7 +169,10 @@ class RayExecutor:
     ) -> None:
         """Ray Data ``map_batches`` with an actor pool; each actor holds one model (GPU if asked)."""
         if isinstance(source, pa.Table):
-            ds = ray.data.from_arrow(source)
+            # one block per batch, so every actor of the pool gets work (a single block would
+            # feed a single actor)
+            blocks = [source.slice(i, batch_size) for i in range(0, source.num_rows, batch_size)]
+            ds = ray.data.from_arrow(blocks or [source])
         else:
             ds = ray.data.read_parquet(list(source))
         opts = self._options(resources)

@@ -27,7 +27,13 @@ def connect(
     """Start or attach to Ray once per process; returns a short description of the cluster."""
     address = address or os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
-        common = dict(configure_logging=True, logging_level=logging.WARNING, log_to_driver=True)
+        # workers log at WARNING: Ray Train's per-report INFO lines drown the progress output
+        common = dict(
+            configure_logging=True,
+            logging_level=logging.WARNING,
+            log_to_driver=True,
+            logging_config=ray.LoggingConfig(log_level="WARNING"),
+        )
         if address:
             ray.init(address=address, **common)
         else:

@@ -230,12 +230,12 @@ _SMALL_CPU = {  # the small CNN and short schedules that fit a 2-core CPU
     "cnn.model": "rcnn_small",
     "cnn.input_size": 64,
     "cnn.padding": 4,  # 16/227 of the warped side, scaled to 64 px
-    "pretrain.epochs": 15,
+    "pretrain.epochs": 30,
     "pretrain.lr": 0.05,
     "pretrain.batch_size": 64,
-    "finetune.iterations": 300,
+    "finetune.iterations": 400,
     "finetune.lr": 0.01,
-    "finetune.lr_step": 200,
+    "finetune.lr_step": 300,
     "svm.norm_sample_rows": 5000,
     "proposals.max_per_image": 300,  # "a few hundred proposals per image"
     "features.num_actors": 2,
@@ -253,9 +253,9 @@ PRESETS = {
         "data.height_px": 180,
         "proposals.images_per_task": 2,
         "proposals.max_per_image": 150,
-        "pretrain.epochs": 10,
-        "finetune.iterations": 120,
-        "finetune.lr_step": 80,
+        "pretrain.epochs": 20,
+        "finetune.iterations": 150,
+        "finetune.lr_step": 100,
         "features.images_per_shard": 4,
     },
     # real VOC2007 at --set data.root=...; AlexNet as in the paper, on a GPU cluster

@@ -200,6 +200,7 @@ def pretrain(
             "batch_size": batch_size,
             "lr": lr,
             "seed": seed,
+            "checkpoint_every_epochs": max(1, epochs // 3),
         },
         num_workers=num_workers,
     )

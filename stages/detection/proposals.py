@@ -134,7 +134,10 @@ class _SearchHelper:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         return subprocess.Popen(
             [sys.executable, "-c", "from stages.detection.proposals import _serve; _serve()"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+        )
 
     def search(self, image: np.ndarray, kwargs: dict) -> np.ndarray:
         with self.lock:
@@ -170,8 +173,9 @@ def _serve() -> None:
             out.write(json.dumps({"ok": True, "nbytes": buf.tell()}).encode() + b"\n")
             out.write(buf.getvalue())
         except Exception as e:  # reported to the caller, which raises it
-            out.write(json.dumps({"ok": False, "error": f"{type(e).__name__}: {e}"}).encode()
-                      + b"\n")
+            out.write(
+                json.dumps({"ok": False, "error": f"{type(e).__name__}: {e}"}).encode() + b"\n"
+            )
         out.flush()
 
 

@@ -127,6 +127,7 @@ PRETRAIN_DEFAULTS = {
     "momentum": 0.9,
     "weight_decay": 5e-4,
     "lr_step_epochs": None,  # lr ÷10 every this many epochs; None keeps it constant
+    "checkpoint_every_epochs": 1,  # report + checkpoint period (and at the last epoch)
     "flip": True,
     "pixel_mean": None,  # (3,) subtracted from inputs; None: uint8 set's own mean, 0 for float
     "seed": 0,
@@ -367,4 +368,7 @@ def pretrain_train_fn(ctx, config: dict) -> None:
         }
         seen = max(seen, 1)
         metrics = {"epoch": epoch + 1, "loss": loss_sum / seen, "train_accuracy": correct / seen}
-        ctx.report(metrics, checkpoint=state)
+        # a checkpoint costs seconds under Ray Train (persisted to storage): every k epochs
+        last = epoch + 1 == cfg["epochs"]
+        if (epoch + 1) % cfg["checkpoint_every_epochs"] == 0 or last:
+            ctx.report(metrics, checkpoint=state)

@@ -13,6 +13,16 @@ from stages.training.rcnn import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    # Thousands of tiny ops: with two OpenMP threads on a busy 2-core box every op waits for a
+    # descheduled peer, and the toy runs took 1-40 s; one thread takes ~1 s every time.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_assign_labels_at_the_half_iou_boundary():
     gt = np.array([[1, 1, 10, 10], [1, 1, 100, 1]], dtype=float)  # classes 4 and 0
     gt_classes = np.array([4, 0])
