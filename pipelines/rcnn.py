@@ -538,6 +538,7 @@ def report_proposals(
         lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
     lines += ["", "![recall vs proposals](proposal_recall.png)", ""]
     (ctx.out_dir / "report.md").write_text("\n".join(lines))
+    (ctx.out_dir / "proposal_report.md").write_text("\n".join(lines))  # published by name
 
 
 # ----------------------------------------------------------------------------------------------
@@ -753,7 +754,7 @@ def steps(cfg: RCNNConfig) -> list[Step]:
                 recall_top_ns=r.recall_top_ns,
                 recall_ious=r.recall_ious,
             ),
-            publish=("proposal_recall.png", "recall.parquet"),
+            publish=("proposal_recall.png", "recall.parquet", "proposal_report.md"),
             description="recall vs number of proposals, timing",
         ),
         *detector_steps(cfg, data_params["test_split"]),

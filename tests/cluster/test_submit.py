@@ -87,7 +87,7 @@ def ray_head(tmp_path_factory):
     yield {"address": address, "token": token, "env": env}
     os.killpg(proc.pid, signal.SIGTERM)  # only this head's processes, not other Ray instances
     try:
-        proc.wait(timeout=30)
+        proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
     log.close()

@@ -158,3 +158,31 @@ def test_unwritable_store_fails_early(tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(PermissionError, match="not writable"):
         ArtifactStore(blocker / "store").check_writable()
+
+
+@pytest.mark.ray
+def test_ray_runs_independent_steps_concurrently_with_identical_artifacts(
+    tmp_path, counter, ray_executor
+):
+    """`numbers` and `label` share no input: on Ray their (1 s) executions overlap in time."""
+    store = ArtifactStore(tmp_path / "store-ray")
+    steps = toy_steps(counter, sleep_s=1.0)
+    result = run_steps("toy", steps, store=store, executor=ray_executor, log=lambda _: None)
+    m = {e["step"]: e for e in result.manifest}
+    assert m["numbers"]["start_unix_s"] < m["label"]["end_unix_s"]
+    assert m["label"]["start_unix_s"] < m["numbers"]["end_unix_s"]
+    local = run_steps(
+        "toy",
+        steps,
+        store=ArtifactStore(tmp_path / "store-local"),
+        executor=LocalExecutor(progress=False),
+        log=lambda _: None,
+    )
+    for name in ("numbers", "squares", "total", "label"):
+        assert result.artifacts[name].key == local.artifacts[name].key
+        a, b = result.artifacts[name].local_dir(), local.artifacts[name].local_dir()
+        files = sorted(p.name for p in a.iterdir())
+        assert files == sorted(p.name for p in b.iterdir())
+        for f in files:
+            if f != "_COMPLETE.json":  # holds a creation time
+                assert (a / f).read_bytes() == (b / f).read_bytes()

@@ -88,3 +88,25 @@ def test_ray_executor_gives_identical_artifacts(local_run, ray_session, tmp_path
         assert a.equals(b), f"{step}/{name} differs between executors"
     same = {k: v for k, v in local.metrics.items() if "seconds" not in k}
     assert same == {k: v for k, v in remote.metrics.items() if "seconds" not in k}
+
+
+def test_precomputed_proposals_give_the_same_recall(local_run, tmp_path):
+    """The loader path for published boxes (e.g. VOC2007's selective-search .mat files)."""
+    _, result = local_run
+    published = tmp_path / "published.parquet"
+    table = pq.read_table(result.artifacts["proposals"].local_dir() / "proposals.parquet")
+    pq.write_table(table, published)
+    again = runner.run(
+        "rcnn",
+        "ci",
+        {"proposals.method": "precomputed", "proposals.precomputed_path": str(published)},
+        store=str(tmp_path / "store"),
+        runs=tmp_path / "runs",
+        executor="local",
+        until="proposal_report",
+        progress=False,
+        log=lambda _: None,
+    )
+    for key in ("proposal_recall_iou0.5", "proposal_recall_iou0.7", "proposals_per_image"):
+        assert again.metrics[key] == result.metrics[key]
+    assert (again.run_dir / "proposal_report.md").exists()

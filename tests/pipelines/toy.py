@@ -24,8 +24,11 @@ def counts(counter_dir: str | Path) -> dict[str, int]:
     return {p.stem: len(p.read_text().splitlines()) for p in Path(counter_dir).glob("*.count")}
 
 
-def make_numbers(ctx: StepContext, *, n: int, counter_dir: str) -> None:
+def make_numbers(ctx: StepContext, *, n: int, counter_dir: str, sleep_s: float = 0.0) -> None:
+    import time
+
     _count(counter_dir, "numbers")
+    time.sleep(sleep_s)
     ctx.write_json("numbers.json", list(range(n)))
 
 
@@ -50,19 +53,31 @@ def total(ctx: StepContext, *, counter_dir: str) -> None:
     (ctx.out_dir / "report.md").write_text(f"# total\n\n{sum(squares)}\n")
 
 
-def label(ctx: StepContext, *, text: str, counter_dir: str) -> None:
+def label(ctx: StepContext, *, text: str, counter_dir: str, sleep_s: float = 0.0) -> None:
     """Independent of the chain above (runs concurrently with it on Ray)."""
+    import time
+
     _count(counter_dir, "label")
+    time.sleep(sleep_s)
     ctx.write_json("label.json", {"text": text})
 
 
 def toy_steps(
-    counter_dir: str | Path, *, n: int = 5, offset: int = 0, text: str = "hi", fail_marker: str = ""
+    counter_dir: str | Path,
+    *,
+    n: int = 5,
+    offset: int = 0,
+    text: str = "hi",
+    fail_marker: str = "",
+    sleep_s: float = 0.0,
 ) -> list[Step]:
     c = str(counter_dir)
     return [
         Step(
-            "numbers", functools.partial(make_numbers, counter_dir=c), kind="task", params={"n": n}
+            "numbers",
+            functools.partial(make_numbers, counter_dir=c, sleep_s=sleep_s),
+            kind="task",
+            params={"n": n},
         ),
         Step(
             "squares",
@@ -78,7 +93,9 @@ def toy_steps(
             inputs=("squares",),
             publish=("report.md",),
         ),
-        Step("label", functools.partial(label, counter_dir=c), params={"text": text}),
+        Step(
+            "label", functools.partial(label, counter_dir=c, sleep_s=sleep_s), params={"text": text}
+        ),
     ]
 
 
