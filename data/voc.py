@@ -329,3 +329,38 @@ def write_annotation(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(ET.tostring(root, encoding="utf-8", xml_declaration=False) + b"\n")
+
+
+def load_instance_mask(
+    root: str | Path, image_id: str, *, expected_shape: tuple[int, int] | None = None
+) -> np.ndarray:
+    """``root/SegmentationObject/<image_id>.png`` as ``uint8 (H, W)`` instance indices.
+
+    0 is background, ``k`` the k-th object of ``Annotations/<image_id>.xml`` and 255 VOC's
+    "void" band around objects, kept as 255 (callers treat it as not-object). With
+    ``expected_shape = (H, W)`` a mask of another size is an error.
+    """
+    # Pillow arrives with matplotlib. Real VOC masks are palette PNGs, and PIL returns their
+    # palette *indices* ("P" mode); cv2.imread would expand them to the palette's BGR colours.
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(root) / "SegmentationObject" / f"{image_id}.png"
+    _check_plain_name(path, "image id", image_id)
+    if not path.is_file():
+        raise DatasetError(path, f"instance mask missing for image {image_id!r}")
+    try:
+        with Image.open(path) as img:
+            mode = img.mode
+            mask = np.array(img)  # "P" -> palette indices, "L" -> grey values
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+        raise DatasetError(path, f"cannot decode instance mask ({e}); expected a PNG") from None
+    if mode not in ("P", "L") or mask.dtype != np.uint8 or mask.ndim != 2:
+        raise DatasetError(
+            path, f"PNG mode {mode!r}, shape {mask.shape}; expected a single-channel 8-bit "
+            "index image (mode 'P' or 'L')",
+        )  # fmt: skip
+    if expected_shape is not None and mask.shape != tuple(expected_shape):
+        raise DatasetError(
+            path, f"mask is {mask.shape} (H, W); expected {tuple(expected_shape)} like its image"
+        )
+    return mask

@@ -38,12 +38,29 @@ class Step:
     name: str
     fn: Callable[..., Any]  # fn(ctx: StepContext, **params)
     kind: str = "task"
+    # artifacts read: "step" or "alias=step" (the adaptor sees it as ctx.inputs[alias])
     inputs: tuple[str, ...] = ()
     params: Mapping[str, Any] = field(default_factory=dict)
     version: str = "1"  # bump when the stage's output changes for the same params
     resources: Resources = Resources()
     publish: tuple[str, ...] = ()  # files of the artifact copied into the run directory
     description: str = ""
+    # what is computed, for keys and store paths (default: the name). Variants of one stage in a
+    # study ("svm-fc6-ft") share artifacts with the plain run when their params and inputs match.
+    stage: str = ""
+
+    @property
+    def identity(self) -> str:
+        return self.stage or self.name
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """Names of the steps this one reads."""
+        return tuple(i.partition("=")[2] or i for i in self.inputs)
+
+    def input_pairs(self) -> list[tuple[str, str]]:
+        """(alias, source step) for each input."""
+        return [(i.partition("=")[0], i.partition("=")[2] or i) for i in self.inputs]
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -53,7 +70,7 @@ class Step:
 def step_key(step: Step, input_keys: Mapping[str, str]) -> str:
     blob = json.dumps(
         {
-            "step": step.name,
+            "step": step.identity,
             "version": step.version,
             "params": dict(step.params),
             "inputs": dict(input_keys),
@@ -172,7 +189,7 @@ def topo_sort(steps: Sequence[Step]) -> list[Step]:
     if len(by_name) != len(steps):
         raise ValueError("duplicate step names")
     for s in steps:
-        for i in s.inputs:
+        for i in s.sources:
             if i not in by_name:
                 raise ValueError(f"step {s.name!r} reads {i!r}, which no step produces")
     order: list[Step] = []
@@ -183,7 +200,7 @@ def topo_sort(steps: Sequence[Step]) -> list[Step]:
             raise ValueError(f"cycle through {' -> '.join(stack + (s.name,))}")
         if s.name in seen:
             return
-        for i in s.inputs:
+        for i in s.sources:
             visit(by_name[i], stack + (s.name,))
         seen.add(s.name)
         order.append(s)
@@ -201,7 +218,7 @@ def ancestors(steps: Sequence[Step], target: str) -> set[str]:
         name = todo.pop()
         if name not in out:
             out.add(name)
-            todo += list(by_name[name].inputs)
+            todo += list(by_name[name].sources)
     return out
 
 
@@ -222,7 +239,7 @@ def descendants(steps: Sequence[Step], root: str) -> set[str]:
     while changed:
         changed = False
         for s in steps:
-            if s.name not in out and any(i in out for i in s.inputs):
+            if s.name not in out and any(i in out for i in s.sources):
                 out.add(s.name)
                 changed = True
     return out
@@ -263,8 +280,8 @@ def run_steps(
     keys: dict[str, str] = {}
     artifacts: dict[str, Artifact] = {}
     for s in order:
-        keys[s.name] = step_key(s, {i: keys[i] for i in s.inputs})
-        artifacts[s.name] = store.artifact(pipeline, s.name, keys[s.name])
+        keys[s.name] = step_key(s, {a: keys[i] for a, i in s.input_pairs()})
+        artifacts[s.name] = store.artifact(pipeline, s.identity, keys[s.name])
 
     manifest: dict[str, dict] = {}
     if run_dir is not None:
@@ -283,7 +300,7 @@ def run_steps(
             pipeline=pipeline,
             step=s.name,
             key=keys[s.name],
-            inputs={i: artifacts[i] for i in s.inputs},
+            inputs={a: artifacts[i] for a, i in s.input_pairs()},
             out_dir=Path(),
             resources=s.resources,
             work_uri=f"{store.uri.rstrip('/')}/_work/{pipeline}",
@@ -295,7 +312,7 @@ def run_steps(
             "key": keys[s.name],
             "version": s.version,
             "params": dict(s.params),
-            "inputs": {i: keys[i] for i in s.inputs},
+            "inputs": {a: keys[i] for a, i in s.input_pairs()},
         }
         if s.kind == "task":
             return executor.run_task(
@@ -333,15 +350,28 @@ def run_steps(
             if failure is None:
                 for s in order:
                     started = {r.name for r in running.values()}
-                    if (
-                        s.name not in done
-                        and s.name not in started
-                        and all(i in done for i in s.inputs)
-                    ):
-                        log(f"[{pipeline}] {s.name}: running ({s.kind})")
-                        fut = pool.submit(execute, s)
-                        fut.t0 = time.time()  # type: ignore[attr-defined]
-                        running[fut] = s
+                    if s.name in done or s.name in started or not all(i in done for i in s.sources):
+                        continue
+                    same = {o for o in done | started if artifacts[o] == artifacts[s.name]}
+                    if same & started:
+                        continue  # the same artifact is being computed under another name
+                    if same:  # computed under another name in this run
+                        done.add(s.name)
+                        record(
+                            {
+                                "step": s.name,
+                                "kind": s.kind,
+                                "key": keys[s.name],
+                                "status": "cached",
+                                "wall_s": 0.0,
+                                "resources": s.resources.to_dict(),
+                            }
+                        )
+                        continue
+                    log(f"[{pipeline}] {s.name}: running ({s.kind})")
+                    fut = pool.submit(execute, s)
+                    fut.t0 = time.time()  # type: ignore[attr-defined]
+                    running[fut] = s
             if not running:
                 break
             finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)

@@ -224,6 +224,8 @@ class RCNNConfig:
     svm: SVMConfig = field(default_factory=SVMConfig)
     bbox: BBoxConfig = field(default_factory=BBoxConfig)
     detect: DetectConfig = field(default_factory=DetectConfig)
+    # "table2": every row of the paper's Table 2 in one run, sharing common steps
+    study: Literal["none", "table2"] = "none"
 
 
 _SMALL_CPU = {  # the small CNN and short schedules that fit a 2-core CPU
@@ -257,6 +259,14 @@ PRESETS = {
         "finetune.iterations": 150,
         "finetune.lr_step": 100,
         "features.images_per_shard": 4,
+    },
+    # Table 2's rows (pool5/fc6/fc7 × fine-tuning, + bbox regression) on the tiny set, one table
+    "table2": {
+        **_SMALL_CPU,
+        "data.source": "synthetic",
+        "data.num_train": 40,
+        "data.num_test": 20,
+        "study": "table2",
     },
     # real VOC2007 at --set data.root=...; AlexNet as in the paper, on a GPU cluster
     "voc2007": {"data.source": "voc"},
@@ -542,133 +552,182 @@ def report_proposals(
 
 
 # ----------------------------------------------------------------------------------------------
-def detector_steps(cfg: RCNNConfig, test_split: str) -> list[Step]:
-    from pipelines import rcnn_detect as d
+class _Builder:
+    """Step factories for the detector; variants (Table 2) reuse them with other names/inputs."""
 
-    c, pt, ft, f, s, b, det = (
-        cfg.cnn,
-        cfg.pretrain,
-        cfg.finetune,
-        cfg.features,
-        cfg.svm,
-        cfg.bbox,
-        cfg.detect,
-    )
-    layers = tuple(sorted({s.layer, "pool5"} if b.enabled else {s.layer}))
-    train_res = Resources(cpus=1, gpus="auto")
-    return [
-        Step(
-            "pretrain",
-            functools.partial(d.pretrain, num_workers=pt.num_workers),
+    def __init__(self, cfg: RCNNConfig, test_split: str):
+        from pipelines import rcnn_detect
+
+        self.cfg, self.test_split, self.d = cfg, test_split, rcnn_detect
+        self.train_res = Resources(cpus=1, gpus="auto")
+
+    def pretrain(self, name: str = "pretrain", cnn: CNNConfig | None = None) -> Step:
+        c, pt = cnn or self.cfg.cnn, self.cfg.pretrain
+        params = dict(
+            model=c.model,
+            model_kwargs=c.model_kwargs(),
+            padding=c.padding,
+            weights_path=pt.weights_path,
+            epochs=pt.epochs,
+            batch_size=pt.batch_size,
+            lr=pt.lr,
+            backgrounds_per_image=pt.backgrounds_per_image,
+            seed=pt.seed,
+        )
+        return Step(
+            name,
+            functools.partial(self.d.pretrain, num_workers=pt.num_workers),
             kind="train",
             inputs=("dataset",),
-            resources=train_res,
-            params=dict(
-                model=c.model,
-                model_kwargs=c.model_kwargs(),
-                padding=c.padding,
-                weights_path=pt.weights_path,
-                epochs=pt.epochs,
-                batch_size=pt.batch_size,
-                lr=pt.lr,
-                backgrounds_per_image=pt.backgrounds_per_image,
-                seed=pt.seed,
-            ),
-            description="supervised pretraining (image-level classification)",
-        ),
-        Step(
-            "finetune",
-            functools.partial(d.finetune, num_workers=ft.num_workers),
+            resources=self.train_res,
+            params=params,
+            stage="pretrain",
+            description="supervised pretraining (image-level labels)",
+        )
+
+    def finetune(
+        self, name: str = "finetune", pretrain: str = "pretrain", enabled: bool | None = None
+    ) -> Step:
+        c, ft = self.cfg.cnn, self.cfg.finetune
+        enabled = ft.enabled if enabled is None else enabled
+        params = dict(
+            enabled=True,
+            padding=c.padding,
+            iterations=ft.iterations,
+            batch_size=ft.batch_size,
+            lr=ft.lr,
+            lr_step=ft.lr_step,
+            seed=ft.seed,
+        )
+        return Step(
+            name,
+            functools.partial(self.d.finetune, num_workers=ft.num_workers),
             kind="train",
-            inputs=("dataset", "proposals", "pretrain"),
-            resources=train_res,
-            params=dict(
-                enabled=ft.enabled,
-                padding=c.padding,
-                iterations=ft.iterations,
-                batch_size=ft.batch_size,
-                lr=ft.lr,
-                lr_step=ft.lr_step,
-                seed=ft.seed,
-            )
-            if ft.enabled
-            else dict(enabled=False),
+            inputs=("dataset", "proposals", f"pretrain={pretrain}"),
+            resources=self.train_res,
+            stage="finetune",
+            params=params if enabled else dict(enabled=False),
             description="(N+1)-way fine-tuning on warped proposals, 32 fg + 96 bg",
-        ),
-        Step(
-            "features",
-            functools.partial(
-                d.extract_features,
-                images_per_shard=f.images_per_shard,
-                num_actors=f.num_actors,
-                chunk=f.chunk,
-            ),
+        )
+
+    def features(
+        self,
+        name: str = "features",
+        finetune: str = "finetune",
+        layers: tuple[str, ...] | None = None,
+    ) -> Step:
+        f, s, b = self.cfg.features, self.cfg.svm, self.cfg.bbox
+        layers = layers or tuple(sorted({s.layer, "pool5"} if b.enabled else {s.layer}))
+        fn = functools.partial(
+            self.d.extract_features,
+            images_per_shard=f.images_per_shard,
+            num_actors=f.num_actors,
+            chunk=f.chunk,
+        )
+        return Step(
+            name,
+            fn,
             kind="infer",
-            inputs=("dataset", "proposals", "finetune"),
+            stage="features",
+            inputs=("dataset", "proposals", f"finetune={finetune}"),
             resources=Resources(cpus=1, gpus="auto"),
-            params=dict(layers=layers, padding=c.padding, dtype=f.dtype),
-            description="pool5/fc6/fc7 of every box → Parquet feature cache",
-        ),
-        Step(
-            "svm",
-            d.train_svms,
+            params=dict(layers=layers, padding=self.cfg.cnn.padding, dtype=f.dtype),
+            description="CNN features of every box → Parquet feature cache",
+        )
+
+    def svm(self, name: str = "svm", features: str = "features", layer: str | None = None) -> Step:
+        s = self.cfg.svm
+        params = dict(
+            layer=layer or s.layer,
+            neg_iou=s.neg_iou,
+            C=s.C,
+            pos_weight=s.pos_weight,
+            bias_value=s.bias_value,
+            mode=s.mode,
+            norm_sample_rows=s.norm_sample_rows,
+            seed=s.seed,
+        )
+        return Step(
+            name,
+            self.d.train_svms,
             kind="map",
-            inputs=("dataset", "features"),
-            params=dict(
-                layer=s.layer,
-                neg_iou=s.neg_iou,
-                C=s.C,
-                pos_weight=s.pos_weight,
-                bias_value=s.bias_value,
-                mode=s.mode,
-                norm_sample_rows=s.norm_sample_rows,
-                seed=s.seed,
-            ),
+            stage="svm",
+            inputs=("dataset", f"features={features}"),
+            params=params,
             description="per-class linear SVMs with hard negative mining",
-        ),
-        *(
-            [
-                Step(
-                    "bbox_regression",
-                    d.train_box_regressors,
-                    kind="map",
-                    inputs=("dataset", "features"),
-                    params=dict(
-                        alpha=b.alpha,
-                        min_iou=b.min_iou,
-                        norm_sample_rows=s.norm_sample_rows,
-                        seed=s.seed,
-                    ),
-                    description="per-class ridge regression of box corrections",
-                )
-            ]
-            if b.enabled
-            else []
-        ),
-        Step(
-            "detect",
-            d.detect,
+        )
+
+    def bbox(self, name: str = "bbox_regression", features: str = "features") -> Step:
+        b, s = self.cfg.bbox, self.cfg.svm
+        return Step(
+            name,
+            self.d.train_box_regressors,
             kind="map",
-            inputs=("dataset", "features", "svm", *(("bbox_regression",) if b.enabled else ())),
+            stage="bbox_regression",
+            inputs=("dataset", f"features={features}"),
             params=dict(
-                layer=s.layer, use_bbox_regression=b.enabled, top_k=det.top_k, nms_iou=det.nms_iou
+                alpha=b.alpha, min_iou=b.min_iou, norm_sample_rows=s.norm_sample_rows, seed=s.seed
+            ),
+            description="per-class ridge regression of box corrections",
+        )
+
+    def detect(
+        self,
+        name: str = "detect",
+        features: str = "features",
+        svm: str = "svm",
+        bbox: str | None = None,
+        layer: str | None = None,
+    ) -> Step:
+        det = self.cfg.detect
+        inputs = ("dataset", f"features={features}", f"svm={svm}")
+        if bbox:
+            inputs += (f"bbox_regression={bbox}",)
+        return Step(
+            name,
+            self.d.detect,
+            kind="map",
+            stage="detect",
+            inputs=inputs,
+            params=dict(
+                layer=layer or self.cfg.svm.layer,
+                use_bbox_regression=bool(bbox),
+                top_k=det.top_k,
+                nms_iou=det.nms_iou,
             ),
             description="score proposals, top-k, bbox regression, per-class NMS",
-        ),
-        Step(
-            "evaluate",
-            d.evaluate,
+        )
+
+    def evaluate(self, name: str = "evaluate", detect: str = "detect") -> Step:
+        return Step(
+            name,
+            self.d.evaluate,
             kind="task",
-            inputs=("dataset", "detect"),
-            params=dict(test_split=test_split),
+            stage="evaluate",
+            inputs=("dataset", f"detect={detect}"),
+            params=dict(test_split=self.test_split),
             description="VOC devkit AP",
-        ),
+        )
+
+
+def detector_steps(cfg: RCNNConfig, test_split: str) -> list[Step]:
+    """The detector of the paper's main result: fc7 SVMs (+ bbox regression)."""
+    b, d = _Builder(cfg, test_split), _Builder(cfg, test_split).d
+    bbox = cfg.bbox.enabled
+    return [
+        b.pretrain(),
+        b.finetune(),
+        b.features(),
+        b.svm(),
+        *([b.bbox()] if bbox else []),
+        b.detect(bbox="bbox_regression" if bbox else None),
+        b.evaluate(),
         Step(
             "report",
             d.write_report,
             kind="task",
             inputs=("dataset", "detect", "evaluate", "proposal_report"),
-            params=dict(layer=s.layer, finetuned=ft.enabled, bbox_regression=b.enabled),
+            params=dict(layer=cfg.svm.layer, finetuned=cfg.finetune.enabled, bbox_regression=bbox),
             publish=(
                 "report.md",
                 "detections.parquet",
@@ -679,6 +738,69 @@ def detector_steps(cfg: RCNNConfig, test_split: str) -> list[Step]:
             description="report.md with tables and figures",
         ),
     ]
+
+
+TABLE2_LAYERS = ("pool5", "fc6", "fc7")
+
+
+def table2_steps(cfg: RCNNConfig, test_split: str) -> list[Step]:
+    """Table 2 of the paper on this dataset: pool5/fc6/fc7 without and with fine-tuning, fc7 +
+    bbox regression (and O-Net rows when the net is AlexNet). Proposals, pretraining and each
+    feature cache are computed once and shared by every row."""
+    b, d = _Builder(cfg, test_split), _Builder(cfg, test_split).d
+    out = [
+        b.pretrain(),
+        b.finetune("finetune", enabled=True),
+        b.finetune("finetune-none", enabled=False),
+    ]
+    rows: list[tuple[str, str]] = []  # (row label, evaluate step)
+    for ft, label in (("none", "no fine-tuning"), ("ft", "fine-tuned")):
+        feats = f"features-{ft}"
+        out.append(b.features(feats, "finetune" if ft == "ft" else "finetune-none", TABLE2_LAYERS))
+        for layer in TABLE2_LAYERS:
+            tag = f"{layer}-{ft}"
+            out += [
+                b.svm(f"svm-{tag}", feats, layer),
+                b.detect(f"detect-{tag}", feats, f"svm-{tag}", layer=layer),
+                b.evaluate(f"evaluate-{tag}", f"detect-{tag}"),
+            ]
+            rows.append((f"T-Net {layer}, {label}", f"evaluate-{tag}"))
+    out += [
+        b.bbox("bbox_regression-ft", "features-ft"),
+        b.detect("detect-fc7-ft-bb", "features-ft", "svm-fc7-ft", "bbox_regression-ft", "fc7"),
+        b.evaluate("evaluate-fc7-ft-bb", "detect-fc7-ft-bb"),
+    ]
+    rows.append(("T-Net fc7, fine-tuned + bbox reg", "evaluate-fc7-ft-bb"))
+    if cfg.cnn.model == "rcnn_alexnet":  # O-Net = VGG16 (§3.3); too slow for CPU presets
+        onet = CNNConfig(model="rcnn_vgg16", input_size=224, padding=cfg.cnn.padding)
+        out += [
+            b.pretrain("pretrain-onet", onet),
+            b.finetune("finetune-onet", "pretrain-onet", enabled=True),
+            b.features("features-onet", "finetune-onet", ("fc7", "pool5")),
+            b.svm("svm-fc7-onet", "features-onet", "fc7"),
+            b.detect("detect-fc7-onet", "features-onet", "svm-fc7-onet", layer="fc7"),
+            b.evaluate("evaluate-fc7-onet", "detect-fc7-onet"),
+            b.bbox("bbox_regression-onet", "features-onet"),
+            b.detect(
+                "detect-fc7-onet-bb", "features-onet", "svm-fc7-onet", "bbox_regression-onet", "fc7"
+            ),
+            b.evaluate("evaluate-fc7-onet-bb", "detect-fc7-onet-bb"),
+        ]
+        rows += [
+            ("O-Net fc7, fine-tuned", "evaluate-fc7-onet"),
+            ("O-Net fc7, fine-tuned + bbox reg", "evaluate-fc7-onet-bb"),
+        ]
+    out.append(
+        Step(
+            "table2",
+            functools.partial(d.write_table2, rows=[r for r, _ in rows]),
+            kind="task",
+            inputs=tuple(f"row{i}={e}" for i, (_, e) in enumerate(rows)),
+            publish=("table2.md", "table2.json"),
+            description="one table: mAP per row, next to the paper's",
+        )
+    )
+    return out
 
 
 def steps(cfg: RCNNConfig) -> list[Step]:
@@ -757,7 +879,9 @@ def steps(cfg: RCNNConfig) -> list[Step]:
             publish=("proposal_recall.png", "recall.parquet", "proposal_report.md"),
             description="recall vs number of proposals, timing",
         ),
-        *detector_steps(cfg, data_params["test_split"]),
+        *(table2_steps if cfg.study == "table2" else detector_steps)(
+            cfg, data_params["test_split"]
+        ),
     ]
 
 

@@ -186,3 +186,39 @@ def test_ray_runs_independent_steps_concurrently_with_identical_artifacts(
         for f in files:
             if f != "_COMPLETE.json":  # holds a creation time
                 assert (a / f).read_bytes() == (b / f).read_bytes()
+
+
+def test_variants_share_artifacts_by_stage_and_alias(tmp_path, counter):
+    """A study's variant step with the same stage, params and inputs reuses the plain artifact."""
+    store = ArtifactStore(tmp_path / "store")
+    ex = LocalExecutor(progress=False)
+    plain = run_steps("toy", toy_steps(counter), store=store, executor=ex, log=lambda _: None)
+    base = toy_steps(counter)
+    variant = [
+        *base,
+        # same stage + params + inputs as `squares`, read under the alias `numbers`: shared
+        Step(
+            "squares-again",
+            base[1].fn,
+            kind="map",
+            inputs=("numbers=numbers",),
+            params={"power_offset": 0},
+            stage="squares",
+        ),
+        # a real variant: different params, its own artifact; `total` reads it by alias
+        Step(
+            "squares-plus1",
+            base[1].fn,
+            kind="map",
+            inputs=("numbers",),
+            params={"power_offset": 1},
+            stage="squares",
+        ),
+        Step("total-plus1", base[2].fn, inputs=("squares=squares-plus1",), stage="total"),
+    ]
+    result = run_steps("toy", variant, store=store, executor=ex, log=lambda _: None)
+    assert result.artifacts["squares-again"] == plain.artifacts["squares"]
+    assert "squares-again" in result.cached()
+    assert result.computed() == ["squares-plus1", "total-plus1"]
+    assert read(result.artifacts["total-plus1"], "metrics.json") == {"total": 35}
+    assert counts(counter)["squares"] == 2
