@@ -184,6 +184,8 @@ class SVMConfig:
     pos_weight: float = 2.0  # (code)
     bias_value: float = 10.0  # (code)
     mode: Literal["hnm", "all"] = "hnm"  # hard negative mining (App. B) or all negatives
+    # "softmax": score with the fine-tuned net's (N+1)-way softmax instead (App. B comparison)
+    scorer: Literal["svm", "softmax"] = "svm"
     norm_sample_rows: int = 40_000  # rows sampled to measure the mean feature norm (code)
     seed: int = 0
 
@@ -635,7 +637,13 @@ class _Builder:
             description="CNN features of every box → Parquet feature cache",
         )
 
-    def svm(self, name: str = "svm", features: str = "features", layer: str | None = None) -> Step:
+    def svm(
+        self,
+        name: str = "svm",
+        features: str = "features",
+        layer: str | None = None,
+        finetune: str = "finetune",
+    ) -> Step:
         s = self.cfg.svm
         params = dict(
             layer=layer or s.layer,
@@ -647,12 +655,16 @@ class _Builder:
             norm_sample_rows=s.norm_sample_rows,
             seed=s.seed,
         )
+        inputs: tuple[str, ...] = ("dataset", f"features={features}")
+        if s.scorer == "softmax":  # no SVM training: fc8 of the fine-tuned net scores
+            params = dict(layer=layer or s.layer, scorer="softmax")
+            inputs += (f"finetune={finetune}",)
         return Step(
             name,
             self.d.train_svms,
             kind="map",
             stage="svm",
-            inputs=("dataset", f"features={features}"),
+            inputs=inputs,
             params=params,
             description="per-class linear SVMs with hard negative mining",
         )
@@ -723,10 +735,18 @@ def detector_steps(cfg: RCNNConfig, test_split: str) -> list[Step]:
         b.detect(bbox="bbox_regression" if bbox else None),
         b.evaluate(),
         Step(
+            "region_features",
+            d.region_features,
+            kind="task",
+            inputs=("dataset", "finetune"),
+            params=dict(padding=cfg.cnn.padding, C=1.0),
+            description="§5: full / fg / full+fg region features, per-class accuracy",
+        ),
+        Step(
             "report",
             d.write_report,
             kind="task",
-            inputs=("dataset", "detect", "evaluate", "proposal_report"),
+            inputs=("dataset", "detect", "evaluate", "proposal_report", "region_features"),
             params=dict(layer=cfg.svm.layer, finetuned=cfg.finetune.enabled, bbox_regression=bbox),
             publish=(
                 "report.md",

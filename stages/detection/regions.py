@@ -93,9 +93,7 @@ def warp_foreground(
     mean_bgr: Sequence[float] | np.ndarray = IMAGENET_MEAN_BGR,
 ) -> np.ndarray:
     """§5 "fg" crops ``(N, size, size, 3)`` float32: the warped box, 0 (the mean) off the mask."""
-    return _full_and_fg(
-        image_bgr, boxes, masks, size=size, padding=padding, mean_bgr=mean_bgr
-    )[1]
+    return _full_and_fg(image_bgr, boxes, masks, size=size, padding=padding, mean_bgr=mean_bgr)[1]
 
 
 def region_inputs(

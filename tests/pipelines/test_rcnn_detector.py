@@ -58,11 +58,54 @@ def test_ci_reaches_map_floor_with_the_output_contract(ci_run):
     assert all(s["positives"] > 0 and s["cache"] > 0 for s in svm_stats.values())
 
 
+def test_region_features_beat_chance(ci_run):
+    """§5: full / fg / full+fg region features classify objects far above chance (0.25)."""
+    m = ci_run[2].metrics
+    modes = ("full", "fg", "full+fg")
+    assert max(m[f"region_accuracy_{mode}"] for mode in modes) >= 0.5  # ci: ~15 test objects
+    for mode in modes:
+        assert m[f"region_accuracy_{mode}"] >= 0.35
+        assert set(m[f"region_accuracy_{mode}_per_class"]) <= {
+            "circle",
+            "rectangle",
+            "triangle",
+            "star",
+        }
+    assert m["region_objects_train"] > 20 and m["region_objects_test"] > 10
+    assert "## Region features (§5)" in (ci_run[2].run_dir / "report.md").read_text()
+
+
+def test_softmax_scorer_replaces_the_svms(ci_run):
+    _, kw, svm_run = ci_run
+    result = runner.run("rcnn", "ci", {"svm.scorer": "softmax"}, executor="local", **kw)
+    assert result.computed() == ["svm", "detect", "evaluate", "report"]
+    assert 0.2 <= result.metrics["mAP_voc07"] <= 1.0
+
+
+def test_table2_study_shares_steps_and_writes_one_table(ci_run):
+    _, kw, plain = ci_run
+    result = runner.run("rcnn", "ci", {"study": "table2"}, executor="local", **kw)
+    cached = set(result.cached())
+    assert {"dataset", "proposals", "pretrain", "finetune"} <= cached  # shared with the plain run
+    assert "finetune-none" in result.computed() and "features-none" in result.computed()
+    table = json.loads((result.run_dir / "table2.json").read_text())
+    assert len(table) == 7 and "T-Net fc7, fine-tuned + bbox reg" in table
+    for name, row in [
+        ("T-Net pool5, no fine-tuning", "evaluate-pool5-none"),
+        ("T-Net fc7, fine-tuned", "evaluate-fc7-ft"),
+    ]:
+        m = json.loads((result.artifacts[row].local_dir() / "metrics.json").read_text())
+        assert table[name]["mAP_voc07"] == m["mAP_voc07"]
+    assert all(0 <= r["mAP_voc07"] <= 1 for r in table.values())
+    assert "| T-Net fc7, fine-tuned | " in (result.run_dir / "table2.md").read_text()
+
+
 def test_changing_the_svm_threshold_recomputes_only_downstream(ci_run):
     _, kw, first = ci_run
     again = runner.run("rcnn", "ci", {"svm.neg_iou": "0.2"}, executor="local", **kw)
     assert again.computed() == ["svm", "detect", "evaluate", "report"]
     assert "features" in again.cached() and "finetune" in again.cached()
+    assert "region_features" in again.cached()
 
 
 def test_ground_truth_rows_are_never_scored(tmp_path):
@@ -110,7 +153,7 @@ def test_ci_through_ray_reaches_the_same_floor(ci_run, ray_session):
     """Fine-tuning under Ray Train, features through Ray Data actors, SVMs/detection as tasks."""
     _, kw, local = ci_run
     result = runner.run("rcnn", "ci", executor="ray", force="finetune", **kw)
-    assert result.cached() == ["dataset", "proposals", "proposal_report", "pretrain"]
+    assert result.cached()[:4] == ["dataset", "proposals", "proposal_report", "pretrain"]
     assert result.computed()[:3] == ["finetune", "features", "svm"]
     manifest = {m["step"]: m for m in result.manifest}
     assert manifest["features"]["kind"] == "infer"
