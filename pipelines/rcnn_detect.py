@@ -104,9 +104,10 @@ class WarpedWindows:
         *,
         size: int,
         padding: int,
+        warp: str = "warp",
     ):
         self.paths, self.image_index, self.boxes = paths, image_index, boxes
-        self.labels, self.size, self.padding = labels, size, padding
+        self.labels, self.size, self.padding, self.warp = labels, size, padding, warp
         self._cache: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -126,7 +127,11 @@ class WarpedWindows:
         for i in np.unique(self.image_index[indices]):
             rows = np.nonzero(self.image_index[indices] == i)[0]
             crops[rows] = warp_regions(
-                self._image(int(i)), self.boxes[indices[rows]], size=self.size, padding=self.padding
+                self._image(int(i)),
+                self.boxes[indices[rows]],
+                size=self.size,
+                padding=self.padding,
+                mode=self.warp,
             )
         return torch.from_numpy(crops).permute(0, 3, 1, 2).contiguous()  # (B, 3, S, S)
 
@@ -146,6 +151,7 @@ def pretrain(
     num_workers: int,
     backgrounds_per_image: int,
     seed: int,
+    warp: str = "warp",  # App. A variants: warp | square_context | square_mean
 ) -> None:
     from data.voc import load_image
     from stages.detection.boxes import box_iou_voc
@@ -185,7 +191,7 @@ def pretrain(
         cand = cand[:backgrounds_per_image]
         boxes = np.concatenate([obj["boxes"], cand]).astype(np.float32)
         if len(boxes):
-            crops.append(warp_regions(image, boxes, size=size, padding=padding))
+            crops.append(warp_regions(image, boxes, size=size, padding=padding, mode=warp))
             labels += list(obj["cls"]) + [len(classes)] * len(cand)
     images = torch.from_numpy(np.concatenate(crops)).permute(0, 3, 1, 2).contiguous()
     result = ctx.train(
@@ -234,6 +240,7 @@ def finetune(
     lr: float = 0.0,
     lr_step: int = 0,
     seed: int = 0,
+    warp: str = "warp",
 ) -> None:
     from stages.training.rcnn import assign_labels, finetune_train_fn
 
@@ -274,6 +281,7 @@ def finetune(
         np.concatenate(labels),
         size=pretrained.input_size,
         padding=padding,
+        warp=warp,
     )
     state = {k: v for k, v in pretrained.state_dict().items() if not k.startswith("fc8.")}
     result = ctx.train(
@@ -329,6 +337,7 @@ class FeatureWriter:
         padding: int,
         chunk: int,
         dtype: str,
+        warp: str = "warp",
     ):
         self.model = load_model(Path(model_path))
         self.dataset_dir, self.out_dir = Path(dataset_dir), Path(out_dir)
@@ -339,6 +348,7 @@ class FeatureWriter:
             for s in _splits(self.dataset_dir)
         }
         self.layers, self.padding, self.chunk, self.dtype = layers, padding, chunk, dtype
+        self.warp = warp
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from data.voc import load_image
@@ -371,6 +381,7 @@ class FeatureWriter:
                         boxes[s : s + self.chunk],
                         size=self.model.input_size,
                         padding=self.padding,
+                        mode=self.warp,
                     )
                     out = self.model.features_all(x)
                     for layer in self.layers:
@@ -410,6 +421,7 @@ def extract_features(
     dtype: str,
     num_actors: int,
     chunk: int,
+    warp: str = "warp",
 ) -> None:
     dataset_dir = ctx.input_dir("dataset")
     table = pa.Table.from_pylist(
@@ -424,6 +436,7 @@ def extract_features(
         padding=padding,
         chunk=chunk,
         dtype=dtype,
+        warp=warp,
     )
     # shards never mix splits (the SVMs stream only training shards, detection only test ones):
     # one inference pass per split
