@@ -124,3 +124,24 @@ def test_module_entry_point_exit_code(tmp_path):
     )
     assert proc.returncode == 2
     assert "unknown key 'x.y'" in proc.stderr
+
+
+def test_optional_knobs_enter_keys_only_when_set():
+    """cnn.warp (App. A) changes pretrain/finetune/features keys only when not the default."""
+    from pipelines import registry
+    from pipelines.engine import step_key
+
+    spec = registry.get("rcnn")
+
+    def keys(overrides):
+        steps = spec.steps(spec.build_config("tiny", overrides))
+        out = {}
+        for s in steps:  # topological order already
+            out[s.name] = step_key(s, {a: out[i] for a, i in s.input_pairs()})
+        return out
+
+    plain, square = keys({}), keys({"cnn.warp": "square_mean"})
+    changed = {k for k in plain if plain[k] != square[k]}
+    assert {"dataset", "proposals", "proposal_report"}.isdisjoint(changed)
+    assert {"pretrain", "finetune", "features", "svm", "detect"} <= changed
+    assert keys({"cnn.warp": "warp"}) == plain
