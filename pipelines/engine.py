@@ -328,20 +328,24 @@ def run_steps(
         return _execute_in_writer(store.uri, artifacts[s.name], ctx, s.fn, dict(s.params), info)
 
     done: set[str] = set()
+
+    def mark_cached(s: Step) -> None:
+        done.add(s.name)
+        record(
+            {
+                "step": s.name,
+                "kind": s.kind,
+                "key": keys[s.name],
+                "status": "cached",
+                "wall_s": 0.0,
+                "resources": s.resources.to_dict(),
+            }
+        )
+        log(f"[{pipeline}] {s.name}: cached ({keys[s.name]})")
+
     for s in order:
         if s.name not in forced and store.is_complete(artifacts[s.name]):
-            done.add(s.name)
-            record(
-                {
-                    "step": s.name,
-                    "kind": s.kind,
-                    "key": keys[s.name],
-                    "status": "cached",
-                    "wall_s": 0.0,
-                    "resources": s.resources.to_dict(),
-                }
-            )
-            log(f"[{pipeline}] {s.name}: cached ({keys[s.name]})")
+            mark_cached(s)
 
     failure: StepFailed | None = None
     running: dict[cf.Future, Step] = {}
@@ -356,17 +360,7 @@ def run_steps(
                     if same & started:
                         continue  # the same artifact is being computed under another name
                     if same:  # computed under another name in this run
-                        done.add(s.name)
-                        record(
-                            {
-                                "step": s.name,
-                                "kind": s.kind,
-                                "key": keys[s.name],
-                                "status": "cached",
-                                "wall_s": 0.0,
-                                "resources": s.resources.to_dict(),
-                            }
-                        )
+                        mark_cached(s)
                         continue
                     log(f"[{pipeline}] {s.name}: running ({s.kind})")
                     fut = pool.submit(execute, s)

@@ -134,7 +134,10 @@ class CNNConfig:
 class PretrainConfig:
     # §2.3: supervised pretraining on ILSVRC2012. Offline default: image-level classification of
     # the training split's object crops plus distractor background windows (class N).
-    weights_path: str = ""  # local ImageNet weights for the net: skip our pretraining
+    # local ImageNet weights for the net (a path, or "torchvision" = torchvision's weight cache
+    # when the file is already there): skip our pretraining. Never downloaded.
+    weights_path: str = ""
+    image_folder: str = ""  # an ImageFolder (root/<class>/<image>) to pretrain on instead
     epochs: int = 30
     batch_size: int = 128
     lr: float = 0.01
@@ -584,6 +587,7 @@ class _Builder:
             backgrounds_per_image=pt.backgrounds_per_image,
             seed=pt.seed,
             **_warp_param(c),
+            **({"image_folder": pt.image_folder} if pt.image_folder else {}),
         )
         return Step(
             name,

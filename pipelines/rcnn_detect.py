@@ -138,6 +138,60 @@ class WarpedWindows:
 
 # ----------------------------------------------------------------------------------------------
 # pretrain: image-level classification on class crops + distractor background windows
+def _image_folder_crops(root: str, size: int) -> tuple[torch.Tensor, np.ndarray, int]:
+    """An ImageFolder (``root/<class>/<image>``) as whole-image warps, mean-subtracted BGR like
+    every crop of the pipeline. Held in memory: meant for modest sets; for ImageNet use
+    ``pretrain.weights_path`` (e.g. ``torchvision``)."""
+    from torchvision.datasets import ImageFolder
+
+    from data.voc import load_image
+    from stages.detection.warp import warp_regions
+
+    folder = ImageFolder(root)  # validates the layout; we decode with OpenCV (BGR) ourselves
+    if not folder.samples:
+        raise ValueError(f"pretrain.image_folder: no images under {root}")
+    crops = []
+    for path, _ in folder.samples:
+        image = load_image(path)
+        h, w = image.shape[:2]
+        whole = np.array([[1, 1, w, h]], np.float32)
+        crops.append(warp_regions(image, whole, size=size, padding=0)[0])
+    images = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()
+    return images, np.asarray(folder.targets), len(folder.classes)
+
+
+def _crops_and_distractors(
+    dataset_dir: Path, size: int, *, padding: int, warp: str, backgrounds_per_image: int, seed: int
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Ground-truth object crops of the training split (label = class) plus random windows that
+    overlap no object by more than 0.3 (label = N, "distractor")."""
+    from data.voc import load_image
+    from stages.detection.boxes import box_iou_voc
+    from stages.detection.warp import warp_regions
+
+    classes = _classes(dataset_dir)
+    train_split, _ = _splits(dataset_dir)
+    objects = _objects_by_image(dataset_dir, train_split, classes)
+    rng = np.random.default_rng(seed)
+    crops, labels = [], []
+    for row in read_images(dataset_dir, train_split):
+        image, obj = load_image(row["path"]), objects[row["image_id"]]
+        h, w = image.shape[:2]
+        side = rng.uniform(0.15, 0.6, (backgrounds_per_image * 4, 2)) * [w, h]
+        x1 = rng.uniform(1, w - side[:, 0])
+        y1 = rng.uniform(1, h - side[:, 1])
+        cand = np.stack([x1, y1, x1 + side[:, 0] - 1, y1 + side[:, 1] - 1], 1).round()
+        if len(obj["boxes"]):
+            cand = cand[box_iou_voc(cand, obj["boxes"]).max(1) < 0.3]
+        cand = cand[:backgrounds_per_image]
+        boxes = np.concatenate([obj["boxes"], cand]).astype(np.float32)
+        if len(boxes):
+            crops.append(warp_regions(image, boxes, size=size, padding=padding, mode=warp))
+            labels += list(obj["cls"]) + [len(classes)] * len(cand)
+    images = torch.from_numpy(np.concatenate(crops)).permute(0, 3, 1, 2).contiguous()
+    return images, np.asarray(labels)
+
+
 def pretrain(
     ctx: StepContext,
     *,
@@ -152,18 +206,17 @@ def pretrain(
     backgrounds_per_image: int,
     seed: int,
     warp: str = "warp",  # App. A variants: warp | square_context | square_mean
+    image_folder: str = "",
 ) -> None:
-    from data.voc import load_image
-    from stages.detection.boxes import box_iou_voc
-    from stages.detection.warp import warp_regions
+    """Supervised pretraining (§2.3): local ImageNet weights when given, else image-level
+    classification of an ImageFolder, else of the training split's object crops + distractors."""
     from stages.training.rcnn import pretrain_train_fn
 
-    dataset_dir = ctx.input_dir("dataset")
-    classes = _classes(dataset_dir)
-    train_split, _ = _splits(dataset_dir)
     if weights_path:  # ImageNet weights from a local file (§2.3); never downloaded
+        from stages.models.rcnn_backbones import resolve_weights_path
         from stages.models.registry import create
 
+        weights_path = resolve_weights_path(model, weights_path)
         net = create(model, **model_kwargs, weights_path=weights_path)
         _save_model(
             ctx.out_dir / "model.pt",
@@ -174,39 +227,33 @@ def pretrain(
         )
         ctx.write_json("metrics.json", {"pretrain_weights": weights_path})
         return
-    objects = _objects_by_image(dataset_dir, train_split, classes)
+    dataset_dir = ctx.input_dir("dataset")
     size = create_size(model, model_kwargs)
-    rng = np.random.default_rng(seed)
-    crops, labels = [], []
-    for row in read_images(dataset_dir, train_split):
-        image, obj = load_image(row["path"]), objects[row["image_id"]]
-        h, w = image.shape[:2]
-        # distractors: random windows overlapping no object by more than 0.3 (class N)
-        side = rng.uniform(0.15, 0.6, (backgrounds_per_image * 4, 2)) * [w, h]
-        x1 = rng.uniform(1, w - side[:, 0])
-        y1 = rng.uniform(1, h - side[:, 1])
-        cand = np.stack([x1, y1, x1 + side[:, 0] - 1, y1 + side[:, 1] - 1], 1).round()
-        if len(obj["boxes"]):
-            cand = cand[box_iou_voc(cand, obj["boxes"]).max(1) < 0.3]
-        cand = cand[:backgrounds_per_image]
-        boxes = np.concatenate([obj["boxes"], cand]).astype(np.float32)
-        if len(boxes):
-            crops.append(warp_regions(image, boxes, size=size, padding=padding, mode=warp))
-            labels += list(obj["cls"]) + [len(classes)] * len(cand)
-    images = torch.from_numpy(np.concatenate(crops)).permute(0, 3, 1, 2).contiguous()
+    if image_folder:
+        images, labels, num_classes = _image_folder_crops(image_folder, size)
+    else:
+        images, labels = _crops_and_distractors(
+            dataset_dir,
+            size,
+            padding=padding,
+            warp=warp,
+            backgrounds_per_image=backgrounds_per_image,
+            seed=seed,
+        )
+        num_classes = len(_classes(dataset_dir)) + 1
     result = ctx.train(
         pretrain_train_fn,
         {
             "model": model,
             "model_kwargs": model_kwargs,
-            "num_classes": len(classes) + 1,
+            "num_classes": num_classes,
             "images": images,
-            "labels": np.asarray(labels),
+            "labels": labels,
             "epochs": epochs,
             "batch_size": batch_size,
             "lr": lr,
             "seed": seed,
-            "checkpoint_every_epochs": max(1, epochs // 3),
+            "checkpoint_every_epochs": max(1, epochs // 3),  # each checkpoint costs seconds on Ray
         },
         num_workers=num_workers,
     )
@@ -215,7 +262,7 @@ def pretrain(
         result.checkpoint["model"],
         model=model,
         model_kwargs=model_kwargs,
-        num_outputs=len(classes) + 1,
+        num_outputs=num_classes,
     )
     ctx.write_json(
         "metrics.json",

@@ -239,3 +239,29 @@ def rcnn_small(
     if weights_path is not None:
         load_weights(model, weights_path, {})
     return model
+
+
+# torchvision's file names for the ImageNet weights of the two paper nets (torchvision 0.13+)
+TORCHVISION_WEIGHT_FILES = {
+    "rcnn_alexnet": "alexnet-owt-7be5be79.pth",
+    "rcnn_vgg16": "vgg16-397923af.pth",
+}
+
+
+def resolve_weights_path(model: str, weights_path: str) -> str:
+    """``"torchvision"`` → the file in torchvision's weight cache (``$TORCH_HOME/hub/checkpoints``)
+    when it is already there; anything else is returned as given. Nothing is downloaded."""
+    if weights_path != "torchvision":
+        return weights_path
+    if model not in TORCHVISION_WEIGHT_FILES:
+        raise ValueError(
+            f"no torchvision ImageNet weights for {model!r}; valid: "
+            f"{sorted(TORCHVISION_WEIGHT_FILES)}"
+        )
+    path = Path(torch.hub.get_dir()) / "checkpoints" / TORCHVISION_WEIGHT_FILES[model]
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: torchvision's {model} weights are not in the local cache; copy the file "
+            "there (or pass its path) — Paperline never downloads weights"
+        )
+    return str(path)

@@ -159,3 +159,39 @@ def test_ci_through_ray_reaches_the_same_floor(ci_run, ray_session):
     assert manifest["features"]["kind"] == "infer"
     assert result.metrics["mAP_voc07"] >= MAP_FLOOR
     assert abs(result.metrics["mAP_voc07"] - local.metrics["mAP_voc07"]) < 0.15
+
+
+def test_image_folder_pretraining_input(tmp_path):
+    import cv2
+
+    from pipelines.rcnn_detect import _image_folder_crops
+
+    for k, colour in enumerate([(0, 0, 255), (255, 0, 0)]):
+        (tmp_path / f"class{k}").mkdir()
+        for i in range(3):
+            img = np.zeros((40 + i, 60, 3), np.uint8)
+            img[:] = colour
+            cv2.imwrite(str(tmp_path / f"class{k}" / f"{i}.png"), img)
+    images, labels, num_classes = _image_folder_crops(str(tmp_path), 32)
+    assert images.shape == (6, 3, 32, 32) and num_classes == 2
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1]
+    # mean-subtracted BGR like every warped crop: red image -> channel 2 = 255 - 123.68
+    assert float(images[0, 2].mean()) == pytest.approx(255 - 123.68, abs=0.01)
+    assert float(images[0, 0].mean()) == pytest.approx(-103.939, abs=0.01)
+
+
+def test_torchvision_weights_come_only_from_the_local_cache(tmp_path, monkeypatch):
+    import torch
+
+    from stages.models.rcnn_backbones import resolve_weights_path
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        resolve_weights_path("rcnn_alexnet", "torchvision")
+    target = tmp_path / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"x")
+    assert resolve_weights_path("rcnn_alexnet", "torchvision") == str(target)
+    assert resolve_weights_path("rcnn_small", "/some/file.pt") == "/some/file.pt"
+    with pytest.raises(ValueError, match="no torchvision ImageNet weights"):
+        resolve_weights_path("rcnn_small", "torchvision")
