@@ -172,6 +172,10 @@ class FinetuneConfig:
 class FeatureConfig:
     images_per_shard: int = 8  # one Parquet shard per this many images, read alone
     dtype: Literal["float32", "float16"] = "float32"  # float16 halves the cache, slower reads
+    # "pool5": cache pool5 only and recompute fc6/fc7 from it with the fine-tuned weights when
+    # the SVMs / detection read them, as R-CNN's code did (VOC07 AlexNet: ≈200 GB instead of
+    # ≈1 TB for pool5 + fc7)
+    cache: Literal["layers", "pool5"] = "layers"
     num_actors: int = 1  # Ray Data actors, each holding one CNN (one GPU each when present)
     chunk: int = 256  # crops per forward pass
 
@@ -277,7 +281,7 @@ PRESETS = {
         "study": "table2",
     },
     # real VOC2007 at --set data.root=...; AlexNet as in the paper, on a GPU cluster
-    "voc2007": {"data.source": "voc"},
+    "voc2007": {"data.source": "voc", "features.cache": "pool5"},
 }
 
 
@@ -633,6 +637,8 @@ class _Builder:
         layers: tuple[str, ...] | None = None,
     ) -> Step:
         f, s, b = self.cfg.features, self.cfg.svm, self.cfg.bbox
+        if f.cache == "pool5":
+            layers = ("pool5",)
         layers = layers or tuple(sorted({s.layer, "pool5"} if b.enabled else {s.layer}))
         fn = functools.partial(
             self.d.extract_features,
@@ -677,7 +683,8 @@ class _Builder:
         inputs: tuple[str, ...] = ("dataset", f"features={features}")
         if s.scorer == "softmax":  # no SVM training: fc8 of the fine-tuned net scores
             params = dict(layer=layer or s.layer, scorer="softmax")
-            inputs += (f"finetune={finetune}",)
+        if s.scorer == "softmax" or self.cfg.features.cache == "pool5":
+            inputs += (f"finetune={finetune}",)  # its fc6/fc7/fc8 weights are needed
         return Step(
             name,
             self.d.train_svms,
@@ -709,11 +716,14 @@ class _Builder:
         svm: str = "svm",
         bbox: str | None = None,
         layer: str | None = None,
+        finetune: str = "finetune",
     ) -> Step:
         det = self.cfg.detect
         inputs = ("dataset", f"features={features}", f"svm={svm}")
         if bbox:
             inputs += (f"bbox_regression={bbox}",)
+        if self.cfg.features.cache == "pool5":  # fc6/fc7 recomputed from pool5
+            inputs += (f"finetune={finetune}",)
         return Step(
             name,
             self.d.detect,
@@ -796,11 +806,12 @@ def table2_steps(cfg: RCNNConfig, test_split: str) -> list[Step]:
     for ft, label in (("none", "no fine-tuning"), ("ft", "fine-tuned")):
         feats = f"features-{ft}"
         out.append(b.features(feats, "finetune" if ft == "ft" else "finetune-none", TABLE2_LAYERS))
+        tuned = "finetune" if ft == "ft" else "finetune-none"
         for layer in TABLE2_LAYERS:
             tag = f"{layer}-{ft}"
             out += [
-                b.svm(f"svm-{tag}", feats, layer),
-                b.detect(f"detect-{tag}", feats, f"svm-{tag}", layer=layer),
+                b.svm(f"svm-{tag}", feats, layer, finetune=tuned),
+                b.detect(f"detect-{tag}", feats, f"svm-{tag}", layer=layer, finetune=tuned),
                 b.evaluate(f"evaluate-{tag}", f"detect-{tag}"),
             ]
             rows.append((f"T-Net {layer}, {label}", f"evaluate-{tag}"))
@@ -816,12 +827,23 @@ def table2_steps(cfg: RCNNConfig, test_split: str) -> list[Step]:
             b.pretrain("pretrain-onet", onet),
             b.finetune("finetune-onet", "pretrain-onet", enabled=True),
             b.features("features-onet", "finetune-onet", ("fc7", "pool5")),
-            b.svm("svm-fc7-onet", "features-onet", "fc7"),
-            b.detect("detect-fc7-onet", "features-onet", "svm-fc7-onet", layer="fc7"),
+            b.svm("svm-fc7-onet", "features-onet", "fc7", finetune="finetune-onet"),
+            b.detect(
+                "detect-fc7-onet",
+                "features-onet",
+                "svm-fc7-onet",
+                layer="fc7",
+                finetune="finetune-onet",
+            ),
             b.evaluate("evaluate-fc7-onet", "detect-fc7-onet"),
             b.bbox("bbox_regression-onet", "features-onet"),
             b.detect(
-                "detect-fc7-onet-bb", "features-onet", "svm-fc7-onet", "bbox_regression-onet", "fc7"
+                "detect-fc7-onet-bb",
+                "features-onet",
+                "svm-fc7-onet",
+                "bbox_regression-onet",
+                "fc7",
+                finetune="finetune-onet",
             ),
             b.evaluate("evaluate-fc7-onet-bb", "detect-fc7-onet-bb"),
         ]

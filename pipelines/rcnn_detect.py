@@ -524,6 +524,37 @@ def feature_shards(features_dir: Path, layer: str, split: str) -> list[Path]:
     return sorted(features_dir / layer / m["shard"] for m in manifest if m["split"] == split)
 
 
+class Pool5Head:
+    """fc6/fc7 recomputed from cached pool5 with the fine-tuned net's weights, as R-CNN's code
+    did (it cached pool5 only: ≈200 GB for VOC07 trainval instead of several times that).
+    Matches ``RCNNBackbone.features`` in eval mode (ReLU after fc6 and fc7; dropout is off)."""
+
+    def __init__(self, net, layer: str):
+        self.layer = layer
+        self.w6, self.b6 = net.fc6.weight.detach().numpy(), net.fc6.bias.detach().numpy()
+        self.w7, self.b7 = net.fc7.weight.detach().numpy(), net.fc7.bias.detach().numpy()
+
+    def __call__(self, pool5: np.ndarray) -> np.ndarray:
+        if self.layer == "pool5":
+            return pool5
+        h = np.maximum(pool5 @ self.w6.T + self.b6, 0)  # (N, fc6)
+        return h if self.layer == "fc6" else np.maximum(h @ self.w7.T + self.b7, 0)
+
+
+def _identity(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+def layer_source(ctx: StepContext, layer: str, split: str):
+    """(shard paths, transform) giving ``layer`` features of ``split``: the cached layer itself,
+    or pool5 through ``Pool5Head`` when the cache holds pool5 only (features.cache=pool5)."""
+    features_dir = ctx.input_dir("features")
+    if (features_dir / layer).is_dir():
+        return [str(p) for p in feature_shards(features_dir, layer, split)], _identity
+    net = load_model(ctx.input_dir("finetune") / "model.pt")
+    return [str(p) for p in feature_shards(features_dir, "pool5", split)], Pool5Head(net, layer)
+
+
 # ----------------------------------------------------------------------------------------------
 # svm: one linear SVM per class with hard negative mining (§2.3, App. B), a map over classes
 def _train_class_svm(
@@ -536,13 +567,14 @@ def _train_class_svm(
     pos_weight: float,
     bias_value: float,
     mode: str,
+    transform=_identity,
 ) -> dict:
     from stages.detection.features import iter_feature_shards
     from stages.detection.svm import HardNegativeSVM, negative_mask, positive_mask
 
     cols = ["image_ids", "box_index", "is_gt", "gt_class", "max_iou", "features"]
     positives = [
-        s["features"][positive_mask(s["gt_class"], s["is_gt"], class_index)] * scale
+        transform(s["features"][positive_mask(s["gt_class"], s["is_gt"], class_index)]) * scale
         for s in iter_feature_shards(shards, cols)
     ]
     positives = np.concatenate(positives)
@@ -555,7 +587,7 @@ def _train_class_svm(
             for image_id in dict.fromkeys(ids):
                 rows = np.nonzero((ids == image_id) & neg)[0]
                 keys = image_number * (1 << 20) + s["box_index"][rows].astype(np.int64)
-                yield keys, s["features"][rows] * scale
+                yield keys, transform(s["features"][rows]) * scale
                 image_number += 1
 
     svm = HardNegativeSVM(C=C, pos_weight=pos_weight, bias_value=bias_value, mode=mode)
@@ -599,16 +631,16 @@ def train_svms(
             softmax=1,
         )
         return
-    features_dir = ctx.input_dir("features")
     classes = _classes(ctx.input_dir("dataset"))
     train_split, _ = _splits(ctx.input_dir("dataset"))
-    shards = [str(p) for p in feature_shards(features_dir, layer, train_split)]
+    shards, transform = layer_source(ctx, layer, train_split)
     # mean feature norm 20 on a fixed random sample of training rows (App. B, code)
-    scale = feature_norm_scale(sample_rows_for_norm(shards, norm_sample_rows, seed))
+    scale = feature_norm_scale(transform(sample_rows_for_norm(shards, norm_sample_rows, seed)))
     fn = functools.partial(
         _train_class_svm,
         shards=shards,
         scale=scale,
+        transform=transform,
         neg_iou=neg_iou,
         C=C,
         pos_weight=pos_weight,
@@ -727,6 +759,7 @@ def _detect_shard(
     sizes: dict[str, tuple[int, int]],
     top_k: int,
     nms_iou: float,
+    transform=_identity,
 ) -> pa.Table:
     from stages.detection.bbox_regression import decode_boxes
     from stages.detection.boxes import clip_boxes_voc
@@ -737,7 +770,8 @@ def _detect_shard(
     s = read_feature_shard(feat_path, ["image_ids", "is_gt", "boxes", "features"])
     keep = ~s["is_gt"]  # leak guard: ground-truth rows are never scored at test time
     ids, boxes = s["image_ids"][keep], s["boxes"][keep]
-    scores = (s["features"][keep] * svm["scale"]) @ svm["coef"].T + svm["intercept"]  # (N, C)
+    feats = transform(s["features"][keep]) * svm["scale"]
+    scores = feats @ svm["coef"].T + svm["intercept"]  # (N, C)
     if int(svm.get("softmax", 0)):  # fine-tuned net's own classifier: P(class), drop background
         z = scores - scores.max(1, keepdims=True)
         scores = (np.exp(z) / np.exp(z).sum(1, keepdims=True))[:, 1:]
@@ -795,7 +829,7 @@ def detect(
     )
     _, test_split = _splits(dataset_dir)
     sizes = {r["image_id"]: (r["width"], r["height"]) for r in read_images(dataset_dir, test_split)}
-    feats = feature_shards(features_dir, layer, test_split)
+    feats, transform = layer_source(ctx, layer, test_split)
     pool5 = feature_shards(features_dir, "pool5", test_split) if bbox is not None else feats
     fn = functools.partial(
         _detect_shard,
@@ -805,6 +839,7 @@ def detect(
         sizes=sizes,
         top_k=top_k,
         nms_iou=nms_iou,
+        transform=transform,
     )
     tables = ctx.map(
         fn, [(str(a), str(b)) for a, b in zip(feats, pool5, strict=True)], desc="detect"

@@ -75,6 +75,18 @@ def test_region_features_beat_chance(ci_run):
     assert "## Region features (§5)" in (ci_run[2].run_dir / "report.md").read_text()
 
 
+def test_pool5_only_cache_matches_the_layer_cache(ci_run):
+    """features.cache=pool5 (the original's disk-saving mode): fc7 recomputed from pool5 with the
+    fine-tuned weights gives the same detector."""
+    _, kw, plain = ci_run
+    result = runner.run("rcnn", "ci", {"features.cache": "pool5"}, executor="local", **kw)
+    assert "finetune" in result.cached() and "features" in result.computed()
+    assert sorted(
+        p.name for p in result.artifacts["features"].local_dir().iterdir() if p.is_dir()
+    ) == ["pool5"]
+    assert abs(result.metrics["mAP_voc07"] - plain.metrics["mAP_voc07"]) < 0.02
+
+
 def test_softmax_scorer_replaces_the_svms(ci_run):
     _, kw, svm_run = ci_run
     result = runner.run("rcnn", "ci", {"svm.scorer": "softmax"}, executor="local", **kw)
