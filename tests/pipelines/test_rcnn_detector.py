@@ -101,7 +101,10 @@ def test_table2_study_shares_steps_and_writes_one_table(ci_run):
     assert {"dataset", "proposals", "pretrain", "finetune"} <= cached  # shared with the plain run
     assert "finetune-none" in result.computed() and "features-none" in result.computed()
     table = json.loads((result.run_dir / "table2.json").read_text())
-    assert len(table) == 7 and "T-Net fc7, fine-tuned + bbox reg" in table
+    assert len(table) == 9 and "T-Net fc7, fine-tuned + bbox reg" in table
+    assert "O-Net* fc7, fine-tuned + bbox reg" in table  # the small CNN at twice the widths
+    onet = spec_widths(result, "pretrain-onet")
+    assert onet == [2 * w for w in spec_widths(result, "pretrain")]
     for name, row in [
         ("T-Net pool5, no fine-tuning", "evaluate-pool5-none"),
         ("T-Net fc7, fine-tuned", "evaluate-fc7-ft"),
@@ -110,6 +113,13 @@ def test_table2_study_shares_steps_and_writes_one_table(ci_run):
         assert table[name]["mAP_voc07"] == m["mAP_voc07"]
     assert all(0 <= r["mAP_voc07"] <= 1 for r in table.values())
     assert "| T-Net fc7, fine-tuned | " in (result.run_dir / "table2.md").read_text()
+
+
+def spec_widths(result, step: str) -> list[int]:
+    import torch
+
+    saved = torch.load(result.artifacts[step].local_dir() / "model.pt", weights_only=True)
+    return list(saved["arch"]["model_kwargs"]["widths"])
 
 
 def test_changing_the_svm_threshold_recomputes_only_downstream(ci_run):
