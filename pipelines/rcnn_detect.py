@@ -386,7 +386,9 @@ class FeatureWriter:
         dtype: str,
         warp: str = "warp",
     ):
-        self.model = load_model(Path(model_path))
+        # the actor holds a GPU when the cluster has one (Resources(gpus="auto"))
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = load_model(Path(model_path)).to(self.device)
         self.dataset_dir, self.out_dir = Path(dataset_dir), Path(out_dir)
         self.classes = _classes(self.dataset_dir)
         self.proposals = _proposals(Path(proposals_dir))
@@ -430,9 +432,9 @@ class FeatureWriter:
                         padding=self.padding,
                         mode=self.warp,
                     )
-                    out = self.model.features_all(x)
+                    out = self.model.features_all(x.to(self.device, non_blocking=True))
                     for layer in self.layers:
-                        feats[layer].append(out[layer].numpy())
+                        feats[layer].append(out[layer].float().cpu().numpy())
             cols["image_ids"] += [image_id] * len(boxes)
             cols["box_index"].append(np.arange(len(boxes), dtype=np.int32))
             cols["is_gt"].append(np.arange(len(boxes)) < n_gt)
