@@ -6,7 +6,6 @@ the calling process; resource requests are recorded but not enforced.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,14 +50,6 @@ class LocalExecutor:
 
     def __init__(self, progress: bool = True):
         self.progress = progress
-
-    def cluster_gpus(self) -> float:
-        import torch
-
-        return float(torch.cuda.device_count())
-
-    def node(self) -> str:
-        return socket.gethostname()
 
     def run_task(self, fn: Callable, *args, resources: Resources = Resources(), **kwargs) -> Any:
         return fn(*args, **kwargs)

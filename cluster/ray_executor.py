@@ -28,9 +28,7 @@ def _call(fn: Callable, threads: int, *args, **kwargs):
 
 @ray.remote
 def _remote_call(fn: Callable, threads: int, args: tuple, kwargs: dict):
-    import socket
-
-    return _call(fn, threads, *args, **kwargs), socket.gethostname()
+    return _call(fn, threads, *args, **kwargs)
 
 
 class _PredictorActor:
@@ -133,8 +131,7 @@ class RayExecutor:
         ref = _remote_call.options(**self._options(resources)).remote(
             fn, resources.threads(), args, kwargs
         )
-        result, _node = ray.get(ref)
-        return result
+        return ray.get(ref)
 
     def map(
         self,
@@ -153,7 +150,7 @@ class RayExecutor:
             done, pending = ray.wait(pending, num_returns=1)
             bar.update(len(done))
         bar.close()
-        return [result for result, _node in ray.get(refs)]
+        return ray.get(refs)
 
     def infer(
         self,

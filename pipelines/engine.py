@@ -296,6 +296,7 @@ def run_steps(
             tmp.replace(run_dir / "manifest.json")
 
     def execute(s: Step) -> dict:
+        log(f"[{pipeline}] {s.name}: running ({s.kind})")  # when it starts, not when queued
         ctx = StepContext(
             pipeline=pipeline,
             step=s.name,
@@ -362,7 +363,6 @@ def run_steps(
                     if same:  # computed under another name in this run
                         mark_cached(s)
                         continue
-                    log(f"[{pipeline}] {s.name}: running ({s.kind})")
                     fut = pool.submit(execute, s)
                     fut.t0 = time.time()  # type: ignore[attr-defined]
                     running[fut] = s
