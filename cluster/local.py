@@ -6,6 +6,7 @@ the calling process; resource requests are recorded but not enforced.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,21 +135,42 @@ class LocalExecutor:
         scheduler: str | None = None,
         seed: int = 0,
     ) -> list[dict]:
-        """Run every trial config in turn; ``trainable(config, report)`` calls ``report(metrics)``."""
+        """Run every trial config in turn; ``trainable(config, report)`` calls ``report(metrics)``.
+
+        Each finished trial is appended to ``<storage_path>/<name>/trials.jsonl``; with ``resume``
+        the trials found there are kept and only the others run (like ``Tuner.restore``)."""
+        journal = Path(storage_path) / name / "trials.jsonl"
+        journal.parent.mkdir(parents=True, exist_ok=True)
+        finished: dict[str, dict] = {}
+        if resume and journal.exists():
+            for line in journal.read_text().splitlines():
+                if line.strip():
+                    r = json.loads(line)
+                    if r["error"] is None:  # errored trials run again, as resume_errored
+                        finished[_trial_id(r["config"])] = r
+        journal.write_text("".join(json.dumps(r, default=str) + "\n" for r in finished.values()))
         results = []
         for config in expand(space, num_samples, seed):
+            if _trial_id(config) in finished:
+                results.append(finished[_trial_id(config)])
+                continue
             history: list[dict] = []
             error = None
             try:
                 trainable(config, history.append)
             except Exception as e:  # a failed trial is a result, as under Tune
                 error = f"{type(e).__name__}: {e}"
-            results.append(
-                {
-                    "config": config,
-                    "metrics": history[-1] if history else {},
-                    "history": history,
-                    "error": error,
-                }
-            )
+            result = {
+                "config": config,
+                "metrics": history[-1] if history else {},
+                "history": history,
+                "error": error,
+            }
+            results.append(result)
+            with open(journal, "a") as f:
+                f.write(json.dumps(result, default=str) + "\n")
         return results
+
+
+def _trial_id(config: dict) -> str:
+    return json.dumps(config, sort_keys=True, default=str)

@@ -122,6 +122,9 @@ class RayExecutor:
         opts: dict[str, Any] = {
             "num_cpus": resources.cpus,
             "num_gpus": resources.resolve_gpus(self.cluster_gpus()),
+            # never inherit a caller's placement group: a pipeline run inside a Tune trial
+            # (`paperline sweep`) schedules its steps on the cluster, not in the trial's bundle
+            "scheduling_strategy": "DEFAULT",
         }
         if resources.memory_mb:
             opts["memory"] = resources.memory_mb * (1 << 20)

@@ -18,7 +18,9 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,6 +30,10 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 MARKER = "_COMPLETE.json"
+# A lock whose holder stopped refreshing it for this long is abandoned (its process died on another
+# host); on the holder's own host a dead pid is detected at once. Holders refresh every LOCK_BEAT_S.
+LOCK_STALE_S = 60.0
+LOCK_BEAT_S = 5.0
 # Files above this size are checked by size only when the store is opened; hashing a multi-GB
 # feature cache on every run would cost more than recomputing small steps (benchmarks/engine).
 FULL_HASH_LIMIT_BYTES = 256 << 20
@@ -150,6 +156,106 @@ class ArtifactStore:
 
     def is_complete(self, artifact: Artifact) -> bool:
         return self.marker(artifact) is not None
+
+    # -- computing an artifact once -----------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, artifact: Artifact, poll_s: float = 0.2) -> Iterator[float]:
+        """Hold the right to compute ``artifact``; yields the seconds spent waiting for it.
+
+        Concurrent runs (sweep trials, two ``paperline run`` commands) that need the same artifact
+        compute it once: the first takes the lock, the others wait here and then find it complete.
+        Local stores use an ``O_EXCL`` lock file beside the artifact with a heartbeat, broken when
+        its holder's pid is gone (same host) or its heartbeat is older than ``LOCK_STALE_S``. On
+        object stores, which have no exclusive create, the lock is best effort (write, then read
+        back the owner token).
+        """
+        path = f"{self.root}/{artifact.relpath}.lock"
+        token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        t0 = time.monotonic()
+        while not self._try_lock(path, token):
+            time.sleep(poll_s)
+        waited = time.monotonic() - t0
+        stop = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(path, token, stop), daemon=True)
+        beat.start()
+        try:
+            yield waited
+        finally:
+            stop.set()
+            beat.join()
+            if self._lock_owner(path) == token:
+                with contextlib.suppress(OSError, FileNotFoundError):
+                    self.fs.delete_file(path)
+
+    def _lock_owner(self, path: str) -> str | None:
+        try:
+            with self.fs.open_input_stream(path) as f:
+                return f.read().decode().strip() or None
+        except (OSError, FileNotFoundError):
+            return None
+
+    def _lock_is_stale(self, path: str, owner: str | None) -> bool:
+        info = self.fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            return False
+        host, _, rest = (owner or "").partition(":")
+        pid = rest.partition(":")[0]
+        if host == socket.gethostname() and pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                return True
+            except PermissionError:
+                pass
+        age = time.time() - info.mtime.timestamp() if info.mtime else 0.0
+        return age > LOCK_STALE_S
+
+    def _try_lock(self, path: str, token: str) -> bool:
+        owner = self._lock_owner(path)
+        if owner is not None and self._lock_is_stale(path, owner):
+            self._break_lock(path, owner)
+            owner = None
+        if owner is not None:
+            return False
+        if self.is_local:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w") as f:
+                f.write(token)
+            return True
+        with self.fs.open_output_stream(path) as f:  # best effort: last writer wins, then check
+            f.write(token.encode())
+        time.sleep(0.5)
+        return self._lock_owner(path) == token
+
+    def _break_lock(self, path: str, owner: str) -> None:
+        if self.is_local:
+            # rename is atomic: of several waiters breaking the same lock exactly one succeeds
+            with contextlib.suppress(FileNotFoundError):
+                aside = f"{path}.stale-{uuid.uuid4().hex[:8]}"
+                os.replace(path, aside)
+                if self._lock_owner(aside) != owner:  # it was re-taken meanwhile: put it back
+                    with contextlib.suppress(OSError):
+                        os.link(aside, path)
+                os.unlink(aside)
+        elif self._lock_owner(path) == owner:
+            with contextlib.suppress(OSError, FileNotFoundError):
+                self.fs.delete_file(path)
+
+    def _heartbeat(self, path: str, token: str, stop: threading.Event) -> None:
+        while not stop.wait(LOCK_BEAT_S):
+            if self._lock_owner(path) != token:
+                return
+            if self.is_local:
+                with contextlib.suppress(OSError):
+                    os.utime(path)
+            else:
+                with contextlib.suppress(OSError):
+                    with self.fs.open_output_stream(path) as f:
+                        f.write(token.encode())
 
     # -- writing ---------------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""``paperline`` (also ``python -m pipelines``): list, run, submit, jobs, report.
+"""``paperline`` (also ``python -m pipelines``): list, run, sweep, submit, jobs, report.
 
 Exit status: 0 success, 1 a step failed, 2 bad usage or configuration (reported before Ray starts).
 """
@@ -55,6 +55,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="local = in-process without Ray (debugging)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser(
+        "sweep",
+        help="Ray Tune over a pipeline's config: one trial per combination, shared cached steps",
+    )
+    _add_run_args(p)
+    p.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="sweep KEY over the listed values (repeatable: the cross product)",
+    )
+    p.add_argument(
+        "--sample",
+        action="append",
+        default=[],
+        metavar="KEY=DIST",
+        help="sample KEY from uniform(lo,hi), loguniform(lo,hi) or choice(a,b,...)",
+    )
+    p.add_argument("--num-samples", type=int, default=1, help="repeat the grid / draw N samples")
+    p.add_argument("--metric", help="objective: a key of the run's metrics (default: headline)")
+    p.add_argument("--mode", choices=["max", "min"], help="default: the pipeline's")
+    p.add_argument("--scheduler", choices=["asha"], help="early stopping (Tune's ASHA)")
+    p.add_argument("--max-concurrent", type=int, help="trials at once (default: cluster CPUs)")
+    p.add_argument("--seed", type=int, default=0, help="seed of sampled values")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted sweep")
+    p.add_argument("--address", help="attach to a Ray cluster (ray://host:10001, auto, host:port)")
+    p.add_argument("--executor", choices=["ray", "local"], default="ray")
 
     p = sub.add_parser("submit", help="submit a pipeline run to a cluster via the Ray Jobs API")
     _add_run_args(p)
@@ -121,6 +150,40 @@ def cmd_run(args) -> int:
         progress=not args.quiet,
     )
     return 0
+
+
+def cmd_sweep(args) -> int:
+    from pipelines import sweep
+
+    if args.force or args.until:
+        raise ConfigError("sweep runs whole pipelines: --force/--until are not supported")
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise ConfigError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
+    plan = sweep.make_plan(
+        args.pipeline,
+        args.preset,
+        parse_set_args(args.sets),
+        args.grid,
+        args.sample,
+        metric=args.metric,
+        mode=args.mode,
+        num_samples=args.num_samples,
+        scheduler=args.scheduler,
+        seed=args.seed,
+    )
+    result = sweep.run_sweep(
+        plan,
+        store=args.store,
+        runs=args.out,
+        executor=args.executor,
+        address=args.address,
+        resume=args.resume,
+        max_concurrent=args.max_concurrent,
+    )
+    for row in result.failed:
+        swept = ", ".join(f"{k}={row[k]}" for k in plan.space)
+        print(f"paperline: trial {swept} failed: {row['error']}", file=sys.stderr)
+    return 1 if result.failed else 0
 
 
 def cmd_submit(args) -> int:
@@ -209,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_list()
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "sweep":
+            return cmd_sweep(args)
         if args.command == "submit":
             return cmd_submit(args)
         if args.command == "jobs":

@@ -183,6 +183,9 @@ class StepFailed(RuntimeError):
         self.error = error
         super().__init__(f"step {step!r} failed: {type(error).__name__}: {error}")
 
+    def __reduce__(self):  # picklable and copyable (Ray and Tune copy exceptions across processes)
+        return (StepFailed, (self.step, self.error))
+
 
 def topo_sort(steps: Sequence[Step]) -> list[Step]:
     by_name = {s.name: s for s in steps}
@@ -315,18 +318,28 @@ def run_steps(
             "params": dict(s.params),
             "inputs": {a: keys[i] for a, i in s.input_pairs()},
         }
-        if s.kind == "task":
-            return executor.run_task(
-                _execute_in_writer,
-                store.uri,
-                artifacts[s.name],
-                ctx,
-                s.fn,
-                dict(s.params),
-                info,
-                resources=s.resources,
-            )
-        return _execute_in_writer(store.uri, artifacts[s.name], ctx, s.fn, dict(s.params), info)
+        # Concurrent runs sharing the store (sweep trials) compute an artifact once: the first
+        # takes its lock, the others wait for it and then find it complete.
+        with store.lock(artifacts[s.name]) as waited_s:
+            if s.name not in forced and store.is_complete(artifacts[s.name]):
+                log(f"[{pipeline}] {s.name}: computed by another run ({waited_s:.1f} s wait)")
+                return {"status": "cached", "waited_s": waited_s}
+            if s.kind == "task":
+                out = executor.run_task(
+                    _execute_in_writer,
+                    store.uri,
+                    artifacts[s.name],
+                    ctx,
+                    s.fn,
+                    dict(s.params),
+                    info,
+                    resources=s.resources,
+                )
+            else:
+                out = _execute_in_writer(
+                    store.uri, artifacts[s.name], ctx, s.fn, dict(s.params), info
+                )
+        return {**out, "status": "computed", "waited_s": waited_s}
 
     done: set[str] = set()
 
@@ -380,9 +393,10 @@ def run_steps(
                     "resources": s.resources.to_dict(),
                 }
                 try:
-                    entry.update(fut.result(), status="computed")
+                    entry.update(fut.result())
                     done.add(s.name)
-                    log(f"[{pipeline}] {s.name}: computed in {wall:.1f} s")
+                    if entry["status"] == "computed":
+                        log(f"[{pipeline}] {s.name}: computed in {wall:.1f} s")
                 except BaseException as e:  # noqa: BLE001 - reported, then re-raised below
                     entry.update(
                         status="failed",

@@ -968,4 +968,5 @@ PIPELINE = PipelineSpec(
     presets=PRESETS,
     default_preset="tiny",
     steps=steps,
+    metric="mAP_voc07",
 )

@@ -20,6 +20,9 @@ class PipelineSpec:
     presets: Mapping[str, Mapping[str, Any]]  # name -> dotted-key overrides of the defaults
     default_preset: str
     steps: Callable[[Any], list]  # steps(cfg) -> list[Step]
+    # the headline metric (a key of the run's metrics.json): `paperline sweep`'s default objective
+    metric: str = ""
+    mode: str = "max"
 
     def build_config(self, preset: str | None = None, overrides: Mapping[str, Any] | None = None):
         preset = preset or self.default_preset
@@ -36,6 +39,16 @@ def names() -> list[str]:
 
 
 def get(name: str) -> PipelineSpec:
+    """A registered pipeline by name, or one of your own as ``package.module:ATTRIBUTE``."""
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        try:
+            spec = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ConfigError(f"pipeline {name!r}: cannot import it ({e})") from None
+        if not isinstance(spec, PipelineSpec):
+            raise ConfigError(f"pipeline {name!r} is a {type(spec).__name__}, not a PipelineSpec")
+        return spec
     if name not in MODULES:
         raise ConfigError(f"unknown pipeline {name!r}; pipelines: {', '.join(MODULES)}")
     return importlib.import_module(MODULES[name]).PIPELINE

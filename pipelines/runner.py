@@ -53,6 +53,7 @@ def run(
     ray_init: Mapping[str, Any] | None = None,
 ) -> RunResult:
     spec = registry.get(pipeline)
+    pipeline = spec.name  # "module:ATTR" names resolve to the spec's own name
     preset = preset or spec.default_preset
     cfg = spec.build_config(preset, overrides)  # bad keys/values fail here, before Ray starts
     try:

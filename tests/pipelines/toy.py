@@ -8,10 +8,13 @@ from __future__ import annotations
 import functools
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.resources import Resources
+from pipelines.config import check
 from pipelines.engine import Step, StepContext
+from pipelines.registry import PipelineSpec
 
 
 def _count(counter_dir: str, step: str) -> None:
@@ -53,11 +56,16 @@ def total(ctx: StepContext, *, counter_dir: str) -> None:
     (ctx.out_dir / "report.md").write_text(f"# total\n\n{sum(squares)}\n")
 
 
-def label(ctx: StepContext, *, text: str, counter_dir: str, sleep_s: float = 0.0) -> None:
-    """Independent of the chain above (runs concurrently with it on Ray)."""
+def label(
+    ctx: StepContext, *, text: str, counter_dir: str, sleep_s: float = 0.0, fail_marker: str = ""
+) -> None:
+    """Independent of the chain above (runs concurrently with it on Ray). Fails for one text when
+    ``<fail_marker>-<text>`` exists (a sweep trial that fails alone)."""
     import time
 
     _count(counter_dir, "label")
+    if fail_marker and os.path.exists(f"{fail_marker}-{text}"):
+        raise RuntimeError(f"injected failure for text={text!r}")
     time.sleep(sleep_s)
     ctx.write_json("label.json", {"text": text})
 
@@ -94,10 +102,55 @@ def toy_steps(
             publish=("report.md",),
         ),
         Step(
-            "label", functools.partial(label, counter_dir=c, sleep_s=sleep_s), params={"text": text}
+            "label",
+            functools.partial(label, counter_dir=c, sleep_s=sleep_s, fail_marker=fail_marker),
+            params={"text": text},
         ),
     ]
 
 
 def read(artifact, name: str):
     return json.loads((artifact.local_dir() / name).read_text())
+
+
+# ---- the toy as a registered-style pipeline (``tests.pipelines.toy:PIPELINE``), for sweeps -------
+@dataclass(frozen=True)
+class ToySection:
+    n: int = 5
+    offset: int = 0
+
+    def __post_init__(self):
+        check(self.n >= 1, f"toy.n must be >= 1, got {self.n}")
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    toy: ToySection = ToySection()
+    text: str = "hi"
+    scale: float = 1.0  # a float field, for sampled sweeps (not used by any step)
+    # plumbing, not science: where computations are counted / the failure switch (not in keys)
+    counter_dir: str = ""
+    fail_marker: str = ""
+    sleep_s: float = 0.0
+
+
+def _toy_pipeline_steps(cfg: ToyConfig) -> list[Step]:
+    return toy_steps(
+        cfg.counter_dir,
+        n=cfg.toy.n,
+        offset=cfg.toy.offset,
+        text=cfg.text,
+        fail_marker=cfg.fail_marker,
+        sleep_s=cfg.sleep_s,
+    )
+
+
+PIPELINE = PipelineSpec(
+    name="toy",
+    summary="numbers -> squares -> total",
+    config=ToyConfig,
+    presets={"small": {}, "big": {"toy.n": 8}},
+    default_preset="small",
+    steps=_toy_pipeline_steps,
+    metric="total",
+)
