@@ -93,7 +93,7 @@ class SmallConvNet(nn.Module):
         self,
         num_classes: int = 10,
         in_channels: int = 3,
-        widths: tuple[int, ...] = (32, 64, 128),
+        widths: tuple[int, ...] = (16, 32, 64),
     ):
         super().__init__()
         layers: list[nn.Module] = []
@@ -133,7 +133,7 @@ def wrn_10_1(num_classes: int = 10, in_channels: int = 3) -> WideResNet:
 
 @register("ssl_convnet")
 def ssl_convnet(
-    num_classes: int = 10, in_channels: int = 3, widths: tuple[int, ...] = (32, 64, 128)
+    num_classes: int = 10, in_channels: int = 3, widths: tuple[int, ...] = (16, 32, 64)
 ) -> SmallConvNet:
     """Small conv net for the CPU presets (not in the paper)."""
     return SmallConvNet(num_classes, in_channels=in_channels, widths=tuple(widths))

@@ -5,6 +5,7 @@
 - strong: weak, then RandAugment (two random ops, a random magnitude per image: FixMatch's
   "RandAugment with random magnitude") from ``torchvision.transforms.v2``, then Cutout of a square
   half the image side filled with grey (FixMatch applies Cutout to every strong view).
+  Images are in a random order within a batch, so ``group`` > 1 shares a draw among random peers.
 
 Batches are ``uint8 (B, C, H, W)``. Every function takes an explicit seed and leaves torch's global
 generator untouched (torchvision's transforms draw from it, so they run inside ``fork_rng``): a
@@ -71,19 +72,26 @@ def strong_augment(
     num_ops: int = 2,
     magnitude_bins: int = 10,
     cutout_frac: float = 0.5,
+    group: int = 1,
 ) -> torch.Tensor:
-    """Weak augmentation, per-image RandAugment with a random magnitude, then Cutout."""
+    """Weak augmentation, RandAugment with a random magnitude, then Cutout.
+
+    ``group`` images share one draw of RandAugment's ops and magnitude: 1 is FixMatch's per-image
+    draw; CPU presets use a few per draw because torchvision's per-call overhead (≈1 ms) would
+    otherwise dominate a small net's step. Groups are contiguous slices of a shuffled batch.
+    """
     out = weak_augment(images, seed, flip=flip, translate_frac=translate_frac)
     g = torch.Generator().manual_seed(seed + 1)
-    magnitudes = torch.randint(0, magnitude_bins, (len(out),), generator=g)
-    op_seeds = torch.randint(0, 2**62, (len(out),), generator=g)
+    chunks = torch.split(torch.arange(len(out)), group)
+    magnitudes = torch.randint(0, magnitude_bins, (len(chunks),), generator=g)
+    op_seeds = torch.randint(0, 2**62, (len(chunks),), generator=g)
+    views = torch.empty_like(out)
     with torch.random.fork_rng(devices=[]):  # torchvision draws ops from the global generator
-        views = []
-        for img, m, s in zip(out, magnitudes.tolist(), op_seeds.tolist(), strict=True):
-            torch.manual_seed(s)
+        for idx, m, s in zip(chunks, magnitudes.tolist(), op_seeds.tolist(), strict=True):
+            torch.default_generator.manual_seed(s)  # CPU only: torch.manual_seed also seeds CUDA
             ra = v2.RandAugment(num_ops=num_ops, magnitude=m, num_magnitude_bins=magnitude_bins)
-            views.append(ra(img))  # one image at a time: ops differ per image, as in FixMatch
-    return cutout(torch.stack(views), seed + 2, size_frac=cutout_frac)
+            views[idx] = ra(out[idx])  # (G, C, H, W): one draw of ops for the group
+    return cutout(views, seed + 2, size_frac=cutout_frac)
 
 
 def _check(images: torch.Tensor) -> None:

@@ -53,8 +53,18 @@ def fixmatch_loss(
 
 
 def ema_model(model: torch.nn.Module, decay: float = 0.999) -> AveragedModel:
-    """EMA of parameters and BN buffers (FixMatch evaluates the EMA model, decay 0.999)."""
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    """EMA of the parameters (FixMatch evaluates the EMA model, decay 0.999); see ``update_ema``."""
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
+
+
+@torch.no_grad()
+def update_ema(ema: AveragedModel, model: torch.nn.Module) -> None:
+    """One EMA step of the parameters; BN running statistics are copied, not averaged, as in
+    FixMatch's reference code (averaging them on short runs leaves statistics that match neither
+    the early nor the late weights)."""
+    ema.update_parameters(model)
+    for mine, theirs in zip(ema.module.buffers(), model.buffers(), strict=True):
+        mine.copy_(theirs)
 
 
 def mc_dropout_confidence(
