@@ -71,6 +71,15 @@ def _check_plain_name(path: object, what: str, name: str) -> None:
         raise DatasetError(path, f"{what} {name!r} is not a plain file name (no '/', '\\' or '..')")
 
 
+def _check_inside(path: Path, real_root: Path) -> None:
+    """A file of the data set must stay inside its root: a symlink out of it (to ``/etc`` or to
+    another user's files on a shared cluster) is refused. Point the root at the real directory."""
+    if not path.resolve().is_relative_to(real_root):
+        raise DatasetError(
+            path, f"resolves to {path.resolve()}, outside the dataset root {real_root} (symlink)"
+        )
+
+
 def read_split_ids(root: str | Path, split: str) -> list[str]:
     """Image ids listed in ``root/ImageSets/Main/<split>.txt``, in file order."""
     main = Path(root) / "ImageSets" / "Main"
@@ -243,7 +252,9 @@ def read_voc(
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(root, f"dataset root not found; {_LAYOUT}")
+    real_root = root.resolve()
     split_file = root / "ImageSets" / "Main" / f"{split}.txt"
+    _check_inside(split_file, real_root)
     images = []
     for image_id in read_split_ids(root, split):
         xml_path = root / "Annotations" / f"{image_id}.xml"
@@ -251,6 +262,8 @@ def read_voc(
             raise DatasetError(
                 xml_path, f"annotation missing for image {image_id!r} ({split_file})"
             )
+        _check_inside(xml_path, real_root)
+        _check_inside(root / "JPEGImages" / f"{image_id}.jpg", real_root)
         image = read_annotation(xml_path, classes)
         if image.image_id != image_id:
             raise DatasetError(

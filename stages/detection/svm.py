@@ -52,8 +52,11 @@ def negative_mask(
     ``neg_iou = 0.3`` was picked by grid search (§2.3: 0.5 costs 5 mAP, 0 costs 4). R-CNN's
     ``sample_negative_features`` tests only the overlap, so gt boxes of *other* classes (overlap
     < 0.3 with this one) are negatives there too; ``include_gt=True`` reproduces that.
+    The grid's end point ``neg_iou = 0`` means regions that overlap no gt box at all (IoU = 0):
+    "strictly below 0" would leave no negatives.
     """
-    mask = np.asarray(max_iou_for_class) < neg_iou
+    iou = np.asarray(max_iou_for_class)
+    mask = iou < neg_iou if neg_iou > 0 else iou <= 0
     return mask if include_gt else mask & ~np.asarray(is_gt, dtype=bool)
 
 

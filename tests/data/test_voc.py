@@ -290,3 +290,19 @@ def test_truncated_jpeg(voc_root: Path):
 def test_missing_image(tmp_path: Path):
     with pytest.raises(DatasetError, match=r"gone\.jpg: cannot read image"):
         load_image(tmp_path / "gone.jpg")
+
+
+def test_symlink_out_of_the_root_is_refused(voc_root: Path, tmp_path_factory):
+    outside = tmp_path_factory.mktemp("elsewhere") / "secret.jpg"
+    outside.write_bytes((voc_root / "JPEGImages" / "000002.jpg").read_bytes())
+    target = voc_root / "JPEGImages" / "000002.jpg"
+    target.unlink()
+    target.symlink_to(outside)
+    with pytest.raises(DatasetError, match=r"000002\.jpg: resolves to .*outside the dataset root"):
+        read_voc(voc_root, "trainval")
+
+
+def test_symlinked_root_itself_is_fine(voc_root: Path, tmp_path_factory):
+    link = tmp_path_factory.mktemp("links") / "VOC2007"
+    link.symlink_to(voc_root)
+    assert len(read_voc(link, "trainval")) == 3

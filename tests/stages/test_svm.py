@@ -83,6 +83,8 @@ def test_masks_hand_cases():
     assert negative_mask(iou, is_gt).tolist() == [1, 1, 0, 0, 0, 0, 0]
     assert negative_mask(iou, is_gt, include_gt=True).tolist() == [1, 1, 0, 0, 0, 1, 0]
     assert negative_mask(iou, is_gt, neg_iou=0.5).tolist() == [1, 1, 1, 1, 0, 0, 0]
+    # the grid's 0 (§2.3): only regions that overlap no gt at all
+    assert negative_mask(iou, is_gt, neg_iou=0.0).tolist() == [1, 0, 0, 0, 0, 0, 0]
     gt_class = np.array([-1, -1, -1, -1, -1, 4, 7])
     assert positive_mask(gt_class, is_gt, 7).tolist() == [0, 0, 0, 0, 0, 0, 1]
     assert not positive_mask(gt_class, is_gt, 0).any()

@@ -1,0 +1,73 @@
+"""`paperline sweep` against running each trial's pipeline from scratch, side by side in one run.
+
+Arm A sweeps R-CNN's SVM negative threshold on a fresh store: proposals, training and features are
+computed once and shared; only svm -> detect -> evaluate -> report run per trial. Arm B runs the
+same trials as independent pipeline runs, each on its own empty store (no sharing). On Ray it also
+prints the sweep's wall time against the sum of trial times divided by the CPUs (issue 9's
+"trials really run in parallel", goal <= 1.25).
+
+python benchmarks/bench_sweep.py [--preset ci] [--values 0.1,0.3,0.5] [--executor local|ray]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+from pipelines import runner, sweep
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="ci")
+    ap.add_argument("--values", default="0.1,0.3,0.5")
+    ap.add_argument("--executor", default="local", choices=["local", "ray"])
+    args = ap.parse_args()
+    values = sweep.split_values(args.values)
+    cpus = 1.0
+    if args.executor == "ray":  # start Ray before timing: both arms pay the same connect
+        from cluster import runtime
+
+        cpus = runtime.connect(include_dashboard=False, temp_dir="/tmp/pl-bench")["cpus"]
+    quiet = dict(progress=False, log=lambda _: None)
+    with tempfile.TemporaryDirectory() as d:
+        plan = sweep.make_plan("rcnn", args.preset, {}, [f"svm.neg_iou={args.values}"], [])
+        t0 = time.perf_counter()
+        result = sweep.run_sweep(
+            plan,
+            store=f"{d}/sweep-store",
+            runs=f"{d}/runs",
+            executor=args.executor,
+            log=lambda _: None,
+        )
+        t_sweep = time.perf_counter() - t0
+        assert not result.failed, result.failed
+        trial_sum = sum(r["trial_wall_s"] for r in result.rows)
+        t0 = time.perf_counter()
+        for k, v in enumerate(values):
+            runner.run(
+                "rcnn",
+                args.preset,
+                {"svm.neg_iou": v},
+                store=f"{d}/scratch-{k}",
+                runs=f"{d}/runs-scratch",
+                executor=args.executor,
+                **quiet,
+            )
+        t_scratch = time.perf_counter() - t0
+    print(
+        f"rcnn/{args.preset}, {len(values)} trials of svm.neg_iou on {args.executor}: sweep "
+        f"{t_sweep:.1f} s vs every trial from scratch {t_scratch:.1f} s = "
+        f"{t_sweep / t_scratch:.2f} of it ({t_scratch / t_sweep:.1f}x faster)"
+    )
+    if args.executor == "ray":
+        print(
+            f"sweep wall {t_sweep:.1f} s vs sum of trial times / CPUs = {trial_sum:.1f} / "
+            f"{cpus:.0f} = {trial_sum / cpus:.1f} s: ratio {t_sweep / (trial_sum / cpus):.2f} "
+            "(goal <= 1.25; the first trial computes the shared steps while the others wait)"
+        )
+
+
+if __name__ == "__main__":
+    main()
