@@ -78,22 +78,13 @@ class _BatchNorm(nn.Module):
         """Per-feature mean and *biased* variance over ``dims`` (and over every worker when
         ``sync``), and the number m of values each was taken over."""
         m = x.numel() // x.shape[1]
-        if (
-            self.sync
-            and dist.is_available()
-            and dist.is_initialized()
-            and dist.get_world_size() > 1
-        ):
-            # autograd-aware all-reduce: the gradient of every worker's loss reaches every
-            # worker's inputs, as if the whole global batch were normalised in one process
-            from torch.distributed.nn.functional import all_reduce
-
-            count = torch.tensor([float(m)], dtype=x.dtype, device=x.device)
-            total = all_reduce(torch.cat([x.sum(dims), count]))
-            m = int(round(float(total[-1])))
-            mean = total[:-1] / m
+        if self.sync and dist.is_available() and dist.is_initialized():
+            count = torch.tensor([float(m)], device=x.device)
+            dist.all_reduce(count)
+            m = int(count.item())
+            mean = _AllReduceSum.apply(x.sum(dims)) / m
             # two passes (centre, then square) rather than E[x²] − E[x]²: no cancellation
-            var = all_reduce((x - _shape(mean, x)).pow(2).sum(dims)) / m
+            var = _AllReduceSum.apply((x - _shape(mean, x)).pow(2).sum(dims)) / m
             return mean, var, m
         mean = x.mean(dims)
         var = (x - _shape(mean, x)).pow(2).mean(dims)  # σ²_B: divide by m, Algorithm 1
@@ -131,6 +122,24 @@ class _BatchNorm(nn.Module):
         unbiased = var * (m / (m - 1)) if m > 1 else var
         self.running_mean.mul_(1 - factor).add_(mean.detach(), alpha=factor)
         self.running_var.mul_(1 - factor).add_(unbiased.detach(), alpha=factor)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over workers; its gradient is the sum over workers of the incoming gradients, so every
+    worker's loss reaches every worker's inputs, as if the global batch were normalised in one
+    process (torch.distributed.nn.functional.all_reduce does this too but is deprecated)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
 
 
 def _shape(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,140 @@
+"""The batchnorm pipeline on its `ci` preset: the paper's central claim on the MNIST experiment
+(§4.1: the BN network reaches the plain network's best test accuracy in fewer steps), Algorithm 2
+folding, the batch-size criticism, the output contract; and once end to end through Ray (Tune
+sweeps and a 2-worker Ray Train run)."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipelines import runner
+from pipelines.batchnorm import CURVES_SCHEMA, variant_settings
+from pipelines.config import ConfigError
+
+
+@pytest.fixture(scope="module")
+def ci_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bn-ci")
+    kw = dict(store=str(tmp / "store"), runs=tmp / "runs", progress=False, log=lambda _: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny nets; Ray pins trials to 1 thread the same way
+    try:
+        yield kw, runner.run("batchnorm", "ci", executor="local", **kw)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _assert_central_claim(m: dict) -> None:
+    # measured on ci (digits, 300 steps, 1 seed): BN reaches the plain net's best (0.77) at step
+    # 25, the plain net at 300; BN's best 0.97
+    assert m["mnist_steps_to_target_bn"] is not None
+    assert m["mnist_steps_to_target_bn"] < m["mnist_steps_to_target_nobn"]
+    assert m["mnist_steps_ratio"] >= 3
+    assert m["mnist_best_acc_bn"] > m["mnist_best_acc_nobn"] + 0.05
+
+
+def test_bn_reaches_the_plain_networks_best_accuracy_in_fewer_steps(ci_run):
+    m = ci_run[1].metrics
+    _assert_central_claim(m)
+    assert m["mnist"]["target_acc"] == m["mnist_best_acc_nobn"]
+    # Figure 1 (b, c): the plain network's median sigmoid input moves more than the BN one's
+    drift = m["mnist"]["median_drift"]
+    assert drift["Baseline"] > 0 and drift["BN"] > 0
+
+
+def test_algorithm2_population_statistics_and_folding(ci_run):
+    a2 = ci_run[1].metrics["mnist"]["algorithm2"]
+    assert a2["folded_same_prediction_frac"] == 1.0
+    assert a2["acc_folded"] == a2["acc_population"]
+    assert abs(a2["acc_population"] - a2["acc_moving_average"]) < 0.03
+    assert a2["acc_population"] > 0.9
+
+
+def test_batch_size_criticism(ci_run):
+    bs = ci_run[1].metrics["batch_size"]
+    assert set(bs) == {"1", "2", "60"}
+    assert bs["1"]["bn_acc"] < 0.3 and bs["1"]["bn_acc_batch_stats"] < 0.3  # m = 1: no learning
+    assert bs["60"]["bn_acc"] > 0.8 and bs["60"]["bn_acc"] > bs["60"]["no_bn_acc"]
+    assert abs(bs["60"]["train_vs_inference_gap"]) < 0.05
+
+
+def test_output_contract(ci_run):
+    kw, result = ci_run
+    run_dir, m = result.run_dir, result.metrics
+    assert json.loads((run_dir / "metrics.json").read_text()) == json.loads(json.dumps(m))
+    curves = pq.read_table(run_dir / "curves.parquet")
+    assert curves.schema.equals(CURVES_SCHEMA)
+    d = curves.to_pydict()
+    assert set(d["experiment"]) == {"mnist", "variants", "batch_size", "multi_worker"}
+    mnist = {
+        (v, k)
+        for e, v, k in zip(d["experiment"], d["variant"], d["metric"], strict=True)
+        if e == "mnist"
+    }
+    assert {(v, k) for v in ("BN", "Baseline") for k in ("test_acc", "p15", "p50", "p85")} <= mnist
+    steps = sorted({s for e, s in zip(d["experiment"], d["step"], strict=True) if e == "mnist"})
+    assert steps == list(range(0, 301, 25))
+    variants = m["variants"]["variants"]
+    assert set(variants) == {
+        "Baseline",
+        "BN-Baseline",
+        "BN-x5",
+        "BN-x30",
+        "BN-x5-Sigmoid",
+        "Baseline-Sigmoid",
+    }
+    assert all(0 <= v["best_acc"] <= 1 for v in variants.values())
+    assert variants["BN-x30"]["lr"] == pytest.approx(30 * variants["Baseline"]["lr"])
+    assert set(m["multi_worker"]) == {"per_worker", "sync"}
+    report = (run_dir / "report.md").read_text()
+    for heading in (
+        "(§4.1, Figure 1)",
+        "(§4.2, Figures 2 and 3)",
+        "## Batch size",
+        "data parallelism",
+    ):
+        assert heading in report
+    assert report.count("**What reproduced.**") == 2 and "| BN-x30 | 0.3 |" in report
+    for figure in ("figure1.png", "figure2.png", "batch_size.png"):
+        assert (run_dir / figure).stat().st_size > 10_000
+    # a rerun is fully cached
+    again = runner.run("batchnorm", "ci", executor="local", **kw)
+    assert again.computed() == [] and again.metrics == m
+
+
+def test_accelerated_variants_follow_section_4_2_1():
+    p = dict(lr=0.01, dropout=0.4, weight_decay=4e-5, lr_decay_steps=600, lrn=True)
+    base, x30 = variant_settings("BN-Baseline", p), variant_settings("BN-x30", p)
+    assert base == {**p, "bn": True, "activation": "relu"}
+    assert x30.pop("weight_decay") == pytest.approx(4e-5 / 5)  # L2 ÷ 5
+    assert x30 == {"lr": 0.3, "bn": True, "activation": "relu", "dropout": 0.0,
+                   "lr_decay_steps": 100, "lrn": False}  # fmt: skip
+    assert variant_settings("BN-x5-Sigmoid", p)["activation"] == "sigmoid"
+
+
+def test_bad_config_fails_before_work():
+    with pytest.raises(ConfigError, match="unknown.*BN-x100"):
+        runner.run("batchnorm", "ci", {"variants.variants": "Baseline,BN-x100"}, executor="local")
+    with pytest.raises(ConfigError, match="probe_unit"):
+        runner.run("batchnorm", "ci", {"mnist.probe_unit": "100"}, executor="local")
+
+
+@pytest.mark.ray
+def test_ci_through_ray(ray_session, tmp_path):
+    """Every step on real Ray: the three Tune sweeps (trials two at a time) and two 2-worker Ray
+    Train runs (per-worker vs all-reduced BN statistics over gloo)."""
+    result = runner.run(
+        "batchnorm", "ci", executor="ray", store=str(tmp_path / "store"), runs=tmp_path / "runs",
+        progress=False, log=lambda _: None,
+    )  # fmt: skip
+    m = result.metrics
+    _assert_central_claim(m)
+    mw = m["multi_worker"]
+    assert mw["per_worker"]["world_size"] == mw["sync"]["world_size"] == 2
+    # sync statistics normalise over the 2 × 4 global batch instead of each worker's 4 examples
+    assert mw["sync"]["test_acc"] > 0.3 and mw["per_worker"]["test_acc"] > 0.3
+    assert len(m["variants"]["variants"]) == 6 and set(m["batch_size"]) == {"1", "2", "60"}
