@@ -9,7 +9,7 @@ from typing import Any
 
 from pipelines.config import ConfigError, apply_overrides
 
-MODULES = {"rcnn": "pipelines.rcnn"}
+MODULES = {"rcnn": "pipelines.rcnn", "generalization": "pipelines.generalization", "batchnorm": "pipelines.batchnorm", "mobilenet": "pipelines.mobilenet", "ssl": "pipelines.ssl"}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,107 @@
+"""The ssl pipeline (REFERENCE §5) on the `ci` preset: output contract, numbers, caching, Ray."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipelines import registry, runner
+from pipelines.config import ConfigError
+from pipelines.ssl_report import RESULTS_SCHEMA
+
+METHODS = ["supervised", "uniform", "scalar", "mcdropout", "learned"]
+
+
+@pytest.fixture(scope="module")
+def ci_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ssl-ci")
+    kw = dict(store=str(tmp / "store"), runs=tmp / "runs", progress=False, log=lambda _: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each Ray worker is pinned; the local executor pins nothing
+    try:
+        yield kw, runner.run("ssl", "ci", executor="local", **kw)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_ci_output_contract_and_numbers(ci_run):
+    _, result = ci_run
+    table = pq.read_table(result.run_dir / "results.parquet")
+    assert table.schema.equals(RESULTS_SCHEMA)
+    rows = {r["method"]: r for r in table.to_pylist()}
+    assert sorted(rows) == sorted(METHODS) and table.num_rows == 5  # 1 size x 1 seed x 5 methods
+    for r in rows.values():
+        assert r["labels"] == 40 and r["labels_per_class"] == 4 and r["seed"] == 0
+        assert 0.5 < r["accuracy"] <= 1.0  # digits: 40 labels, 60 steps; chance is 0.1
+    for m in ("uniform", "scalar", "mcdropout", "learned"):
+        assert 0 < rows[m]["mask_rate"] < 1 and rows[m]["pseudo_label_accuracy"] > 0.8
+    assert rows["supervised"]["mask_rate"] == 0
+    learned = rows["learned"]
+    assert learned["outer_cost_ratio"] > 0 and learned["lambda_rank_spread"] == 0
+    assert 0 <= learned["lambda_mean"] <= 2 and learned["lambda_std"] > 0  # λ did move
+    assert rows["scalar"]["scalar_weight"] in (0.5, 1.0)  # the grid plus FixMatch's λ = 1
+    assert math.isnan(rows["uniform"]["outer_cost_ratio"])
+
+    m = result.metrics
+    assert m["accuracy_learned"] == pytest.approx(learned["accuracy"])
+    assert m["learned_minus_uniform"] == pytest.approx(
+        learned["accuracy"] - rows["uniform"]["accuracy"]
+    )
+    saved = json.loads((result.run_dir / "metrics.json").read_text())
+    assert saved["scalar_weight_40"] == rows["scalar"]["scalar_weight"]
+    report = (result.run_dir / "report.md").read_text()
+    assert "| learned λ (influence) |" in report and "94.93 % at 250 labels" in report
+    assert "## Finding" in report and "## Cost of the outer step" in report
+    for fig in ("accuracy.png", "lambda_hist.png", "lambda_vs_correct.png"):
+        assert (result.run_dir / fig).stat().st_size > 5000
+
+
+def test_outer_lr_zero_recomputes_only_learned_and_equals_fixmatch(ci_run):
+    """Changing a λ knob reruns train_learned and the report only; at lr 0 the pipeline's learned
+    row is FixMatch's, bit for bit."""
+    kw, _ = ci_run
+    torch.set_num_threads(1)
+    result = runner.run("ssl", "ci", {"weights.outer_lr": "0"}, executor="local", **kw)
+    assert result.computed() == ["train_learned", "report"]
+    rows = {r["method"]: r for r in pq.read_table(result.run_dir / "results.parquet").to_pylist()}
+    for key in ("accuracy", "val_accuracy", "final_accuracy", "mask_rate", "lambda_mean"):
+        assert rows["learned"][key] == rows["uniform"][key]
+
+
+def test_paper_preset_and_config_checks():
+    spec = registry.get("ssl")
+    cfg = spec.build_config("paper")
+    assert cfg.fixmatch.model == "wrn_28_2" and cfg.fixmatch.steps == 2**20
+    assert cfg.experiment.labels_per_class == (25, 100, 400) and cfg.weights.inner_steps == 512
+    assert (cfg.weights.outer_lr, cfg.fixmatch.threshold, cfg.fixmatch.ema_decay) == (
+        0.01,
+        0.95,
+        0.999,
+    )
+    names = [s.name for s in spec.steps(cfg)]
+    assert names == ["dataset", "train_supervised", "train_uniform", "train_mcdropout",
+                     "train_learned", "scalar_sweep", "report"]  # fmt: skip
+    with pytest.raises((ConfigError, ValueError), match="experiment.methods"):
+        spec.build_config("ci", {"experiment.methods": "uniform,bogus"})
+    with pytest.raises((ConfigError, ValueError), match="fixmatch.threshold"):
+        spec.build_config("ci", {"fixmatch.threshold": "1.5"})
+
+
+@pytest.mark.ray
+def test_ci_through_ray_with_two_train_workers(ci_run, ray_session):
+    """Train steps under Ray Train with 2 DDP workers (λ all-reduced), the scalar sweep under Tune."""
+    kw, local = ci_run
+    overrides = {"experiment.num_workers": "2", "experiment.methods": "uniform,scalar,learned"}
+    result = runner.run("ssl", "ci", overrides, executor="ray", force="scalar_sweep", **kw)
+    assert result.cached() == ["dataset"]
+    assert result.computed() == ["train_uniform", "train_learned", "scalar_sweep", "report"]
+    rows = {r["method"]: r for r in pq.read_table(result.run_dir / "results.parquet").to_pylist()}
+    assert rows["learned"]["workers"] == 2 and rows["learned"]["lambda_rank_spread"] == 0.0
+    assert rows["scalar"]["workers"] == 1  # Tune trials run single-process
+    for m in ("uniform", "scalar", "learned"):
+        assert 0.5 < rows[m]["accuracy"] <= 1.0
+        assert abs(rows[m]["accuracy"] - local.metrics[f"accuracy_{m}"]) < 0.2
