@@ -262,8 +262,14 @@ class RayExecutor:
     ) -> list[dict]:
         """Ray Tune ``Tuner``; ``resume`` restores an interrupted experiment and runs only the
         unfinished trials. Leave CPUs free when trials use Ray Data inside (else it hangs)."""
+        import os
+
         from ray import tune
 
+        # Save the experiment state at least every second (Tune's automatic period is >= 10 s):
+        # trials here are whole pipeline runs, few and long, and a sweep killed just after a trial
+        # finished must not run that trial again on --resume.
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
         gpus = resources_per_trial.resolve_gpus(self.cluster_gpus())
         fn = tune.with_resources(
             functools.partial(_tune_trial, trainable, resources_per_trial.threads()),

@@ -209,7 +209,8 @@ def run_trial(
         log_dir = Path(trials_dir) / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         name = hashlib.sha256(repr(sorted(config.items())).encode()).hexdigest()[:10]
-        (log_dir / f"{name}.log").write_text("\n".join(lines) + "\n")
+        with open(log_dir / f"{name}.log", "a") as f:  # one section per attempt of the trial
+            f.write(f"== trial start {time.ctime(t0)} {config}\n" + "\n".join(lines) + "\n")
     metrics = {
         k: float(v)
         for k, v in result.metrics.items()

@@ -73,3 +73,26 @@ def quadratic_trial(config: dict, report) -> None:
 
 def make_table(n: int) -> pa.Table:
     return pa.table({"id": np.arange(n), "x": np.linspace(0, 1, n)})
+
+
+def crash_once_train(ctx, config: dict) -> None:
+    """Counts epochs with a checkpoint each; rank 0 kills its own process once, right after the
+    checkpoint of epoch ``crash_at`` (a lost worker). Every start is recorded in ``log_dir``."""
+    import os
+    import time
+    from pathlib import Path
+
+    state = ctx.load_checkpoint()
+    start = state["epoch"] + 1 if state is not None else 0
+    Path(config["log_dir"], f"start-rank{ctx.rank}-epoch{start}-{time.time_ns()}").touch()
+    model = ctx.prepare_model(torch.nn.Linear(1, 1))
+    for epoch in range(start, config["epochs"]):
+        net = getattr(model, "module", model)
+        ctx.report(
+            {"epoch": epoch, "world_size": ctx.world_size},
+            checkpoint={"epoch": epoch, "model": net.state_dict()},
+        )
+        marker = Path(config["log_dir"], "crashed")
+        if epoch == config["crash_at"] and ctx.rank == 0 and not marker.exists():
+            marker.touch()
+            os._exit(1)  # no cleanup, no exception: the process is simply gone

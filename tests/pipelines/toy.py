@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +29,6 @@ def counts(counter_dir: str | Path) -> dict[str, int]:
 
 
 def make_numbers(ctx: StepContext, *, n: int, counter_dir: str, sleep_s: float = 0.0) -> None:
-    import time
-
     _count(counter_dir, "numbers")
     time.sleep(sleep_s)
     ctx.write_json("numbers.json", list(range(n)))
@@ -39,12 +38,16 @@ def _square(x: int) -> int:
     return x * x
 
 
-def square_all(ctx: StepContext, *, power_offset: int, counter_dir: str, fail_marker: str) -> None:
+def square_all(
+    ctx: StepContext, *, power_offset: int, counter_dir: str, fail_marker: str, pause_file: str = ""
+) -> None:
     _count(counter_dir, "squares")
     numbers = ctx.inputs["numbers"].read_json("numbers.json")
     (ctx.out_dir / "partial.txt").write_text("half-written")
     if fail_marker and os.path.exists(fail_marker):
         raise RuntimeError("injected failure in the middle of the step")
+    while pause_file and os.path.exists(pause_file):  # held mid-step until the file is removed
+        time.sleep(0.05)
     squares = ctx.map(_square, numbers)
     ctx.write_json("squares.json", [s + power_offset for s in squares])
 
@@ -61,8 +64,6 @@ def label(
 ) -> None:
     """Independent of the chain above (runs concurrently with it on Ray). Fails for one text when
     ``<fail_marker>-<text>`` exists (a sweep trial that fails alone)."""
-    import time
-
     _count(counter_dir, "label")
     if fail_marker and os.path.exists(f"{fail_marker}-{text}"):
         raise RuntimeError(f"injected failure for text={text!r}")
@@ -78,6 +79,7 @@ def toy_steps(
     text: str = "hi",
     fail_marker: str = "",
     sleep_s: float = 0.0,
+    pause_file: str = "",
 ) -> list[Step]:
     c = str(counter_dir)
     return [
@@ -89,7 +91,9 @@ def toy_steps(
         ),
         Step(
             "squares",
-            functools.partial(square_all, counter_dir=c, fail_marker=fail_marker),
+            functools.partial(
+                square_all, counter_dir=c, fail_marker=fail_marker, pause_file=pause_file
+            ),
             kind="map",
             inputs=("numbers",),
             params={"power_offset": offset},
@@ -132,6 +136,7 @@ class ToyConfig:
     counter_dir: str = ""
     fail_marker: str = ""
     sleep_s: float = 0.0
+    pause_file: str = ""
 
 
 def _toy_pipeline_steps(cfg: ToyConfig) -> list[Step]:
@@ -142,6 +147,7 @@ def _toy_pipeline_steps(cfg: ToyConfig) -> list[Step]:
         text=cfg.text,
         fail_marker=cfg.fail_marker,
         sleep_s=cfg.sleep_s,
+        pause_file=cfg.pause_file,
     )
 
 
