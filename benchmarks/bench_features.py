@@ -4,7 +4,11 @@
    machine's measured matrix-multiply FLOP/s (torch.utils.flop_counter counts the model's FLOPs);
 2. Parquet feature-cache read throughput vs np.load of the same float32 array.
 
-    python benchmarks/bench_features.py [--model rcnn_small|rcnn_alexnet] [--crops 1024]
+    python benchmarks/bench_features.py [--model rcnn_small|rcnn_alexnet|rcnn_vgg16] [--crops 1024]
+        [--device cpu|cuda] [--amp none|bf16] [--channels-last] [--rows 0 (skip the cache part)]
+
+On a GPU the matmul reference is a bf16/float32 GEMM on the same device, and every timing
+synchronises the device.
 """
 
 from __future__ import annotations
@@ -22,17 +26,25 @@ from stages.detection.features import read_feature_shard, write_feature_shard
 from stages.models.registry import create
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def best_of(fn, repeats: int = 3) -> float:
     times = []
     for _ in range(repeats):
+        _sync()
         t0 = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - t0)
     return min(times)
 
 
-def matmul_flops(n: int = 2048) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_flops(n: int = 2048, device: str = "cpu", dtype=torch.float32) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     return 2 * n**3 / best_of(lambda: a @ b)
 
@@ -43,26 +55,41 @@ def main() -> None:
     ap.add_argument("--crops", type=int, default=1024)
     ap.add_argument("--rows", type=int, default=20000)
     ap.add_argument("--dim", type=int, default=4096)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--amp", default="none", choices=["none", "bf16"])
+    ap.add_argument("--channels-last", action="store_true")
     args = ap.parse_args()
 
     kwargs = {"input_size": 64} if args.model == "rcnn_small" else {}
-    model = create(args.model, **kwargs).eval()
+    model = create(args.model, **kwargs).eval().to(args.device)
     size = model.input_size
-    x = torch.randn(args.crops, 3, size, size)
+    x = torch.randn(args.crops, 3, size, size, device=args.device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
         model.features_all(x[:1])
     flops_per_crop = counter.get_total_flops()
-    with torch.inference_mode():
+    amp = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.amp == "bf16")
+    with torch.inference_mode(), amp:
+        model.features_all(x[:256])  # warm-up (cuDNN autotuning, allocator)
         batched = best_of(
             lambda: [model.features_all(x[i : i + 256]) for i in range(0, len(x), 256)], 2
         )
         loop_n = min(64, args.crops)
         per_region = best_of(lambda: [model.features_all(x[i : i + 1]) for i in range(loop_n)], 2)
     crops_batched, crops_loop = args.crops / batched, loop_n / per_region
-    peak = matmul_flops()
+    peak = matmul_flops(
+        device=args.device, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float32
+    )
+    where = (
+        torch.cuda.get_device_name()
+        if args.device == "cuda"
+        else f"{torch.get_num_threads()} threads"
+    )
     print(
-        f"{args.model} at {size}px, {torch.get_num_threads()} threads: "
-        f"{flops_per_crop / 1e9:.3f} GFLOP/crop"
+        f"{args.model} at {size}px on {where} (amp={args.amp}, channels_last="
+        f"{args.channels_last}): {flops_per_crop / 1e9:.3f} GFLOP/crop"
     )
     print(f"  batched:    {crops_batched:8.0f} crops/s")
     print(
@@ -78,6 +105,8 @@ def main() -> None:
         "(paper: 53 s/image on a CPU incl. proposals, 13 s/image on a GPU)"
     )
 
+    if args.rows <= 0:
+        return
     rng = np.random.default_rng(0)
     feats = np.maximum(rng.standard_normal((args.rows, args.dim), dtype=np.float32), 0)
     n = args.rows

@@ -22,3 +22,16 @@ def ray_executor(ray_session):
     from cluster.ray_executor import RayExecutor
 
     return RayExecutor(progress=False)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu`-marked tests skip on machines without a CUDA device (benchmarks/gpu_check.sh runs
+    them where there is one)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,102 @@
+"""Every step kind on a CUDA device: resources requested, tensors on the device, same numbers as
+on the CPU. Skipped without a GPU (see benchmarks/gpu_check.sh)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+import torch
+
+from cluster.resources import Resources
+from cluster.space import Grid
+from stages.models.registry import create
+from stages.training.context import LocalTrainContext
+from tests.cluster.workloads import linear_regression_train
+
+pytestmark = pytest.mark.gpu
+
+
+def _device_report(_: int) -> dict:
+    import ray
+
+    return {
+        "cuda": torch.cuda.is_available(),
+        "gpu_ids": ray.get_gpu_ids(),
+        "device": str(torch.zeros(1, device="cuda").device),
+    }
+
+
+class CudaPredictor:
+    def __init__(self):
+        self.model = create("rcnn_small", input_size=64).eval().cuda()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        x = torch.tensor(batch.column("x").to_pylist(), dtype=torch.float32).view(-1, 3, 64, 64)
+        with torch.inference_mode():
+            y = self.model(x.cuda())
+        return pa.table({"device": [str(y.device)] * len(y), "sum": y.sum(1).cpu().tolist()})
+
+
+def test_cnn_features_on_cuda_match_cpu_and_bf16_is_close():
+    torch.manual_seed(0)
+    model = create("rcnn_small", input_size=64).eval()
+    x = torch.randn(16, 3, 64, 64)
+    with torch.inference_mode():
+        cpu = model.features_all(x)
+        gpu = model.cuda().features_all(x.cuda())
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            half = model.features_all(x.cuda().contiguous(memory_format=torch.channels_last))
+    for layer in cpu:
+        torch.testing.assert_close(gpu[layer].cpu(), cpu[layer], rtol=1e-3, atol=1e-3)
+        rel = (half[layer].float().cpu() - cpu[layer]).norm() / cpu[layer].norm()
+        assert rel < 0.05, (layer, float(rel))
+
+
+def test_training_loop_on_cuda():
+    ctx = LocalTrainContext(device="cuda")
+    linear_regression_train(ctx, {"lr": 0.5, "epochs": 3})
+    assert ctx.last_checkpoint["model"]["weight"].device.type == "cuda"
+    assert abs(ctx.last_checkpoint["model"]["weight"].item() - 3) < 0.05
+
+
+@pytest.mark.ray
+def test_ray_task_map_infer_train_and_sweep_get_the_gpu(ray_executor, tmp_path):
+    gpu = Resources(cpus=1, gpus="auto")
+    assert gpu.resolve_gpus(ray_executor.cluster_gpus()) == 1
+    out = ray_executor.run_task(_device_report, 0, resources=gpu)
+    assert out["cuda"] and out["gpu_ids"] and out["device"] == "cuda:0"
+    assert all(r["gpu_ids"] for r in ray_executor.map(_device_report, [0, 1], resources=gpu))
+
+    x = torch.randn(8, 3 * 64 * 64).tolist()
+    ray_executor.infer(
+        pa.table({"x": x}), CudaPredictor, {}, tmp_path / "out", batch_size=4, resources=gpu
+    )
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tmp_path / "out")
+    assert table.num_rows == 8 and set(table.column("device").to_pylist()) == {"cuda:0"}
+
+    result = ray_executor.train(
+        linear_regression_train,
+        {"lr": 0.5, "epochs": 2},
+        num_workers=1,
+        resources_per_worker=gpu,
+        storage_path=str(tmp_path / "train"),
+        name="gpu",
+    )
+    assert result.metrics["epoch"] == 1
+
+    rows = ray_executor.sweep(
+        _gpu_trial,
+        {"k": Grid((1, 2))},
+        metric="ok",
+        mode="max",
+        resources_per_trial=gpu,
+        storage_path=str(tmp_path / "tune"),
+        name="gpu",
+    )
+    assert sorted(r["metrics"]["ok"] for r in rows) == [1.0, 1.0]
+
+
+def _gpu_trial(config: dict, report) -> None:
+    report({"ok": float(torch.cuda.is_available() and torch.ones(1, device="cuda").item() == 1)})
