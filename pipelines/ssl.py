@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import threading
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -161,8 +162,8 @@ _SMALL_CPU = {
     "baselines.scalar_grid": (0.5, 2.0),
 }
 PRESETS = {
-    # bundled digits, a small conv net: a few minutes on 2 cores
-    "tiny": _SMALL_CPU,
+    # bundled digits, a small conv net: minutes on 2 cores (train steps: 2 DDP workers, 1 CPU each)
+    "tiny": {**_SMALL_CPU, "experiment.num_workers": 2},
     # one labelled size, one seed, few steps: what the test suite affords
     "ci": {
         **_SMALL_CPU,
@@ -177,6 +178,13 @@ PRESETS = {
     # CIFAR-10 binary at --set data.root=..., WRN-28-2, GPU workers: the paper's setting
     "paper": {"data.source": "cifar10"},
 }
+
+
+# Ray 2.60 imports Train and Tune lazily inside the executor; two engine threads entering them at
+# once race on a circular import ("cannot import name '_CheckpointManager' from partially
+# initialized module"). This pipeline's Train/Tune calls therefore run one at a time (on small
+# machines they queue for the same CPUs anyway); importing both in RayExecutor.__init__ would fix it.
+_RAY_ENTRY = threading.Lock()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,7 +245,8 @@ def train_method(
         "val_per_class": val_per_class,
         "data_path": str(ctx.input_dir("dataset") / "data.npz"),
     }
-    result = ctx.train(ssl_train_fn, config, num_workers=num_workers)
+    with _RAY_ENTRY:
+        result = ctx.train(ssl_train_fn, config, num_workers=num_workers)
     torch.save(result.checkpoint["results"], ctx.out_dir / "runs.pt")
 
 
@@ -281,7 +290,8 @@ def sweep_scalar(
         "seed": Grid(tuple(seeds)),
         "scalar_weight": Grid(tuple(grid)),
     }
-    trials = ctx.sweep(trainable, space, metric="val_accuracy", mode="max")
+    with _RAY_ENTRY:
+        trials = ctx.sweep(trainable, space, metric="val_accuracy", mode="max")
     failed = [t for t in trials if t["error"]]
     if failed:
         raise RuntimeError(f"{len(failed)} scalar-λ trials failed; first: {failed[0]['error']}")
