@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,19 @@ from tqdm.auto import tqdm
 from cluster.local import TrainResult
 from cluster.resources import Resources, limit_threads
 from cluster.space import Choice, Grid, Uniform
+
+_LIBRARY_IMPORT = threading.Lock()
+
+
+def _import_train_and_tune() -> None:
+    """Import Ray Train and Tune completely, once, under a lock. Independent steps run in threads
+    of one driver; two of them entering Train/Tune's lazy imports at the same moment race on a
+    circular import ("cannot import name '_CheckpointManager' from partially initialized module")."""
+    with _LIBRARY_IMPORT:
+        import ray.train  # noqa: F401
+        import ray.train.torch  # noqa: F401
+        import ray.tune  # noqa: F401
+        import ray.tune.schedulers  # noqa: F401
 
 
 def _call(fn: Callable, threads: int, *args, **kwargs):
@@ -204,6 +218,7 @@ class RayExecutor:
     ) -> TrainResult:
         """Ray Train ``TorchTrainer``. Resume = the same (name, storage_path): a rerun after a crash
         starts from the last reported checkpoint (Train V2 has no ``Trainer.restore``)."""
+        _import_train_and_tune()
         from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
@@ -264,6 +279,7 @@ class RayExecutor:
         unfinished trials. Leave CPUs free when trials use Ray Data inside (else it hangs)."""
         import os
 
+        _import_train_and_tune()
         from ray import tune
 
         # Save the experiment state at least every second (Tune's automatic period is >= 10 s):
