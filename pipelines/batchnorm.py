@@ -139,8 +139,11 @@ VARIANTS: dict[str, tuple[float, bool, str, bool]] = {
 class BatchSizeConfig:
     enabled: bool = True
     sizes: tuple[int, ...] = (1, 2, 4, 16, 60)  # down to the summary's "minibatch of 1"
-    steps: int = 5000  # the same steps and lr at every size: only the statistics differ
-    lr: float = 0.5
+    # "examples": every size sees the same training examples (size m runs steps·60/m steps, 60 =
+    # mnist.batch_size); "steps": the same number of steps at every size
+    budget: Literal["examples", "steps"] = "examples"
+    steps: int = 5000  # at m = mnist.batch_size (scaled per size under budget=examples)
+    lr: float = 0.5  # the same lr at every size
     eval_every: int = 500
     seeds: tuple[int, ...] = (0,)
 
@@ -189,8 +192,8 @@ PRESETS = {
         "data.cifar_train": 2000,
         "data.cifar_test": 500,
         "batch_size.sizes": (1, 2, 4, 16, 60),
-        "batch_size.steps": 600,
-        "batch_size.eval_every": 100,
+        "batch_size.steps": 300,
+        "batch_size.eval_every": 50,
         "multi_worker.steps": 600,
         "multi_worker.per_worker_batch": 4,
         "multi_worker.eval_every": 100,
@@ -211,6 +214,7 @@ PRESETS = {
         "data.cifar_train": 400,
         "data.cifar_test": 200,
         "batch_size.sizes": (1, 2, 60),
+        "batch_size.budget": "steps",
         "batch_size.steps": 100,
         "batch_size.eval_every": 50,
         "multi_worker.steps": 60,
@@ -395,6 +399,7 @@ def run_batch_size(
     }
     trials = _sweep(ctx, batch_size_trial, space)
     write_curves(ctx.out_dir / "curves.parquet", "batch_size", trials, _bs_variant)
+    ctx.write_json("budget.json", {"budget": params["budget"], "ref_batch": params["ref_batch"]})
     ctx.write_json("finals.json", _finals(trials, _bs_variant))
 
 
@@ -475,6 +480,7 @@ def steps(cfg: BatchNormConfig) -> list[Step]:
                 kind="sweep",
                 inputs=("cifar_data",),
                 params={f: getattr(v, f) for f in _VARIANT_FIELDS},
+                version="2",  # He-initialised convolutions
                 resources=trial,
                 description="§4.2 / Figs. 2-3: BN variants on a small Inception-style net",
             )
@@ -490,6 +496,8 @@ def steps(cfg: BatchNormConfig) -> list[Step]:
                 params=dict(
                     sizes=b.sizes,
                     seeds=b.seeds,
+                    budget=b.budget,
+                    ref_batch=m.batch_size,
                     steps=b.steps,
                     lr=b.lr,
                     eval_every=b.eval_every,
@@ -528,6 +536,7 @@ def steps(cfg: BatchNormConfig) -> list[Step]:
             write_report,
             inputs=(*experiments, "mnist_data"),
             params=dict(experiments=tuple(experiments)),
+            version="2",  # Figure 1 (b, c) drift as median shift and spread change
             publish=REPORT_FILES,
             description="metrics.json, curves.parquet, report.md with Figures 1-3",
         )

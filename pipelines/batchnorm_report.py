@@ -133,12 +133,17 @@ def mnist_section(ctx, curves, finals, out_metrics, plt) -> list[str]:
     fig.savefig(ctx.out_dir / "figure1.png", dpi=110)
     plt.close(fig)
 
-    def drift(v):
-        s, val = seed_curves(curves, "mnist", v, "p50")[seed]
-        return float(np.abs(np.diff(val)).sum())
+    def drift(v):  # from the first evaluation after initialisation to the end of training
+        p = {q: seed_curves(curves, "mnist", v, q)[seed][1] for q in ("p15", "p50", "p85")}
+        spread = p["p85"] - p["p15"]
+        return {
+            "median_shift": float(abs(p["p50"][-1] - p["p50"][1])),
+            "spread_change": float(spread[-1] - spread[1]),
+        }
 
-    summary["median_drift"] = {v: drift(v) for v in variants}
+    summary["input_drift"] = {v: drift(v) for v in variants}
     reproduced = s_bn is not None and s_no is not None and s_bn < s_no
+    d = summary["input_drift"]
     a2 = summary.get("algorithm2", {})
     lines = [
         "## MNIST, with and without BN (§4.1, Figure 1)",
@@ -164,9 +169,11 @@ def mnist_section(ctx, curves, finals, out_metrics, plt) -> list[str]:
         "",
         f"**What reproduced.** {'Yes' if reproduced else 'No'}: the BN network reached the non-BN "
         f"network's best accuracy in {s_bn if s_bn is not None else 'never'} steps against "
-        f"{s_no} (×{(s_no / max(s_bn, 1)) if reproduced else 0:.1f} fewer). Total movement of the "
-        f"probed unit's median sigmoid input over training: {summary['median_drift']['Baseline']:.2f} "
-        f"without BN vs {summary['median_drift']['BN']:.2f} with BN (Figure 1 b/c).",
+        f"{s_no} (×{(s_no / max(s_bn, 1)) if reproduced else 0:.1f} fewer). From the first "
+        "evaluation to the end, the probed sigmoid input's median moved by "
+        f"{d['Baseline']['median_shift']:.2f} and its 15–85th spread by "
+        f"{d['Baseline']['spread_change']:+.2f} without BN, against {d['BN']['median_shift']:.2f} "
+        f"and {d['BN']['spread_change']:+.2f} with BN (Figure 1 b/c; the paper: unstable vs stable).",
     ]
     if a2:
         lines += [
@@ -258,7 +265,7 @@ def variants_section(ctx, curves, finals, settings, out_metrics, plt) -> list[st
     return lines
 
 
-def batch_size_section(ctx, finals, out_metrics, plt) -> list[str]:
+def batch_size_section(ctx, finals, budget, out_metrics, plt) -> list[str]:
     by = {(f["variant"], f["seed"]): f for f in finals}
     sizes = sorted({int(v.rsplit("-m", 1)[1]) for v, _ in by})
     rows, summary = [], {}
@@ -300,28 +307,35 @@ def batch_size_section(ctx, finals, out_metrics, plt) -> list[str]:
     fig.tight_layout()
     fig.savefig(ctx.out_dir / "batch_size.png", dpi=110)
     plt.close(fig)
-    small, large = str(sizes[0]), str(sizes[-1])
-    bn_wins_large = summary[large]["bn_acc"] >= summary[large]["no_bn_acc"]
-    bn_loses_small = summary[small]["bn_acc"] < summary[small]["no_bn_acc"]
+    worse = [m for m in sizes if summary[str(m)]["bn_acc"] < summary[str(m)]["no_bn_acc"] - 0.01]
+    better = [m for m in sizes if summary[str(m)]["bn_acc"] > summary[str(m)]["no_bn_acc"] + 0.01]
+    gaps = {m: abs(summary[str(m)]["train_vs_inference_gap"]) for m in sizes}
     return [
         "## Batch size (the summary's criticism: BN needs minibatch statistics)",
         "",
         "![batch size](batch_size.png)",
         "",
-        "Same network as §4.1, the same steps and lr at every size (only the statistics differ). "
-        "Inference mode uses moving averages; Algorithm 2 uses exact population statistics; batch "
-        "statistics normalise each test minibatch of m by itself (what training sees).",
+        "Same network as §4.1 and the same lr at every size; "
+        + {
+            "examples": "every m sees the same number of training examples (m runs steps·60/m steps). ",
+            "steps": "every m runs the same number of steps. ",
+        }[budget]
+        + "Inference mode "
+        "uses moving averages; Algorithm 2 uses exact population statistics; batch statistics "
+        "normalise each test minibatch of m by itself (what training sees).",
         "",
         "| m | no BN | BN (inference) | BN (Algorithm 2) | BN (batch statistics) | train − inference |",
         "|---|---|---|---|---|---|",
         *rows,
         "",
-        f"**Finding.** At m = {large} BN {'matches or beats' if bn_wins_large else 'trails'} the plain "
-        f"network; at m = {small} it {'falls below it' if bn_loses_small else 'still holds up'} "
-        f"({summary[small]['bn_acc']:.3f} vs {summary[small]['no_bn_acc']:.3f}). With m = 1 every "
-        "normalised activation is x̂ = 0, so nothing below the first BN layer receives a gradient and "
-        "the population variance is 0: the criticism holds. The train/inference gap is largest at "
-        "the smallest m, where minibatch statistics are noisiest.",
+        f"**Finding.** BN helped at m ∈ {better or '∅'} and hurt at m ∈ {worse or '∅'}. At m = 1 "
+        "every normalised activation is x̂ = 0, so the network's output ignores its input, nothing "
+        "below the first BN layer receives a gradient, and the population variance is 0 (BN test "
+        f"accuracy {summary[str(sizes[0])]['bn_acc']:.3f}"
+        + (" — chance)" if sizes[0] == 1 else ")")
+        + f". The train/inference gap is largest at m = {max(gaps, key=gaps.get)} "
+        f"({max(gaps.values()):.3f}), where minibatch statistics are noisiest: the summary's "
+        "criticism (BN needs minibatches of more than a few examples) holds.",
     ]
 
 
@@ -380,7 +394,8 @@ def write_report(ctx: StepContext, *, experiments: tuple[str, ...]) -> None:
         settings = json.loads((ctx.input_dir("variants") / "variant_settings.json").read_text())
         lines += variants_section(ctx, curves, finals["variants"], settings, metrics, plt) + [""]
     if "batch_size" in experiments:
-        lines += batch_size_section(ctx, finals["batch_size"], metrics, plt) + [""]
+        budget = json.loads((ctx.input_dir("batch_size") / "budget.json").read_text())["budget"]
+        lines += batch_size_section(ctx, finals["batch_size"], budget, metrics, plt) + [""]
     if "multi_worker" in experiments:
         lines += multi_worker_section(finals["multi_worker"], metrics) + [""]
     (ctx.out_dir / "report.md").write_text("\n".join(lines))

@@ -154,6 +154,9 @@ class SmallInception(nn.Module):
         self.features = nn.Sequential(*layers)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(c, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):  # He init: the plain ReLU net trains from the start
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x).mean(dim=(2, 3))  # (N, C) global mean pool

@@ -387,7 +387,8 @@ def variant_trial(config: dict, report: Callable[[dict], None]) -> None:
 
 
 def batch_size_trial(config: dict, report: Callable[[dict], None]) -> None:
-    """The §4.1 network at minibatch size m = ``batch_size``, with or without BN. The final record
+    """The §4.1 network at minibatch size m = ``batch_size``, with or without BN, for ``steps`` steps
+    (budget "steps") or ``steps · ref_batch / m`` steps (budget "examples"). The final record
     adds, for BN, the accuracy when test minibatches of m are normalised by their own statistics
     (train mode) beside inference-mode accuracy (moving averages, and Algorithm 2's statistics)."""
     from stages.models.batchnorm import estimate_population_statistics
@@ -395,6 +396,10 @@ def batch_size_trial(config: dict, report: Callable[[dict], None]) -> None:
 
     train, test = load_npz_arrays(config["data_path"])
     m = config["batch_size"]
+    # budget "examples": as many examples as ``steps`` minibatches of ``ref_batch`` (same data seen)
+    scale = config["ref_batch"] / m if config["budget"] == "examples" else 1.0
+    steps = max(1, round(config["steps"] * scale))
+    eval_every = max(1, round(config["eval_every"] * scale))
     torch.manual_seed(config["seed"])
     model = MnistMLP(
         bn=config["bn"],
@@ -403,8 +408,8 @@ def batch_size_trial(config: dict, report: Callable[[dict], None]) -> None:
         bn_kind=config["bn_kind"],
     )
     records = train_classifier(
-        model, train, test, steps=config["steps"], batch_size=m, lr=config["lr"],
-        eval_every=config["eval_every"], seed=config["seed"], on_record=report,
+        model, train, test, steps=steps, batch_size=m, lr=config["lr"],
+        eval_every=eval_every, seed=config["seed"], on_record=report,
     )  # fmt: skip
     final = _final_record(records)
     if config["bn"]:
