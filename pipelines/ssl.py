@@ -397,6 +397,7 @@ def steps(cfg: SSLConfig) -> list[Step]:
             "report",
             write_report,
             kind="task",
+            version="2",
             inputs=(
                 "dataset",
                 *(f"{m}=train_{m}" for m in trained),

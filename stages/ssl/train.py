@@ -146,6 +146,8 @@ def train_run(
     b, bu = s.batch_size // world, s.mu * s.batch_size // world
     if s.batch_size % world or (s.mu * s.batch_size) % world:
         raise ValueError(f"batch_size {s.batch_size} (and mu·batch) must divide by {world} workers")
+    if s.method != "supervised" and bu * world > len(unl):
+        raise ValueError(f"unlabeled batch {bu * world} exceeds the {len(unl)} unlabeled examples")
     num_classes, channels = int(labels.max()) + 1, images.shape[1]
     mean = images[unl].float().mean((0, 2, 3)).div(255).view(1, -1, 1, 1).to(device)
     std = images[unl].float().div(255).std((0, 2, 3)).view(1, -1, 1, 1).to(device)
@@ -219,6 +221,7 @@ def train_run(
                         vi = rng.choice(len(val_y), min(s.val_batch, len(val_y)), replace=False)
                     val_f, val_p = _eval_features(net, _normalize(val_x[vi].to(device), mean, std))
                     probs = torch.softmax(logits.detach(), 1)
+                    # wd damps the whole last layer, biases too ("the L2 term acts as damping")
                     hyper = weight_hypergradients(
                         labeled_features=feats[:b], labeled_probs=probs[:b],
                         unlabeled_features=feats[b + bu :], unlabeled_probs=probs[b + bu :],
