@@ -44,6 +44,8 @@ NETS = ("randomization", "corruption", "regularizers")
 def _fmt(v, digits: int = 3) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
+    if isinstance(v, float) and v.is_integer() and abs(v) < 1e9:
+        return str(int(v))  # step counts, accuracies of exactly 0 or 1
     if isinstance(v, float):
         return f"{v:.{digits}g}" if abs(v) < 1e-3 or abs(v) >= 1e4 else f"{v:.{digits}f}"
     return str(v)
