@@ -397,7 +397,7 @@ def steps(cfg: SSLConfig) -> list[Step]:
             "report",
             write_report,
             kind="task",
-            version="2",
+            version="3",
             inputs=(
                 "dataset",
                 *(f"{m}=train_{m}" for m in trained),
