@@ -174,6 +174,8 @@ class BatchNormConfig:
     variants: VariantsConfig = field(default_factory=VariantsConfig)
     batch_size: BatchSizeConfig = field(default_factory=BatchSizeConfig)
     multi_worker: MultiWorkerConfig = field(default_factory=MultiWorkerConfig)
+    # a GPU per sweep trial and per Train worker when the cluster has any ("auto"), or CPU only
+    gpus: Literal["none", "auto"] = "none"
 
 
 PRESETS = {
@@ -222,7 +224,7 @@ PRESETS = {
         "multi_worker.eval_every": 30,
     },
     # §4.1 at full length on MNIST (data.root), CIFAR-10 for the variants (data.cifar_root)
-    "paper": {"variants.seeds": (0, 1, 2, 3, 4)},
+    "paper": {"variants.seeds": (0, 1, 2, 3, 4), "gpus": "auto"},
 }
 
 
@@ -274,10 +276,9 @@ def cifar_root(dataset_dir: Path) -> str:
 # the experiments' trainables (module level: Tune pickles them) and step adaptors
 
 # The engine runs independent steps in driver threads. Two Tune sweeps at once collide in Tune's
-# trainable registry (both register the executor's wrapper under the name "_tune_trial", so one
-# sweep's trials run the other's function), and a Ray Train run started beside a sweep fails on a
-# circular import inside ray.train. Our sweep/train steps therefore take turns on the driver; their
-# trials still run two at a time.
+# trainable registry: both register the executor's wrapper under the name "_tune_trial", so one
+# sweep's trials run the other's function (seen as KeyErrors in the wrong trainable). Our sweep and
+# train steps therefore take turns on the driver; their trials still run two at a time.
 _DRIVER_TURN = threading.Lock()
 
 
@@ -436,7 +437,8 @@ def steps(cfg: BatchNormConfig) -> list[Step]:
     from pipelines.batchnorm_report import write_report
 
     d, m, v, b, w = cfg.data, cfg.mnist, cfg.variants, cfg.batch_size, cfg.multi_worker
-    trial = Resources(cpus=1)  # two trials at once on 2 cores
+    # two trials at once on 2 cores; resources are not in the keys (results don't depend on them)
+    trial = Resources(cpus=1, gpus="auto" if cfg.gpus == "auto" else 0)
     # fields that don't change a dataset's bytes stay out of its key
     mnist_data = dict(
         root=d.root, digits_test=0 if d.root else d.digits_test, seed=0 if d.root else d.seed
@@ -525,7 +527,7 @@ def steps(cfg: BatchNormConfig) -> list[Step]:
                     seed=w.seed,
                     **mlp,
                 ),
-                resources=Resources(cpus=1),  # per worker
+                resources=trial,  # per worker
                 description="Ray Train DDP: per-worker vs synchronised BN statistics",
             )
         )

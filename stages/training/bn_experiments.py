@@ -33,6 +33,14 @@ class Arrays:
     def __len__(self) -> int:
         return len(self.y)
 
+    def to(self, device: torch.device | str) -> Arrays:
+        return Arrays(self.x.to(device), self.y.to(device))
+
+
+def trial_device() -> torch.device:
+    """A trial's GPU when Ray (or the user) gave it one; the sets are small enough to live there."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 
 def percentiles(
     values: torch.Tensor | np.ndarray, qs: Sequence[float] = PERCENTILES
@@ -209,7 +217,8 @@ def train_data_parallel(ctx, config: dict) -> None:
 
     train, test = load_npz_arrays(config["data_path"])
     rank, world = ctx.rank, ctx.world_size
-    shard = Arrays(train.x[rank::world], train.y[rank::world])  # disjoint shards
+    shard = Arrays(train.x[rank::world], train.y[rank::world]).to(ctx.device)  # disjoint shards
+    test = test.to(ctx.device)
     for sync in config["sync"]:
         torch.manual_seed(config["seed"])  # the same initial replica on every worker
         net = MnistMLP(
@@ -268,14 +277,15 @@ def mnist_trial(config: dict, report: Callable[[dict], None]) -> None:
     from stages.models.batchnorm import estimate_population_statistics, fold_batchnorm
     from stages.models.bn_nets import MnistMLP
 
-    train, test = load_npz_arrays(config["data_path"])
+    device = trial_device()
+    train, test = (a.to(device) for a in load_npz_arrays(config["data_path"]))
     torch.manual_seed(config["seed"])
     model = MnistMLP(
         bn=config["bn"],
         hidden=tuple(config["hidden"]),
         init_std=config["init_std"],
         bn_kind=config["bn_kind"],
-    )
+    ).to(device)
     records = train_classifier(
         model,
         train,
@@ -357,9 +367,11 @@ def variant_trial(config: dict, report: Callable[[dict], None]) -> None:
     from stages.models.bn_nets import SmallInception
 
     s = config["settings"][config["variant"]]
+    device = trial_device()
     train, test = load_cifar_arrays(
         config["cifar_root"], config["image_px"], config["max_train"], config["max_test"]
     )
+    train, test = train.to(device), test.to(device)
     torch.manual_seed(config["seed"])
     model = SmallInception(
         width=config["width"],
@@ -367,7 +379,7 @@ def variant_trial(config: dict, report: Callable[[dict], None]) -> None:
         activation=s["activation"],
         dropout=s["dropout"],
         lrn=s["lrn"],
-    )
+    ).to(device)
     records = train_classifier(
         model,
         train,
@@ -394,7 +406,8 @@ def batch_size_trial(config: dict, report: Callable[[dict], None]) -> None:
     from stages.models.batchnorm import estimate_population_statistics
     from stages.models.bn_nets import MnistMLP
 
-    train, test = load_npz_arrays(config["data_path"])
+    device = trial_device()
+    train, test = (a.to(device) for a in load_npz_arrays(config["data_path"]))
     m = config["batch_size"]
     # budget "examples": as many examples as ``steps`` minibatches of ``ref_batch`` (same data seen)
     scale = config["ref_batch"] / m if config["budget"] == "examples" else 1.0
@@ -406,7 +419,7 @@ def batch_size_trial(config: dict, report: Callable[[dict], None]) -> None:
         hidden=tuple(config["hidden"]),
         init_std=config["init_std"],
         bn_kind=config["bn_kind"],
-    )
+    ).to(device)
     records = train_classifier(
         model, train, test, steps=steps, batch_size=m, lr=config["lr"],
         eval_every=eval_every, seed=config["seed"], on_record=report,
