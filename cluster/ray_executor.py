@@ -22,6 +22,7 @@ from cluster.resources import Resources, limit_threads
 from cluster.space import Choice, Grid, Uniform
 
 _LIBRARY_IMPORT = threading.Lock()
+_TUNE_RUN = threading.Lock()
 
 
 def _import_train_and_tune() -> None:
@@ -276,7 +277,43 @@ class RayExecutor:
         seed: int = 0,
     ) -> list[dict]:
         """Ray Tune ``Tuner``; ``resume`` restores an interrupted experiment and runs only the
-        unfinished trials. Leave CPUs free when trials use Ray Data inside (else it hangs)."""
+        unfinished trials. Leave CPUs free when trials use Ray Data inside (else it hangs).
+
+        One Tune run at a time per driver: two ``Tuner.fit`` calls in threads of one process
+        crash in Tune's process-global registry ("dictionary changed size during iteration"), so
+        concurrent sweep steps queue here; each still runs its own trials in parallel."""
+        with _TUNE_RUN:
+            return self._sweep(
+                trainable,
+                space,
+                metric=metric,
+                mode=mode,
+                num_samples=num_samples,
+                max_concurrent=max_concurrent,
+                resources_per_trial=resources_per_trial,
+                storage_path=storage_path,
+                name=name,
+                resume=resume,
+                scheduler=scheduler,
+                seed=seed,
+            )
+
+    def _sweep(
+        self,
+        trainable: Callable,
+        space: dict,
+        *,
+        metric: str,
+        mode: str,
+        num_samples: int,
+        max_concurrent: int | None,
+        resources_per_trial: Resources,
+        storage_path: str,
+        name: str,
+        resume: bool,
+        scheduler: str | None,
+        seed: int,
+    ) -> list[dict]:
         import os
 
         _import_train_and_tune()

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -279,12 +278,6 @@ def make_randomized(ctx: StepContext, *, variants: tuple, seeds: tuple, seed: in
     ctx.write_json("variants.json", rows)
 
 
-# The engine runs independent steps in driver threads; two concurrent Tuner.fit calls race in
-# Tune's global trainable registry ("dictionary changed size during iteration", Ray 2.60), so the
-# three sweeps take turns. Each still runs its trials in parallel.
-_TUNE_LOCK = threading.Lock()
-
-
 def _sweep(ctx: StepContext, experiment: str, grids: dict, train: dict, seeds: tuple) -> None:
     """Run ``run_trial`` over ``grids`` × seeds under Tune; write rows.parquet and curves.parquet."""
     from stages.training.fit_labels import run_trial
@@ -302,8 +295,8 @@ def _sweep(ctx: StepContext, experiment: str, grids: dict, train: dict, seeds: t
         **{k: Grid(tuple(v)) for k, v in grids.items()},
         "seed": Grid(tuple(seeds)),
     }
-    with _TUNE_LOCK:
-        results = ctx.sweep(run_trial, space, metric="train_acc", mode="max")
+    # concurrent sweep steps take turns inside the Ray executor (Tune's registry is global)
+    results = ctx.sweep(run_trial, space, metric="train_acc", mode="max")
     rows, curves = [], []
     for r in results:
         c, m = r["config"], r["metrics"]

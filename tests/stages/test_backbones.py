@@ -27,8 +27,9 @@ def models():
     return {name: create(name).eval() for name in EXPECTED}
 
 
-def test_every_registered_model_has_expectations():
-    assert set(EXPECTED) == set(names())
+def test_every_registered_rcnn_model_has_expectations():
+    # other papers' models are tested beside their own code
+    assert set(EXPECTED) == {n for n in names() if n.startswith("rcnn_")}
 
 
 def test_unknown_name_lists_valid_ones():
