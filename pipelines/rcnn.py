@@ -5,7 +5,8 @@ Steps: ``dataset`` → ``proposals`` (§2.1 selective search, fast mode) → ``p
 vs number of proposals) → ``pretrain`` → ``finetune`` (§2.3) → ``features`` (pool5/fc6/fc7 Parquet
 cache) → ``svm`` (per class, hard negative mining, App. B) → ``bbox_regression`` (App. C) →
 ``detect`` (§2.2: top 100, NMS 0.3) → ``evaluate`` (VOC devkit AP) → ``region_features`` (§5) →
-``report``. Config and the step graph live here; the step adaptors in ``rcnn_detect.py``.
+``report``. Config and the step graph live here; the step adaptors in ``rcnn_train.py``,
+``rcnn_features.py``, ``rcnn_detect.py`` and ``rcnn_report.py``.
 
 Reproduces: the detection pipeline and its Table 2 (``--preset table2``: pool5/fc6/fc7 × without /
 with fine-tuning, + bbox regression, T-Net vs O-Net), the §5 region-feature comparison, the
@@ -36,8 +37,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cluster.resources import Resources
+from pipelines import rcnn_detect, rcnn_features, rcnn_report, rcnn_train
 from pipelines.config import check
 from pipelines.engine import Step, StepContext
+from pipelines.rcnn_common import read_images
 from pipelines.registry import PipelineSpec
 
 
@@ -379,13 +382,6 @@ def _download_voc2007(root: Path) -> None:  # pragma: no cover - needs internet
         )
 
 
-def read_images(dataset_dir: Path, split: str | None = None) -> list[dict]:
-    rows = pq.read_table(dataset_dir / "images.parquet").to_pylist()
-    for r in rows:
-        r["path"] = str(dataset_dir / r["path"])  # joining an absolute path keeps it
-    return [r for r in rows if split is None or r["split"] == split]
-
-
 def gt_boxes_by_image(
     dataset_dir: Path, split: str, *, include_difficult: bool = False
 ) -> dict[str, np.ndarray]:
@@ -580,9 +576,7 @@ class _Builder:
     """Step factories for the detector; variants (Table 2) reuse them with other names/inputs."""
 
     def __init__(self, cfg: RCNNConfig, test_split: str):
-        from pipelines import rcnn_detect
-
-        self.cfg, self.test_split, self.d = cfg, test_split, rcnn_detect
+        self.cfg, self.test_split = cfg, test_split
         self.train_res = Resources(cpus=1, gpus="auto")
 
     def pretrain(self, name: str = "pretrain", cnn: CNNConfig | None = None) -> Step:
@@ -602,7 +596,7 @@ class _Builder:
         )
         return Step(
             name,
-            functools.partial(self.d.pretrain, num_workers=pt.num_workers),
+            functools.partial(rcnn_train.pretrain, num_workers=pt.num_workers),
             kind="train",
             inputs=("dataset",),
             resources=self.train_res,
@@ -628,7 +622,7 @@ class _Builder:
         )
         return Step(
             name,
-            functools.partial(self.d.finetune, num_workers=ft.num_workers),
+            functools.partial(rcnn_train.finetune, num_workers=ft.num_workers),
             kind="train",
             inputs=("dataset", "proposals", f"pretrain={pretrain}"),
             resources=self.train_res,
@@ -648,7 +642,7 @@ class _Builder:
             layers = ("pool5",)
         layers = layers or tuple(sorted({s.layer, "pool5"} if b.enabled else {s.layer}))
         fn = functools.partial(
-            self.d.extract_features,
+            rcnn_features.extract_features,
             images_per_shard=f.images_per_shard,
             num_actors=f.num_actors,
             chunk=f.chunk,
@@ -694,7 +688,7 @@ class _Builder:
             inputs += (f"finetune={finetune}",)  # its fc6/fc7/fc8 weights are needed
         return Step(
             name,
-            self.d.train_svms,
+            rcnn_detect.train_svms,
             kind="map",
             stage="svm",
             inputs=inputs,
@@ -706,7 +700,7 @@ class _Builder:
         b, s = self.cfg.bbox, self.cfg.svm
         return Step(
             name,
-            self.d.train_box_regressors,
+            rcnn_detect.train_box_regressors,
             kind="map",
             stage="bbox_regression",
             inputs=("dataset", f"features={features}"),
@@ -733,7 +727,7 @@ class _Builder:
             inputs += (f"finetune={finetune}",)
         return Step(
             name,
-            self.d.detect,
+            rcnn_detect.detect,
             kind="map",
             stage="detect",
             inputs=inputs,
@@ -749,7 +743,7 @@ class _Builder:
     def evaluate(self, name: str = "evaluate", detect: str = "detect") -> Step:
         return Step(
             name,
-            self.d.evaluate,
+            rcnn_detect.evaluate,
             kind="task",
             stage="evaluate",
             inputs=("dataset", f"detect={detect}"),
@@ -760,7 +754,7 @@ class _Builder:
 
 def detector_steps(cfg: RCNNConfig, test_split: str) -> list[Step]:
     """The detector of the paper's main result: fc7 SVMs (+ bbox regression)."""
-    b, d = _Builder(cfg, test_split), _Builder(cfg, test_split).d
+    b = _Builder(cfg, test_split)
     bbox = cfg.bbox.enabled
     return [
         b.pretrain(),
@@ -772,7 +766,7 @@ def detector_steps(cfg: RCNNConfig, test_split: str) -> list[Step]:
         b.evaluate(),
         Step(
             "region_features",
-            d.region_features,
+            rcnn_report.region_features,
             kind="task",
             inputs=("dataset", "finetune"),
             params=dict(padding=cfg.cnn.padding, C=1.0),
@@ -780,7 +774,7 @@ def detector_steps(cfg: RCNNConfig, test_split: str) -> list[Step]:
         ),
         Step(
             "report",
-            d.write_report,
+            rcnn_report.write_report,
             kind="task",
             inputs=("dataset", "detect", "evaluate", "proposal_report", "region_features"),
             params=dict(layer=cfg.svm.layer, finetuned=cfg.finetune.enabled, bbox_regression=bbox),
@@ -803,7 +797,7 @@ def table2_steps(cfg: RCNNConfig, test_split: str) -> list[Step]:
     """Table 2 of the paper on this dataset: pool5/fc6/fc7 without and with fine-tuning, fc7 +
     bbox regression (and O-Net rows when the net is AlexNet). Proposals, pretraining and each
     feature cache are computed once and shared by every row."""
-    b, d = _Builder(cfg, test_split), _Builder(cfg, test_split).d
+    b = _Builder(cfg, test_split)
     out = [
         b.pretrain(),
         b.finetune("finetune", enabled=True),
@@ -869,7 +863,7 @@ def table2_steps(cfg: RCNNConfig, test_split: str) -> list[Step]:
     out.append(
         Step(
             "table2",
-            functools.partial(d.write_table2, rows=[r for r, _ in rows]),
+            functools.partial(rcnn_report.write_table2, rows=[r for r, _ in rows]),
             kind="task",
             inputs=tuple(f"row{i}={e}" for i, (_, e) in enumerate(rows)),
             publish=("table2.md", "table2.json"),

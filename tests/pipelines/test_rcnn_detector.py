@@ -184,7 +184,7 @@ def test_ci_through_ray_reaches_the_same_floor(ci_run, ray_session):
 def test_image_folder_pretraining_input(tmp_path):
     import cv2
 
-    from pipelines.rcnn_detect import _image_folder_crops
+    from pipelines.rcnn_train import _image_folder_crops
 
     for k, colour in enumerate([(0, 0, 255), (255, 0, 0)]):
         (tmp_path / f"class{k}").mkdir()

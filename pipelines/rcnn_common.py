@@ -1,0 +1,136 @@
+"""R-CNN steps' shared helpers: dataset tables, proposals, model build/save/load, warped windows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+
+# ----------------------------------------------------------------------------------------------
+# shared helpers
+def read_images(dataset_dir: Path, split: str | None = None) -> list[dict]:
+    """Rows of the dataset artifact's ``images.parquet`` (of one split), paths made absolute."""
+    rows = pq.read_table(dataset_dir / "images.parquet").to_pylist()
+    for r in rows:
+        r["path"] = str(dataset_dir / r["path"])  # joining an absolute path keeps it
+    return [r for r in rows if split is None or r["split"] == split]
+
+
+def _classes(dataset_dir: Path) -> list[str]:
+    return json.loads((dataset_dir / "classes.json").read_text())
+
+
+def _splits(dataset_dir: Path) -> tuple[str, str]:
+    splits = json.loads((dataset_dir / "splits.json").read_text())
+    return splits["train"], splits["test"]
+
+
+def _objects_by_image(dataset_dir: Path, split: str, classes: list[str]) -> dict[str, dict]:
+    """Per image of ``split``: gt boxes (G, 4), class indices (G,), difficult (G,)."""
+    table = pq.read_table(dataset_dir / "objects.parquet").to_pylist()
+    out = {
+        r["image_id"]: {"boxes": [], "cls": [], "difficult": []}
+        for r in read_images(dataset_dir, split)
+    }
+    for o in table:
+        if o["split"] == split:
+            entry = out[o["image_id"]]
+            entry["boxes"].append([o["x1"], o["y1"], o["x2"], o["y2"]])
+            entry["cls"].append(classes.index(o["class"]))
+            entry["difficult"].append(o["difficult"])
+    return {
+        k: {
+            "boxes": np.asarray(v["boxes"], np.float32).reshape(-1, 4),
+            "cls": np.asarray(v["cls"], np.int64),
+            "difficult": np.asarray(v["difficult"], bool),
+        }
+        for k, v in out.items()
+    }
+
+
+def _proposals(prop_dir: Path) -> dict[str, np.ndarray]:
+    from stages.detection.proposals import boxes_by_image
+
+    return boxes_by_image(pq.read_table(prop_dir / "proposals.parquet"))
+
+
+def _build_model(model: str, model_kwargs: dict, num_outputs: int, state: dict | None):
+    from stages.models.registry import create
+
+    net = create(model, **model_kwargs)
+    if net.num_outputs != num_outputs:
+        net.replace_head(num_outputs)
+    if state is not None:
+        net.load_state_dict(state)
+    return net.eval()
+
+
+def create_size(model: str, model_kwargs: dict) -> int:
+    return {"rcnn_alexnet": 227, "rcnn_vgg16": 224}.get(model, model_kwargs.get("input_size", 64))
+
+
+def _save_model(
+    path: Path, state: dict, *, model: str, model_kwargs: dict, num_outputs: int
+) -> None:
+    torch.save(
+        {
+            "model": state,
+            "arch": {"model": model, "model_kwargs": model_kwargs, "num_outputs": num_outputs},
+        },
+        path,
+    )
+
+
+def load_model(path: Path):
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    arch = saved["arch"]
+    return _build_model(arch["model"], arch["model_kwargs"], arch["num_outputs"], saved["model"])
+
+
+class WarpedWindows:
+    """Fine-tuning windows, warped on the worker that trains (``WindowSource``): images are read
+    lazily and cached per process, so only paths and boxes travel through Ray."""
+
+    def __init__(
+        self,
+        paths: list[str],
+        image_index: np.ndarray,
+        boxes: np.ndarray,
+        labels: np.ndarray,
+        *,
+        size: int,
+        padding: int,
+        warp: str = "warp",
+    ):
+        self.paths, self.image_index, self.boxes = paths, image_index, boxes
+        self.labels, self.size, self.padding, self.warp = labels, size, padding, warp
+        self._cache: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _image(self, i: int) -> np.ndarray:
+        from data.voc import load_image
+
+        if i not in self._cache:
+            self._cache[i] = load_image(self.paths[i])
+        return self._cache[i]
+
+    def get(self, indices: np.ndarray) -> torch.Tensor:
+        from stages.detection.warp import warp_regions
+
+        crops = np.empty((len(indices), self.size, self.size, 3), np.float32)
+        for i in np.unique(self.image_index[indices]):
+            rows = np.nonzero(self.image_index[indices] == i)[0]
+            crops[rows] = warp_regions(
+                self._image(int(i)),
+                self.boxes[indices[rows]],
+                size=self.size,
+                padding=self.padding,
+                mode=self.warp,
+            )
+        return torch.from_numpy(crops).permute(0, 3, 1, 2).contiguous()  # (B, 3, S, S)

@@ -1,0 +1,209 @@
+"""R-CNN `features` step: warp every gt box and proposal, CNN features into the Parquet cache
+(Ray Data actor pool), and the readers of that cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipelines.engine import StepContext
+from pipelines.rcnn_common import (
+    _classes,
+    _objects_by_image,
+    _proposals,
+    _splits,
+    load_model,
+    read_images,
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# features: warp every gt box and proposal, CNN features, Parquet cache (one shard per batch)
+class FeatureWriter:
+    """Ray Data actor: holds the CNN; per batch of image rows writes one shard per layer."""
+
+    def __init__(
+        self,
+        model_path: str,
+        dataset_dir: str,
+        proposals_dir: str,
+        out_dir: str,
+        layers: tuple[str, ...],
+        padding: int,
+        chunk: int,
+        dtype: str,
+        warp: str = "warp",
+    ):
+        # the actor holds a GPU when the cluster has one (Resources(gpus="auto"))
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = load_model(Path(model_path)).to(self.device)
+        self.dataset_dir, self.out_dir = Path(dataset_dir), Path(out_dir)
+        self.classes = _classes(self.dataset_dir)
+        self.proposals = _proposals(Path(proposals_dir))
+        self.objects = {
+            s: _objects_by_image(self.dataset_dir, s, self.classes)
+            for s in _splits(self.dataset_dir)
+        }
+        self.layers, self.padding, self.chunk, self.dtype = layers, padding, chunk, dtype
+        self.warp = warp
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from data.voc import load_image
+        from stages.detection.boxes import box_iou_voc
+        from stages.detection.features import write_feature_shard
+        from stages.detection.warp import warp_regions_tensor
+
+        cols = {k: [] for k in ("image_ids", "box_index", "is_gt", "boxes", "gt_class", "max_iou")}
+        feats = {layer: [] for layer in self.layers}
+        for image_id, path, split in zip(
+            batch["image_id"].to_pylist(),
+            batch["path"].to_pylist(),
+            batch["split"].to_pylist(),
+            strict=True,
+        ):
+            obj = self.objects[split][image_id]
+            props = self.proposals.get(image_id, np.zeros((0, 4), np.float32))
+            boxes = np.concatenate([obj["boxes"], props]).astype(np.float32)
+            n_gt = len(obj["boxes"])
+            max_iou = np.zeros((len(boxes), len(self.classes)), np.float32)
+            if n_gt:  # per class: max IoU with that class's gt, difficult included (features.py)
+                iou = box_iou_voc(boxes, obj["boxes"])
+                for c in np.unique(obj["cls"]):
+                    max_iou[:, c] = iou[:, obj["cls"] == c].max(1)
+            image = load_image(path)
+            with torch.inference_mode():
+                for s in range(0, len(boxes), self.chunk):
+                    x = warp_regions_tensor(
+                        image,
+                        boxes[s : s + self.chunk],
+                        size=self.model.input_size,
+                        padding=self.padding,
+                        mode=self.warp,
+                    )
+                    out = self.model.features_all(x.to(self.device, non_blocking=True))
+                    for layer in self.layers:
+                        feats[layer].append(out[layer].float().cpu().numpy())
+            cols["image_ids"] += [image_id] * len(boxes)
+            cols["box_index"].append(np.arange(len(boxes), dtype=np.int32))
+            cols["is_gt"].append(np.arange(len(boxes)) < n_gt)
+            cols["boxes"].append(boxes)
+            cols["gt_class"].append(np.concatenate([obj["cls"], -np.ones(len(props), np.int64)]))
+            cols["max_iou"].append(max_iou)
+        shard = f"{batch['image_id'][0].as_py()}.parquet"
+        arrays = {k: (v if k == "image_ids" else np.concatenate(v)) for k, v in cols.items()}
+        for layer in self.layers:
+            (self.out_dir / layer).mkdir(parents=True, exist_ok=True)
+            write_feature_shard(
+                self.out_dir / layer / shard,
+                **arrays,
+                features=np.concatenate(feats[layer]),
+                dtype=self.dtype,
+            )
+        splits = set(batch["split"].to_pylist())
+        return pa.table(
+            {
+                "shard": [shard],
+                "split": [splits.pop() if len(splits) == 1 else "mixed"],
+                "rows": [len(arrays["image_ids"])],
+            }
+        )
+
+
+def extract_features(
+    ctx: StepContext,
+    *,
+    layers: tuple[str, ...],
+    padding: int,
+    images_per_shard: int,
+    dtype: str,
+    num_actors: int,
+    chunk: int,
+    warp: str = "warp",
+) -> None:
+    dataset_dir = ctx.input_dir("dataset")
+    table = pa.Table.from_pylist(
+        [{k: r[k] for k in ("image_id", "path", "split")} for r in read_images(dataset_dir)]
+    )
+    kwargs = dict(
+        model_path=str(ctx.input_dir("finetune") / "model.pt"),
+        dataset_dir=str(dataset_dir),
+        proposals_dir=str(ctx.input_dir("proposals")),
+        out_dir=str(ctx.out_dir),
+        layers=layers,
+        padding=padding,
+        chunk=chunk,
+        dtype=dtype,
+        warp=warp,
+    )
+    # shards never mix splits (the SVMs stream only training shards, detection only test ones):
+    # one inference pass per split
+    manifests = []
+    for split in _splits(dataset_dir):
+        part = table.filter(pa.compute.equal(table["split"], split))
+        if part.num_rows:
+            out = ctx.infer(
+                part,
+                FeatureWriter,
+                kwargs,
+                batch_size=images_per_shard,
+                num_actors=num_actors,
+                subdir=f"_manifest_{split}",
+            )
+            manifests.append(pq.read_table(out))
+    manifest = pa.concat_tables(manifests)
+    pq.write_table(manifest, ctx.out_dir / "shards.parquet")
+    for split in _splits(dataset_dir):
+        _rm_tree(ctx.out_dir / f"_manifest_{split}")
+    ctx.write_json(
+        "metrics.json",
+        {
+            "feature_rows": int(pa.compute.sum(manifest["rows"]).as_py()),
+            "feature_shards": manifest.num_rows,
+        },
+    )
+
+
+def _rm_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def feature_shards(features_dir: Path, layer: str, split: str) -> list[Path]:
+    manifest = pq.read_table(features_dir / "shards.parquet").to_pylist()
+    return sorted(features_dir / layer / m["shard"] for m in manifest if m["split"] == split)
+
+
+class Pool5Head:
+    """fc6/fc7 recomputed from cached pool5 with the fine-tuned net's weights, as R-CNN's code
+    did (it cached pool5 only: ≈200 GB for VOC07 trainval instead of several times that).
+    Matches ``RCNNBackbone.features`` in eval mode (ReLU after fc6 and fc7; dropout is off)."""
+
+    def __init__(self, net, layer: str):
+        self.layer = layer
+        self.w6, self.b6 = net.fc6.weight.detach().numpy(), net.fc6.bias.detach().numpy()
+        self.w7, self.b7 = net.fc7.weight.detach().numpy(), net.fc7.bias.detach().numpy()
+
+    def __call__(self, pool5: np.ndarray) -> np.ndarray:
+        if self.layer == "pool5":
+            return pool5
+        h = np.maximum(pool5 @ self.w6.T + self.b6, 0)  # (N, fc6)
+        return h if self.layer == "fc6" else np.maximum(h @ self.w7.T + self.b7, 0)
+
+
+def _identity(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+def layer_source(ctx: StepContext, layer: str, split: str):
+    """(shard paths, transform) giving ``layer`` features of ``split``: the cached layer itself,
+    or pool5 through ``Pool5Head`` when the cache holds pool5 only (features.cache=pool5)."""
+    features_dir = ctx.input_dir("features")
+    if (features_dir / layer).is_dir():
+        return [str(p) for p in feature_shards(features_dir, layer, split)], _identity
+    net = load_model(ctx.input_dir("finetune") / "model.pt")
+    return [str(p) for p in feature_shards(features_dir, "pool5", split)], Pool5Head(net, layer)
