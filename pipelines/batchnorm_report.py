@@ -265,7 +265,7 @@ def variants_section(ctx, curves, finals, settings, out_metrics, plt) -> list[st
     return lines
 
 
-def batch_size_section(ctx, finals, budget, out_metrics, plt) -> list[str]:
+def batch_size_section(ctx, curves, finals, budget, out_metrics, plt) -> list[str]:
     by = {(f["variant"], f["seed"]): f for f in finals}
     sizes = sorted({int(v.rsplit("-m", 1)[1]) for v, _ in by})
     rows, summary = [], {}
@@ -282,6 +282,8 @@ def batch_size_section(ctx, finals, budget, out_metrics, plt) -> list[str]:
             "bn_acc_batch_stats": mean(f"BN-m{m}", "acc_batch_stats"),
         }
         r["train_vs_inference_gap"] = r["bn_acc_batch_stats"] - r["bn_acc"]
+        r.update(_best_and_steps(curves, "batch_size", f"BN-m{m}", f"Baseline-m{m}", "bn"))
+        r.update(_best_and_steps(curves, "batch_size", f"Baseline-m{m}", f"Baseline-m{m}", "no_bn"))
         summary[str(m)] = r
         rows.append(
             f"| {m} | {r['no_bn_acc']:.4f} | {r['bn_acc']:.4f} | {r['bn_acc_population']:.4f} | "
@@ -339,8 +341,21 @@ def batch_size_section(ctx, finals, budget, out_metrics, plt) -> list[str]:
     ]
 
 
-def multi_worker_section(finals, out_metrics) -> list[str]:
+def _best_and_steps(curves, experiment: str, variant: str, reference: str, prefix: str) -> dict:
+    """Best accuracy of ``variant``'s seed-mean curve and its steps to ``reference``'s best."""
+    steps, acc, _ = mean_curve(curves, experiment, variant)
+    target = float(mean_curve(curves, experiment, reference)[1].max())
+    return {
+        f"{prefix}_best_acc": float(acc.max()),
+        f"{prefix}_steps_to_target": steps_to_reach(steps, acc, target),
+    }
+
+
+def multi_worker_section(curves, finals, out_metrics) -> list[str]:
     summary = {f["variant"]: f for f in finals}
+    for v, f in summary.items():  # target: the per-worker run's best accuracy
+        best = _best_and_steps(curves, "multi_worker", v, "per_worker", "x")
+        f["best_acc"], f["steps_to_target"] = best["x_best_acc"], best["x_steps_to_target"]
     out_metrics["multi_worker"] = summary
     world = finals[0]["world_size"]
     rows = [
@@ -395,8 +410,8 @@ def write_report(ctx: StepContext, *, experiments: tuple[str, ...]) -> None:
         lines += variants_section(ctx, curves, finals["variants"], settings, metrics, plt) + [""]
     if "batch_size" in experiments:
         budget = json.loads((ctx.input_dir("batch_size") / "budget.json").read_text())["budget"]
-        lines += batch_size_section(ctx, finals["batch_size"], budget, metrics, plt) + [""]
+        lines += batch_size_section(ctx, curves, finals["batch_size"], budget, metrics, plt) + [""]
     if "multi_worker" in experiments:
-        lines += multi_worker_section(finals["multi_worker"], metrics) + [""]
+        lines += multi_worker_section(curves, finals["multi_worker"], metrics) + [""]
     (ctx.out_dir / "report.md").write_text("\n".join(lines))
     ctx.write_json("metrics.json", metrics)

@@ -61,6 +61,9 @@ def test_batch_size_criticism(ci_run):
     assert bs["1"]["bn_acc"] < 0.3 and bs["1"]["bn_acc_batch_stats"] < 0.3  # m = 1: no learning
     assert bs["60"]["bn_acc"] > 0.8 and bs["60"]["bn_acc"] > bs["60"]["no_bn_acc"]
     assert abs(bs["60"]["train_vs_inference_gap"]) < 0.05
+    # metrics.json's contract: best accuracy and steps to the plain net's best (null if never)
+    assert bs["60"]["bn_steps_to_target"] < bs["60"]["no_bn_steps_to_target"]
+    assert bs["1"]["bn_best_acc"] < 0.3
 
 
 def test_output_contract(ci_run):
@@ -91,6 +94,7 @@ def test_output_contract(ci_run):
     assert all(0 <= v["best_acc"] <= 1 for v in variants.values())
     assert variants["BN-x30"]["lr"] == pytest.approx(30 * variants["Baseline"]["lr"])
     assert set(m["multi_worker"]) == {"per_worker", "sync"}
+    assert m["multi_worker"]["per_worker"]["steps_to_target"] is not None
     report = (run_dir / "report.md").read_text()
     for heading in (
         "(§4.1, Figure 1)",
