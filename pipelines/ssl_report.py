@@ -108,8 +108,10 @@ def _figures(out_dir, rows, runs, summary, methods, sizes, num_classes) -> None:
             vals = {k: np.concatenate(v) for k, v in snaps.items()}
             lo = min(float(v.min()) for v in vals.values())
             hi = max(float(v.max()) for v in vals.values())
+            pad = max(0.0, 0.05 - (hi - lo))  # λ frozen at 1 (outer lr 0): a visible window
             for step, v in vals.items():
-                ax.hist(v, bins=40, range=(lo, hi + 1e-6), histtype="step", label=f"step {step}")
+                ax.hist(v.astype(np.float64), bins=40, range=(lo - pad, hi + pad),
+                        histtype="step", label=f"step {step}")  # fmt: skip
         ax.set(title=f"λ, {n * num_classes} labels", xlabel="λ_u", yscale="log")
         ax.legend(fontsize=7)
     fig.tight_layout()
