@@ -100,6 +100,19 @@ def _train_loop(train_fn: Callable, threads: int, config: dict) -> None:
     train_fn(RayTrainContext(), config)
 
 
+def _named_trial(trainable: Callable, threads: int, name: str) -> Callable[[dict], None]:
+    """The function Tune runs, registered under a name unique to this experiment: Tune's registry
+    is keyed by the function's name, so two experiments of one job (a sweep step inside a
+    `paperline sweep` trial, or two sweep steps) must not share one, or one runs the other's
+    trials."""
+
+    def trial(config: dict) -> None:
+        _tune_trial(trainable, threads, config)
+
+    trial.__name__ = trial.__qualname__ = f"trial_{name}"
+    return trial
+
+
 def _tune_trial(trainable: Callable, threads: int, config: dict) -> None:
     from ray import tune
 
@@ -325,7 +338,7 @@ class RayExecutor:
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
         gpus = resources_per_trial.resolve_gpus(self.cluster_gpus())
         fn = tune.with_resources(
-            functools.partial(_tune_trial, trainable, resources_per_trial.threads()),
+            _named_trial(trainable, resources_per_trial.threads(), name),
             {"cpu": resources_per_trial.cpus, "gpu": gpus},
         )
         path = f"{storage_path.rstrip('/')}/{name}"
