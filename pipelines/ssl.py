@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import threading
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -180,13 +179,6 @@ PRESETS = {
 }
 
 
-# Ray 2.60 imports Train and Tune lazily inside the executor; two engine threads entering them at
-# once race on a circular import ("cannot import name '_CheckpointManager' from partially
-# initialized module"). This pipeline's Train/Tune calls therefore run one at a time (on small
-# machines they queue for the same CPUs anyway); importing both in RayExecutor.__init__ would fix it.
-_RAY_ENTRY = threading.Lock()
-
-
 # ----------------------------------------------------------------------------------------------
 def make_dataset(
     ctx: StepContext,
@@ -245,8 +237,7 @@ def train_method(
         "val_per_class": val_per_class,
         "data_path": str(ctx.input_dir("dataset") / "data.npz"),
     }
-    with _RAY_ENTRY:
-        result = ctx.train(ssl_train_fn, config, num_workers=num_workers)
+    result = ctx.train(ssl_train_fn, config, num_workers=num_workers)
     torch.save(result.checkpoint["results"], ctx.out_dir / "runs.pt")
 
 
@@ -290,8 +281,7 @@ def sweep_scalar(
         "seed": Grid(tuple(seeds)),
         "scalar_weight": Grid(tuple(grid)),
     }
-    with _RAY_ENTRY:
-        trials = ctx.sweep(trainable, space, metric="val_accuracy", mode="max")
+    trials = ctx.sweep(trainable, space, metric="val_accuracy", mode="max")
     failed = [t for t in trials if t["error"]]
     if failed:
         raise RuntimeError(f"{len(failed)} scalar-λ trials failed; first: {failed[0]['error']}")
