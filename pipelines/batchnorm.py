@@ -28,7 +28,6 @@ Commands::
 from __future__ import annotations
 
 import json
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -275,16 +274,10 @@ def cifar_root(dataset_dir: Path) -> str:
 # ----------------------------------------------------------------------------------------------
 # the experiments' trainables (module level: Tune pickles them) and step adaptors
 
-# The engine runs independent steps in driver threads. Two Tune sweeps at once collide in Tune's
-# trainable registry: both register the executor's wrapper under the name "_tune_trial", so one
-# sweep's trials run the other's function (seen as KeyErrors in the wrong trainable). Our sweep and
-# train steps therefore take turns on the driver; their trials still run two at a time.
-_DRIVER_TURN = threading.Lock()
-
 
 def _sweep(ctx: StepContext, trainable, space: dict) -> list[dict]:
-    with _DRIVER_TURN:
-        return ctx.sweep(trainable, space, metric="test_acc", mode="max")
+    # concurrent sweep steps take turns inside the Ray executor (Tune's registry is global)
+    return ctx.sweep(trainable, space, metric="test_acc", mode="max")
 
 
 CURVES_SCHEMA = pa.schema(
@@ -409,8 +402,7 @@ def run_multi_worker(ctx: StepContext, num_workers: int, **params) -> None:
 
     data = str(ctx.input_dir("mnist_data") / "mnist.npz")
     config = {**params, "data_path": data, "sync": [False, True]}
-    with _DRIVER_TURN:
-        history = ctx.train(train_data_parallel, config, num_workers=num_workers).history
+    history = ctx.train(train_data_parallel, config, num_workers=num_workers).history
     rows, finals, seed = [], [], params["seed"]
     for sync in (False, True):
         variant = "sync" if sync else "per_worker"
