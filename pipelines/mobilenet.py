@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -406,11 +405,6 @@ def sweep_trial(config: dict, report, *, base: dict, model: dict, threads: int) 
         limit_threads(before)
 
 
-# Two Tuner.fit() calls from one driver at once race in ray.tune.registry ("dictionary changed size
-# during iteration"): the engine runs independent steps in threads, so the two sweeps take turns.
-_TUNE_LOCK = threading.Lock()
-
-
 def run_sweep(
     ctx: StepContext,
     *,
@@ -432,14 +426,14 @@ def run_sweep(
         sweep_trial, base=base, model=model, threads=ctx.resources.threads()
     )
     space = {"point": Grid(tuple(points)), "seed": Grid(tuple(seeds))}
-    with _TUNE_LOCK:
-        results = ctx.sweep(
-            trainable,
-            space,
-            metric="accuracy",
-            mode="max",
-            scheduler=None if scheduler == "none" else scheduler,
-        )
+    # the two sweep steps take turns: the Ray executor runs one Tune experiment per driver at once
+    results = ctx.sweep(
+        trainable,
+        space,
+        metric="accuracy",
+        mode="max",
+        scheduler=None if scheduler == "none" else scheduler,
+    )
     rows = []
     for r in results:
         variant, width, res = parse_point(r["config"]["point"])
