@@ -168,8 +168,9 @@ def write_report(ctx, *, stem_stride: int, optimizer: str) -> None:
         "`torch.utils.flop_counter` FLOPs / 2 (convs + classifier; BN/ReLU/pool/adds count 0). "
         "`params` counts BN γ/β (torchvision); `params w/o BN` does not (TF-slim, the paper's "
         f"convention, 1001 classes there). Latency: batch 1, {latency_info['threads']} CPU "
-        f"thread(s), median of {latency_info['repeats']}; the paper's is a Pixel 1 phone core, so "
-        "only ratios compare.",
+        f"thread(s), median of {latency_info['repeats']}, measured while the training steps may run "
+        "beside it (for clean numbers: `--until complexity`); the paper's is a Pixel 1 phone core, "
+        "so only ratios compare.",
         "",
         "| model | α | res | params | params w/o BN | MAdds | latency ms | paper params | "
         "paper MAdds | paper latency ms |",
