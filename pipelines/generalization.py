@@ -55,6 +55,11 @@ class DataConfig:
             self.source != "synthetic" or (self.num_train > 0 and self.num_test > 0),
             "data.num_train/num_test must be > 0 for the synthetic source",
         )
+        check(
+            not self.root or self.source not in ("synthetic", "digits"),
+            f"data.root is only read by real sources; data.source={self.source} would ignore "
+            f"{self.root!r} (set data.source=cifar10 to read it)",
+        )
 
 
 @dataclass(frozen=True)

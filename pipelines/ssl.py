@@ -54,6 +54,11 @@ class DataConfig:
         check(
             self.num_train >= 100 and self.num_test >= 10, "data.num_train >= 100, num_test >= 10"
         )
+        check(
+            not self.root or self.source not in ("synthetic", "digits"),
+            f"data.root is only read by real sources; data.source={self.source} would ignore "
+            f"{self.root!r} (set data.source=cifar10 to read it)",
+        )
 
 
 @dataclass(frozen=True)
