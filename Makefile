@@ -20,7 +20,7 @@ demo: $(STAMP)
 
 # the whole suite, real Ray included; pytest's "no tests collected" (exit 5) counts as a failure
 test: $(STAMP)
-	@$(PY) -m pytest -q; rc=$$?; \
+	@$(PY) -m pytest -q --durations=15; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$rc
 
 # unit tier only (no Ray start-up)

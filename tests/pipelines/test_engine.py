@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 
 from cluster.local import LocalExecutor
+from cluster.resources import Resources
 from data.store import MARKER, ArtifactStore
 from pipelines.engine import Step, StepFailed, descendants, run_steps, step_key, topo_sort
 from tests.pipelines.toy import counts, read, toy_steps
@@ -165,6 +167,16 @@ def test_ray_runs_independent_steps_concurrently_with_identical_artifacts(
     tmp_path, counter, ray_executor
 ):
     """`numbers` and `label` share no input: on Ray their (1 s) executions overlap in time."""
+    import ray
+
+    # earlier tests' Train/Tune runs release their CPUs asynchronously: start with both free
+    t0 = time.time()
+    while ray.available_resources().get("CPU", 0) < 2 and time.time() - t0 < 60:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) >= 2, ray.available_resources()
+    # two warm worker processes: a cold one takes over a second to start, which would serialise
+    # the steps for a reason that has nothing to do with the scheduler
+    ray_executor.map(time.sleep, [1.0, 1.0], resources=Resources(cpus=1))
     store = ArtifactStore(tmp_path / "store-ray")
     steps = toy_steps(counter, sleep_s=1.0)
     result = run_steps("toy", steps, store=store, executor=ray_executor, log=lambda _: None)
