@@ -15,6 +15,7 @@ per trial: swept values, scalar metrics, wall time, computed and cached steps, e
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -295,8 +296,6 @@ def run_sweep(
         f"metric={plan.metric} ({plan.mode}); dir={directory}"
     )
     t0 = time.time()
-    import functools
-
     results = ex.sweep(
         functools.partial(
             run_trial,
