@@ -263,6 +263,27 @@ class RunResult:
         return [m["step"] for m in self.manifest if m["status"] == "cached"]
 
 
+def _keys_and_artifacts(
+    pipeline: str, order: Sequence[Step], store: ArtifactStore
+) -> tuple[dict[str, str], dict[str, Artifact]]:
+    keys: dict[str, str] = {}
+    artifacts: dict[str, Artifact] = {}
+    for s in order:  # topological: every input's key is known before its consumer's
+        keys[s.name] = step_key(s, {a: keys[i] for a, i in s.input_pairs()})
+        artifacts[s.name] = store.artifact(pipeline, s.identity, keys[s.name])
+    return keys, artifacts
+
+
+def pending_steps(
+    pipeline: str, steps: Sequence[Step], *, store: ArtifactStore, force: str | None = None
+) -> list[str]:
+    """The steps ``run_steps`` would compute now (forced or not complete in ``store``), in order."""
+    order = topo_sort(steps)
+    forced = descendants(order, force) if force else set()
+    _, artifacts = _keys_and_artifacts(pipeline, order, store)
+    return [s.name for s in order if s.name in forced or not store.is_complete(artifacts[s.name])]
+
+
 def run_steps(
     pipeline: str,
     steps: Sequence[Step],
@@ -279,12 +300,7 @@ def run_steps(
     if force is not None and force not in by_name:
         raise ValueError(f"--force: unknown step {force!r}; steps: {', '.join(by_name)}")
     forced = descendants(order, force) if force else set()
-
-    keys: dict[str, str] = {}
-    artifacts: dict[str, Artifact] = {}
-    for s in order:
-        keys[s.name] = step_key(s, {a: keys[i] for a, i in s.input_pairs()})
-        artifacts[s.name] = store.artifact(pipeline, s.identity, keys[s.name])
+    keys, artifacts = _keys_and_artifacts(pipeline, order, store)
 
     manifest: dict[str, dict] = {}
     if run_dir is not None:

@@ -9,7 +9,13 @@ from typing import Any
 
 from pipelines.config import ConfigError, apply_overrides
 
-MODULES = {"rcnn": "pipelines.rcnn", "generalization": "pipelines.generalization", "batchnorm": "pipelines.batchnorm", "mobilenet": "pipelines.mobilenet", "ssl": "pipelines.ssl"}
+MODULES = {
+    "rcnn": "pipelines.rcnn",
+    "generalization": "pipelines.generalization",
+    "batchnorm": "pipelines.batchnorm",
+    "mobilenet": "pipelines.mobilenet",
+    "ssl": "pipelines.ssl",
+}
 
 
 @dataclass(frozen=True)

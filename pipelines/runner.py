@@ -11,7 +11,7 @@ from typing import Any
 from data.store import ArtifactStore
 from pipelines import registry
 from pipelines.config import ConfigError, config_hash, to_dict
-from pipelines.engine import RunResult, run_steps, select_until
+from pipelines.engine import RunResult, pending_steps, run_steps, select_until
 
 
 def run_dir_for(runs_root: str | Path, pipeline: str, preset: str, cfg) -> Path:
@@ -81,7 +81,13 @@ def run(
             default=str,
         )
     )
-    ex, info = make_executor(executor, address, progress, ray_init)
+    if executor == "ray" and not pending_steps(pipeline, steps, store=artifact_store, force=force):
+        # every step is cached: reading the manifest needs no cluster, and starting an embedded
+        # Ray costs ~10 s (benchmarks/bench_engine.py)
+        ex, info = make_executor("local", progress=progress)
+        info = {"address": "not started, every step is cached"}
+    else:
+        ex, info = make_executor(executor, address, progress, ray_init)
     log(f"[{pipeline}] preset={preset} executor={executor} cluster={info} run_dir={run_dir}")
     t0 = time.time()
     result = run_steps(

@@ -11,7 +11,15 @@ import pytest
 from cluster.local import LocalExecutor
 from cluster.resources import Resources
 from data.store import MARKER, ArtifactStore
-from pipelines.engine import Step, StepFailed, descendants, run_steps, step_key, topo_sort
+from pipelines.engine import (
+    Step,
+    StepFailed,
+    descendants,
+    pending_steps,
+    run_steps,
+    step_key,
+    topo_sort,
+)
 from tests.pipelines.toy import counts, read, toy_steps
 
 
@@ -54,6 +62,47 @@ def test_rerun_reuses_every_step(tmp_path, counter):
     assert {k: a.key for k, a in first.artifacts.items()} == {
         k: a.key for k, a in second.artifacts.items()
     }
+
+
+def test_pending_steps_names_what_a_run_would_compute(tmp_path, counter):
+    store = ArtifactStore(tmp_path / "store")
+
+    def pending(**kw):
+        force = kw.pop("force", None)
+        return pending_steps("toy", toy_steps(counter, **kw), store=store, force=force)
+
+    assert pending() == ["numbers", "squares", "total", "label"]
+    run(tmp_path)
+    assert pending() == []
+    assert pending(force="squares") == ["squares", "total"]
+    assert pending(offset=1) == ["squares", "total"]
+    assert pending(text="other") == ["label"]
+    assert counts(counter) == {"numbers": 1, "squares": 1, "total": 1, "label": 1}  # read-only
+
+
+def test_a_fully_cached_ray_run_never_starts_ray(tmp_path, monkeypatch):
+    from cluster import runtime
+    from pipelines import runner
+
+    kw = dict(store=str(tmp_path / "store"), runs=tmp_path / "runs", progress=False)
+    (tmp_path / "c").mkdir()
+    sets = {"counter_dir": str(tmp_path / "c")}
+    runner.run("tests.pipelines.toy:PIPELINE", None, sets, executor="local", log=print, **kw)
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(runtime, "connect", no_ray)
+    lines = []
+    again = runner.run(
+        "tests.pipelines.toy:PIPELINE", None, sets, executor="ray", log=lines.append, **kw
+    )
+    assert again.cached() == ["numbers", "squares", "total", "label"]
+    assert "not started, every step is cached" in lines[0]
+    with pytest.raises(AssertionError, match="Ray was started"):  # anything to compute: Ray
+        runner.run(
+            "tests.pipelines.toy:PIPELINE", None, {**sets, "text": "new"}, executor="ray", **kw
+        )
 
 
 def test_changing_one_value_recomputes_only_dependents(tmp_path, counter):
