@@ -40,7 +40,8 @@ class FeatureWriter:
     ):
         # the actor holds a GPU when the cluster has one (Resources(gpus="auto"))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = load_model(Path(model_path)).to(self.device)
+        # BatchNorm folded into the convolutions: one pass fewer over every activation map
+        self.model = load_model(Path(model_path)).fused_for_inference().to(self.device)
         self.dataset_dir, self.out_dir = Path(dataset_dir), Path(out_dir)
         self.classes = _classes(self.dataset_dir)
         self.proposals = _proposals(Path(proposals_dir))
@@ -48,10 +49,22 @@ class FeatureWriter:
             s: _objects_by_image(self.dataset_dir, s, self.classes)
             for s in _splits(self.dataset_dir)
         }
-        self.layers, self.padding, self.chunk, self.dtype = layers, padding, chunk, dtype
+        self.layers, self.padding, self.dtype = layers, padding, dtype
+        self.chunk = chunk or default_chunk(self.device)
         self.warp = warp
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        """One shard per split present in ``batch`` (the SVMs stream only training shards,
+        detection only test ones, so a shard never mixes splits); one manifest row per shard."""
+        rows = batch.to_pylist()
+        shards = []
+        for split in dict.fromkeys(r["split"] for r in rows):  # splits in order of appearance
+            part = [r for r in rows if r["split"] == split]
+            shard, n = self._write_shard(part)
+            shards.append({"shard": shard, "split": split, "rows": n})
+        return pa.Table.from_pylist(shards, schema=MANIFEST_SCHEMA)
+
+    def _write_shard(self, rows: list[dict]) -> tuple[str, int]:
         from data.voc import load_image
         from stages.detection.boxes import box_iou_voc
         from stages.detection.features import write_feature_shard
@@ -59,13 +72,9 @@ class FeatureWriter:
 
         cols = {k: [] for k in ("image_ids", "box_index", "is_gt", "boxes", "gt_class", "max_iou")}
         feats = {layer: [] for layer in self.layers}
-        for image_id, path, split in zip(
-            batch["image_id"].to_pylist(),
-            batch["path"].to_pylist(),
-            batch["split"].to_pylist(),
-            strict=True,
-        ):
-            obj = self.objects[split][image_id]
+        for r in rows:
+            image_id = r["image_id"]
+            obj = self.objects[r["split"]][image_id]
             props = self.proposals.get(image_id, np.zeros((0, 4), np.float32))
             boxes = np.concatenate([obj["boxes"], props]).astype(np.float32)
             n_gt = len(obj["boxes"])
@@ -74,7 +83,7 @@ class FeatureWriter:
                 iou = box_iou_voc(boxes, obj["boxes"])
                 for c in np.unique(obj["cls"]):
                     max_iou[:, c] = iou[:, obj["cls"] == c].max(1)
-            image = load_image(path)
+            image = load_image(r["path"])
             with torch.inference_mode():
                 for s in range(0, len(boxes), self.chunk):
                     x = warp_regions_tensor(
@@ -93,7 +102,7 @@ class FeatureWriter:
             cols["boxes"].append(boxes)
             cols["gt_class"].append(np.concatenate([obj["cls"], -np.ones(len(props), np.int64)]))
             cols["max_iou"].append(max_iou)
-        shard = f"{batch['image_id'][0].as_py()}.parquet"
+        shard = f"{rows[0]['image_id']}.parquet"  # image ids are unique: so are shard names
         arrays = {k: (v if k == "image_ids" else np.concatenate(v)) for k, v in cols.items()}
         for layer in self.layers:
             (self.out_dir / layer).mkdir(parents=True, exist_ok=True)
@@ -103,14 +112,16 @@ class FeatureWriter:
                 features=np.concatenate(feats[layer]),
                 dtype=self.dtype,
             )
-        splits = set(batch["split"].to_pylist())
-        return pa.table(
-            {
-                "shard": [shard],
-                "split": [splits.pop() if len(splits) == 1 else "mixed"],
-                "rows": [len(arrays["image_ids"])],
-            }
-        )
+        return shard, len(arrays["image_ids"])
+
+
+MANIFEST_SCHEMA = pa.schema([("shard", pa.string()), ("split", pa.string()), ("rows", pa.int64())])
+
+
+def default_chunk(device: torch.device) -> int:
+    """Crops per forward pass when ``features.chunk`` is 0: small on a CPU, where a chunk's
+    activations must stay in cache, large on a GPU, which needs the parallelism."""
+    return 256 if device.type == "cuda" else 16
 
 
 def extract_features(
@@ -139,25 +150,19 @@ def extract_features(
         dtype=dtype,
         warp=warp,
     )
-    # shards never mix splits (the SVMs stream only training shards, detection only test ones):
-    # one inference pass per split
-    manifests = []
-    for split in _splits(dataset_dir):
-        part = table.filter(pa.compute.equal(table["split"], split))
-        if part.num_rows:
-            out = ctx.infer(
-                part,
-                FeatureWriter,
-                kwargs,
-                batch_size=images_per_shard,
-                num_actors=num_actors,
-                subdir=f"_manifest_{split}",
-            )
-            manifests.append(pq.read_table(out))
-    manifest = pa.concat_tables(manifests)
+    # one inference pass over both splits (one actor pool to start, not one per split); rows
+    # sorted by split, and FeatureWriter splits any batch that straddles two
+    out = ctx.infer(
+        table.sort_by("split"),
+        FeatureWriter,
+        kwargs,
+        batch_size=images_per_shard,
+        num_actors=num_actors,
+        subdir="_manifest",
+    )
+    manifest = pq.read_table(out, schema=MANIFEST_SCHEMA)
     pq.write_table(manifest, ctx.out_dir / "shards.parquet")
-    for split in _splits(dataset_dir):
-        _rm_tree(ctx.out_dir / f"_manifest_{split}")
+    _rm_tree(out)
     ctx.write_json(
         "metrics.json",
         {

@@ -17,6 +17,7 @@ Weights are never downloaded: pass ``weights_path`` to a local state dict (ours 
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -121,6 +122,23 @@ class RCNNBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc8(self.dropout(self.features(x, "fc7")))  # (N, num_outputs)
+
+    def fused_for_inference(self) -> RCNNBackbone:
+        """An eval-mode copy whose trunk has every ``Conv2d`` → ``BatchNorm2d`` pair folded into one
+        convolution (``torch.nn.utils.fusion.fuse_conv_bn_eval``: w·γ/σ, (b − μ)·γ/σ + β), so
+        inference makes one pass fewer over every activation map. Outputs equal the original's to
+        float rounding; a trunk without BatchNorm (AlexNet, VGG16) is copied unchanged."""
+        from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+        fused = copy.deepcopy(self).eval()
+        layers, out = list(fused.conv), []
+        while layers:
+            m = layers.pop(0)
+            if isinstance(m, nn.Conv2d) and layers and isinstance(layers[0], nn.BatchNorm2d):
+                m = fuse_conv_bn_eval(m, layers.pop(0))
+            out.append(m)
+        fused.conv = nn.Sequential(*out)
+        return fused
 
     def replace_head(self, num_outputs: int) -> list[nn.Parameter]:
         """Swap fc8 for a fresh ``num_outputs``-way layer (pass N + 1: classes + background).

@@ -138,3 +138,26 @@ def test_trunk_size_check_rejects_mismatched_fc6():
     conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.MaxPool2d(2))  # 8 × 8 × 8 at 16 px
     with pytest.raises(ValueError, match="8×8×8 = 512"):
         RCNNBackbone(conv, nn.Linear(500, 4), nn.Linear(4, 4), nn.Linear(4, 2), input_size=16)
+
+
+def test_fused_inference_copy_equals_the_original():
+    torch.manual_seed(0)
+    model = create("rcnn_small", num_classes=5, input_size=32)
+    for m in model.modules():  # non-trivial running statistics and affine parameters
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    model.eval()
+    fused = model.fused_for_inference()
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in fused.modules()) == 0
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 4  # original untouched
+    assert not fused.training and fused.channels_last
+    x = torch.randn(6, 3, 32, 32)
+    with torch.inference_mode():
+        a, b = model.features_all(x), fused.features_all(x)
+    for layer in ("pool5", "fc6", "fc7"):
+        torch.testing.assert_close(b[layer], a[layer], rtol=1e-5, atol=1e-5)
+    alex = create("rcnn_alexnet", num_classes=3).eval()
+    assert [type(m) for m in alex.fused_for_inference().conv] == [type(m) for m in alex.conv]
