@@ -6,6 +6,7 @@ OpenCV thread pools to its CPU request (Ray reuses workers; DESIGN "Facts about 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import tempfile
 import threading
@@ -236,6 +237,11 @@ class RayExecutor:
         from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
+        largest = max(
+            (n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]), default=0
+        )
+        if 0 < largest < resources_per_worker.cpus:  # more than any node has: never schedulable
+            resources_per_worker = dataclasses.replace(resources_per_worker, cpus=largest)
         gpus = resources_per_worker.resolve_gpus(self.cluster_gpus())
         trainer = TorchTrainer(
             functools.partial(_train_loop, train_fn, resources_per_worker.threads()),

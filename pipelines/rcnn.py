@@ -152,12 +152,15 @@ class PretrainConfig:
     lr: float = 0.01
     backgrounds_per_image: int = 4
     num_workers: int = 1  # Ray Train workers (DDP)
+    # CPUs (= torch threads) each worker holds on Ray; capped at the largest node's CPUs
+    cpus_per_worker: float = 1
     seed: int = 0
 
     def __post_init__(self):
         check(self.epochs >= 1 and self.batch_size >= 1, "pretrain.epochs/batch_size must be >= 1")
         check(self.lr > 0, f"pretrain.lr must be > 0, got {self.lr}")
         check(self.num_workers >= 1, "pretrain.num_workers must be >= 1")
+        check(self.cpus_per_worker >= 1, "pretrain.cpus_per_worker must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -168,10 +171,12 @@ class FinetuneConfig:
     lr: float = 0.001  # 1/10 of pretraining (§2.3)
     lr_step: int = 20_000  # ÷10 every 20k iterations (code)
     num_workers: int = 1
+    cpus_per_worker: float = 1  # as pretrain.cpus_per_worker
     seed: int = 0
 
     def __post_init__(self):
         check(self.iterations >= 1 and self.lr_step >= 1, "finetune.iterations/lr_step >= 1")
+        check(self.cpus_per_worker >= 1, "finetune.cpus_per_worker must be >= 1")
         check(self.lr > 0, f"finetune.lr must be > 0, got {self.lr}")
         check(self.batch_size >= 4, "finetune.batch_size must be >= 4")
         check(self.num_workers >= 1, "finetune.num_workers must be >= 1")
@@ -265,6 +270,10 @@ _SMALL_CPU = {  # the small CNN and short schedules that fit a 2-core CPU
     "svm.norm_sample_rows": 5000,
     "proposals.max_per_image": 300,  # "a few hundred proposals per image"
     "features.num_actors": 2,
+    # a training worker uses both cores of a small machine: 1 thread made Ray's fine-tuning
+    # ~2x slower than in-process (benchmarks/bench_engine.py)
+    "pretrain.cpus_per_worker": 2,
+    "finetune.cpus_per_worker": 2,
 }
 PRESETS = {
     # generated VOC-format set; a few minutes on 2 cores (`make demo`)
@@ -579,7 +588,6 @@ class _Builder:
 
     def __init__(self, cfg: RCNNConfig, test_split: str):
         self.cfg, self.test_split = cfg, test_split
-        self.train_res = Resources(cpus=1, gpus="auto")
 
     def pretrain(self, name: str = "pretrain", cnn: CNNConfig | None = None) -> Step:
         c, pt = cnn or self.cfg.cnn, self.cfg.pretrain
@@ -601,7 +609,7 @@ class _Builder:
             functools.partial(rcnn_train.pretrain, num_workers=pt.num_workers),
             kind="train",
             inputs=("dataset",),
-            resources=self.train_res,
+            resources=Resources(cpus=pt.cpus_per_worker, gpus="auto"),
             params=params,
             stage="pretrain",
             description="supervised pretraining (image-level labels)",
@@ -627,7 +635,7 @@ class _Builder:
             functools.partial(rcnn_train.finetune, num_workers=ft.num_workers),
             kind="train",
             inputs=("dataset", "proposals", f"pretrain={pretrain}"),
-            resources=self.train_res,
+            resources=Resources(cpus=ft.cpus_per_worker, gpus="auto"),
             stage="finetune",
             params=params if enabled else dict(enabled=False),
             description="(N+1)-way fine-tuning on warped proposals, 32 fg + 96 bg",

@@ -17,6 +17,7 @@ from tests.cluster.workloads import (
     make_table,
     quadratic_trial,
     threads_and_double,
+    threads_train,
 )
 
 
@@ -111,6 +112,21 @@ def test_ray_train_two_workers_ddp_and_resume(ray_executor, tmp_path):
     # each epoch exactly once: the rerun continued at epoch 3 instead of starting over
     assert [h["epoch"] for h in second.history] == [0, 1, 2, 3, 4]
     assert second.checkpoint["epoch"] == 4
+
+
+@pytest.mark.ray
+def test_ray_train_worker_gets_its_cpus_capped_at_the_largest_node(ray_executor, tmp_path):
+    # 16 CPUs exceed the 2-CPU test cluster's only node: capped to 2 (and 2 torch threads)
+    # instead of a request that never schedules
+    out = ray_executor.train(
+        threads_train,
+        {},
+        num_workers=1,
+        resources_per_worker=Resources(cpus=16),
+        storage_path=str(tmp_path / "train"),
+        name="capped",
+    )
+    assert out.metrics["threads"] == 2
 
 
 @both

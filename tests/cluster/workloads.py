@@ -96,3 +96,10 @@ def crash_once_train(ctx, config: dict) -> None:
         if epoch == config["crash_at"] and ctx.rank == 0 and not marker.exists():
             marker.touch()
             os._exit(1)  # no cleanup, no exception: the process is simply gone
+
+
+def threads_train(ctx, config: dict) -> None:
+    """Reports the torch threads its worker was given (with a checkpoint: Ray Train V2 keeps only
+    the metrics of reports that carry one)."""
+    n = torch.get_num_threads()
+    ctx.report({"threads": n}, checkpoint={"threads": n})
