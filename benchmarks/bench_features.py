@@ -166,26 +166,30 @@ def main() -> None:
     feats = np.maximum(rng.standard_normal((args.rows, args.dim), dtype=np.float32), 0)
     n = args.rows
     with tempfile.TemporaryDirectory() as d:
-        npy, pq_path = Path(d) / "f.npy", Path(d) / "f.parquet"
+        npy = Path(d) / "f.npy"
         np.save(npy, feats)
-        write_feature_shard(
-            pq_path,
-            image_ids=["im"] * n,
-            box_index=np.arange(n, dtype=np.int32),
-            is_gt=np.zeros(n, bool),
-            boxes=np.ones((n, 4), np.float32),
-            gt_class=-np.ones(n, np.int16),
-            max_iou=np.zeros((n, 20), np.float32),
-            features=feats,
-        )
         t_npy = best_of(lambda: np.load(npy).sum())
-        t_pq = best_of(lambda: read_feature_shard(pq_path, ["features"])["features"].sum())
         mb = feats.nbytes / 2**20
-        print(
-            f"feature cache {n}x{args.dim} float32 ({mb:.0f} MiB): np.load {mb / t_npy:.0f} MiB/s, "
-            f"Parquet {mb / t_pq:.0f} MiB/s = {t_npy / t_pq:.2f} of .npy (goal >= 0.5); "
-            f"size on disk {pq_path.stat().st_size / npy.stat().st_size:.2f} of .npy"
-        )
+        for dtype in ("float32", "float16"):
+            pq_path = Path(d) / f"f-{dtype}.parquet"
+            write_feature_shard(
+                pq_path,
+                image_ids=["im"] * n,
+                box_index=np.arange(n, dtype=np.int32),
+                is_gt=np.zeros(n, bool),
+                boxes=np.ones((n, 4), np.float32),
+                gt_class=-np.ones(n, np.int16),
+                max_iou=np.zeros((n, 20), np.float32),
+                features=feats,
+                dtype=dtype,
+            )
+            t_pq = best_of(lambda p=pq_path: read_feature_shard(p, ["features"])["features"].sum())
+            print(
+                f"feature cache {n}x{args.dim} as {dtype} ({mb:.0f} MiB as float32): np.load "
+                f"{mb / t_npy:.0f} MiB/s, Parquet {mb / t_pq:.0f} MiB/s of float32 out = "
+                f"{t_npy / t_pq:.2f} of .npy (goal >= 0.5); size on disk "
+                f"{pq_path.stat().st_size / npy.stat().st_size:.2f} of the float32 .npy"
+            )
 
 
 if __name__ == "__main__":
