@@ -31,7 +31,12 @@ from stages.training.context import LocalTrainContext
 def ci_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mobilenet-ci")
     kw = dict(store=str(tmp / "store"), runs=tmp / "runs", progress=False, log=lambda _: None)
-    return kw, runner.run("mobilenet", "ci", executor="local", **kw)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as Ray pins each 1-CPU trial / Train worker: comparable numbers
+    try:
+        yield kw, runner.run("mobilenet", "ci", executor="local", **kw)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _check_outputs(result) -> None:
@@ -89,13 +94,28 @@ def test_ci_output_contract(ci_run):
 
 @pytest.mark.ray
 def test_ci_through_ray(ci_run, ray_session):
-    """Ray Train for the reference model, two Tune sweeps, tasks for the rest."""
-    kw, _ = ci_run
-    result = runner.run("mobilenet", "ci", executor="ray", force="dataset", **kw)
-    assert result.cached() == ["complexity"]
+    """Ray Train for the reference model and a Tune sweep, on the in-process run's store: the
+    dataset, the complexity table and the ablations stay cached; `width_sweep` is forced (the same
+    config as in process) and `train` gets a new key by checkpointing (same training, plus Ray
+    Train's checkpoint path); the report runs as a Ray task. Both must equal the in-process run."""
+    kw, local = ci_run
+    result = runner.run(
+        "mobilenet", "ci", {"train.checkpoint": "True"}, executor="ray", force="width_sweep", **kw
+    )
+    assert result.cached() == ["dataset", "complexity", "ablations"]
+    assert result.computed() == ["train", "width_sweep", "report"]
     kinds = {m["step"]: m["kind"] for m in result.manifest}
-    assert kinds["train"] == "train" and kinds["width_sweep"] == kinds["ablations"] == "sweep"
+    assert kinds["train"] == "train" and kinds["width_sweep"] == "sweep"
     _check_outputs(result)
+
+    def read(run, step: str, name: str):
+        return json.loads((run.artifacts[step].local_dir() / name).read_text())
+
+    # one thread per worker / trial in both runs: the same losses to the last bit
+    history = read(result, "train", "history.json")
+    assert history == read(local, "train", "history.json")
+    assert len(history) == 1 and math.isfinite(history[0]["train_loss"])
+    assert read(result, "width_sweep", "trials.json") == read(local, "width_sweep", "trials.json")
 
 
 def test_config_points_and_checks():
