@@ -7,8 +7,8 @@ conditions × models × seeds, Figure 1a) → ``corruption`` (Tune sweep: label 
 Figure 1b/1c) → ``regularizers`` (Tune sweep: weight decay × random crop × dropout, true and random
 labels, Table 1) → ``expressivity`` (Theorem 1, §4) → ``min_norm`` (kernel interpolation, §5) →
 ``report`` (sweep.parquet, curves.parquet, figures, report.md beside the paper's numbers).
-``experiments`` picks which of the five run. Adaptors for the sweeps are below; the report in
-``generalization_report.py``.
+``experiments`` picks which of the five run. Config, presets and ``steps(cfg)`` live here; the step
+adaptors in ``generalization_steps.py``, the report in ``generalization_report.py``.
 
 Commands::
 
@@ -21,19 +21,23 @@ Commands::
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from cluster.resources import Resources
-from cluster.space import Grid
 from pipelines.config import check
-from pipelines.engine import Step, StepContext
+from pipelines.engine import Step
+from pipelines.generalization_steps import (  # noqa: F401 - the schemas re-exported
+    CURVE_SCHEMA,
+    ROW_SCHEMA,
+    make_dataset,
+    make_randomized,
+    run_expressivity,
+    run_min_norm,
+    sweep_corruption,
+    sweep_randomization,
+    sweep_regularizers,
+)
 from pipelines.registry import PipelineSpec
 from stages.generalization.randomize import CONDITIONS
 
@@ -223,214 +227,6 @@ PRESETS = {
     # App. A on CIFAR-10 (data.root) with GPU trials; §5 on MNIST (min_norm.root)
     "paper": {},
 }
-
-
-# ----------------------------------------------------------------------------------------------
-# Step adaptors: config values in, artifacts out. The computing lives in stages/.
-def make_dataset(
-    ctx: StepContext, *, source: str, root: str, num_train: int, num_test: int, seed: int
-) -> None:
-    """Write the clean arrays as uint8 (N, 32, 32, C) .npy (MNIST zero-padded 28 → 32, so every
-    source takes App. A's 28x28 crop) and meta.json."""
-    if source == "synthetic":
-        from data.synthetic_cifar import make_split
-
-        splits = {
-            "train": make_split(num_train, "train", seed),
-            "test": make_split(num_test, "test", seed),
-        }
-    else:
-        if not root:
-            raise ValueError(
-                f"data.root: set it to the {source} directory (or data.source=synthetic)"
-            )
-        if source == "cifar10":
-            from data.cifar import read_cifar10 as read
-        else:
-            from data.mnist import read_mnist as read
-        splits = {s: read(root, s) for s in ("train", "test")}
-    for split, limit in (("train", num_train), ("test", num_test)):
-        x, y = splits[split]
-        if x.ndim == 3:  # MNIST (N, 28, 28) → (N, 32, 32, 1)
-            x = np.pad(x, ((0, 0), (2, 2), (2, 2)))[..., None]
-        if limit and limit < len(x):  # a seeded subset, in the file's order
-            keep = np.sort(
-                np.random.default_rng([seed, len(split)]).choice(len(x), limit, replace=False)
-            )
-            x, y = x[keep], y[keep]
-        np.save(ctx.out_dir / f"{split}_x.npy", np.ascontiguousarray(x))
-        np.save(ctx.out_dir / f"{split}_y.npy", y.astype(np.int64))
-        splits[split] = (x, y)
-    x, y = splits["train"]
-    meta = {"source": source, "num_classes": 10, "in_channels": int(x.shape[-1]),
-            "num_train": len(x), "num_test": len(splits["test"][0])}  # fmt: skip
-    ctx.write_json("meta.json", meta)
-
-
-def _clean(ctx: StepContext) -> tuple[Path, dict]:
-    d = ctx.input_dir("dataset")
-    return d, json.loads((d / "meta.json").read_text())
-
-
-def make_randomized(ctx: StepContext, *, variants: tuple, seeds: tuple, seed: int) -> None:
-    from stages.generalization.randomize import ARRAYS, save_variants
-
-    d, meta = _clean(ctx)
-    clean = {name: np.load(d / f"{name}.npy") for name in ARRAYS}
-    rows = save_variants(
-        ctx.out_dir, clean, variants, seeds, num_classes=meta["num_classes"], base_seed=seed
-    )
-    ctx.write_json("variants.json", rows)
-
-
-def _sweep(ctx: StepContext, experiment: str, grids: dict, train: dict, seeds: tuple) -> None:
-    """Run ``run_trial`` over ``grids`` × seeds under Tune; write rows.parquet and curves.parquet."""
-    from stages.training.fit_labels import run_trial
-
-    clean_dir, meta = _clean(ctx)
-    space = {
-        **train,
-        "clean_dir": str(clean_dir),
-        "variants_dir": str(ctx.input_dir("randomize")),
-        "num_classes": meta["num_classes"],
-        "in_channels": meta["in_channels"],
-        "weight_decay": 0.0,
-        "random_crop": False,
-        "dropout": 0.0,
-        **{k: Grid(tuple(v)) for k, v in grids.items()},
-        "seed": Grid(tuple(seeds)),
-    }
-    # concurrent sweep steps take turns inside the Ray executor (Tune's registry is global)
-    results = ctx.sweep(run_trial, space, metric="train_acc", mode="max")
-    rows, curves = [], []
-    for r in results:
-        c, m = r["config"], r["metrics"]
-        condition, _, p = c["variant"].partition(":")
-        p = float(p) if p else float(condition == "random_labels")
-        regs = [n for n, on in (("wd", c["weight_decay"] > 0), ("crop", c["random_crop"]),
-                                ("dropout", c["dropout"] > 0)) if on]  # fmt: skip
-        key = dict(experiment=experiment, model=c["model"], condition=condition, p=p,
-                   regularisers="+".join(regs) or "none", seed=int(c["seed"]))  # fmt: skip
-        final = bool(m.get("final")) and not r["error"]
-        rows.append(
-            {
-                **key,
-                "weight_decay": float(c["weight_decay"]),
-                "random_crop": bool(c["random_crop"]),
-                "dropout": float(c["dropout"]),
-                "steps_to_fit": int(m["steps_to_fit"])
-                if final and m["steps_to_fit"] >= 0
-                else None,
-                "train_acc": float(m["train_acc"]) if final else None,
-                "test_acc": float(m["test_acc"]) if final else None,
-                **{k: (float(m[k]) if final else None) for k in _SUMMARY},
-                "num_params": int(m["num_params"]) if final else None,
-                "error": r["error"],
-            }
-        )
-        for h in r["history"]:
-            if h.get("final") == 0:
-                curves.append({**key, **{k: float(h[k]) for k in _CURVE}})
-    pq.write_table(pa.Table.from_pylist(rows, schema=ROW_SCHEMA), ctx.out_dir / "rows.parquet")
-    pq.write_table(
-        pa.Table.from_pylist(curves, schema=CURVE_SCHEMA), ctx.out_dir / "curves.parquet"
-    )
-
-
-_SUMMARY = ("weight_l2", "margin_p10", "margin_median", "final_loss", "steps", "epochs", "wall_s")
-_CURVE = ("step", "epoch", "lr", "loss", "batch_acc", "train_acc")
-_KEY_FIELDS = [
-    pa.field("experiment", pa.string()),
-    pa.field("model", pa.string()),
-    pa.field("condition", pa.string()),
-    pa.field("p", pa.float64()),
-    pa.field("regularisers", pa.string()),
-    pa.field("seed", pa.int64()),
-]
-ROW_SCHEMA = pa.schema(
-    _KEY_FIELDS
-    + [pa.field("weight_decay", pa.float64()), pa.field("random_crop", pa.bool_()),
-       pa.field("dropout", pa.float64()), pa.field("steps_to_fit", pa.int64()),
-       pa.field("train_acc", pa.float64()), pa.field("test_acc", pa.float64())]
-    + [pa.field(k, pa.float64()) for k in _SUMMARY]
-    + [pa.field("num_params", pa.int64()), pa.field("error", pa.string())]
-)  # fmt: skip
-CURVE_SCHEMA = pa.schema(_KEY_FIELDS + [pa.field(k, pa.float64()) for k in _CURVE])
-
-
-def sweep_randomization(ctx, *, train, seeds, models, conditions) -> None:
-    _sweep(ctx, "randomization", {"model": models, "variant": conditions}, train, seeds)
-
-
-def sweep_corruption(ctx, *, train, seeds, models, ps) -> None:
-    variants = tuple(f"corrupt:{p:g}" for p in ps)
-    _sweep(ctx, "corruption", {"model": models, "variant": variants}, train, seeds)
-
-
-def sweep_regularizers(
-    ctx, *, train, seeds, models, weight_decays, random_crops, dropouts, labels
-) -> None:
-    grids = {"model": models, "weight_decay": weight_decays, "random_crop": random_crops,
-             "dropout": dropouts, "variant": labels}  # fmt: skip
-    _sweep(ctx, "regularizers", grids, train, seeds)
-
-
-def _digits_flat(n: int) -> tuple[np.ndarray, np.ndarray]:
-    from data.digits import load_digits
-
-    x, y = load_digits(28)
-    return x[:n].reshape(min(n, len(x)), -1) / 255.0, y[:n]
-
-
-def run_expressivity(ctx: StepContext, *, ns: tuple, ds: tuple, digits_n: int, seed: int) -> None:
-    from stages.generalization.expressivity import expressivity_grid
-
-    real = _digits_flat(digits_n)[0] if digits_n else None
-    rows = expressivity_grid(ns, ds, seed, real_inputs=real)
-    pq.write_table(pa.Table.from_pylist(rows), ctx.out_dir / "expressivity.parquet")
-    ctx.write_json(
-        "metrics.json",
-        {
-            "expressivity_max_abs_error": max(r["max_abs_error"] for r in rows),
-            "expressivity_weights_match": all(
-                r["weights_used"] == r["weights_theorem"] for r in rows
-            ),
-        },
-    )
-
-
-def run_min_norm(
-    ctx: StepContext, *, source: str, root: str, num_train: int, num_test: int,
-    kernels: tuple, ps: tuple, seed: int,
-) -> None:  # fmt: skip
-    from threadpoolctl import threadpool_limits
-
-    from stages.generalization.min_norm import corruption_curve
-
-    if source == "digits":
-        x, y = _digits_flat(10**9)
-        order = np.random.default_rng(seed).permutation(len(x))
-        if num_train + num_test > len(x):
-            raise ValueError(
-                f"min_norm: the digits hold {len(x)} images, asked {num_train}+{num_test}"
-            )
-        tr, te = order[:num_train], order[num_train : num_train + num_test]
-        xtr, ytr, xte, yte = x[tr], y[tr], x[te], y[te]
-    else:
-        if not root:
-            raise ValueError(
-                "min_norm.root: set it to the MNIST IDX directory (or min_norm.source=digits)"
-            )
-        from data.mnist import read_mnist
-
-        (xtr, ytr), (xte, yte) = read_mnist(root, "train"), read_mnist(root, "test")
-        xtr, ytr = xtr[:num_train].reshape(-1, 784) / 255.0, ytr[:num_train].astype(np.int64)
-        xte, yte = xte[:num_test].reshape(-1, 784) / 255.0, yte[:num_test].astype(np.int64)
-    with threadpool_limits(ctx.resources.threads()):  # BLAS pinned to the step's CPUs
-        rows = corruption_curve(
-            xtr, ytr, xte, yte, kernels=kernels, ps=ps, num_classes=10, seed=seed
-        )
-    pq.write_table(pa.Table.from_pylist(rows), ctx.out_dir / "min_norm.parquet")
 
 
 def _models(section_models: tuple[str, ...], cfg: GeneralizationConfig) -> tuple[str, ...]:
