@@ -2,9 +2,12 @@
 
 Arm A sweeps R-CNN's SVM negative threshold on a fresh store: proposals, training and features are
 computed once and shared; only svm -> detect -> evaluate -> report run per trial. Arm B runs the
-same trials as independent pipeline runs, each on its own empty store (no sharing). On Ray it also
-prints the sweep's wall time against the sum of trial times divided by the CPUs (issue 9's
-"trials really run in parallel", goal <= 1.25).
+same trials as independent pipeline runs, each on its own empty store (no sharing). On Ray, arm C
+then sweeps four values of `svm.C` on two copies of the now warm store (each trial computes only
+svm -> detect -> evaluate -> report): once one trial at a time, whose trial times are each trial's
+own work, and once with the default concurrency; it prints the concurrent sweep's wall time against
+the sum of the one-at-a-time trial times divided by the CPUs (issue 9's "trials really run in
+parallel", goal <= 1.25).
 
 python benchmarks/bench_sweep.py [--preset ci] [--values 0.1,0.3,0.5] [--executor local|ray]
 """
@@ -12,6 +15,7 @@ python benchmarks/bench_sweep.py [--preset ci] [--values 0.1,0.3,0.5] [--executo
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import time
 
@@ -56,6 +60,8 @@ def main() -> None:
                 **quiet,
             )
         t_scratch = time.perf_counter() - t0
+        if args.executor == "ray":
+            parallel_ratio(args.preset, f"{d}/sweep-store", f"{d}/runs", cpus)
     print(
         f"rcnn/{args.preset}, {len(values)} trials of svm.neg_iou on {args.executor}: sweep "
         f"{t_sweep:.1f} s vs every trial from scratch {t_scratch:.1f} s = "
@@ -63,10 +69,27 @@ def main() -> None:
     )
     if args.executor == "ray":
         print(
-            f"sweep wall {t_sweep:.1f} s vs sum of trial times / CPUs = {trial_sum:.1f} / "
-            f"{cpus:.0f} = {trial_sum / cpus:.1f} s: ratio {t_sweep / (trial_sum / cpus):.2f} "
-            "(goal <= 1.25; the first trial computes the shared steps while the others wait)"
+            f"(arm A's trials: wall {t_sweep:.1f} s vs sum of trial times / CPUs "
+            f"{trial_sum / cpus:.1f} s; they include the waits for the shared steps)"
         )
+
+
+def parallel_ratio(preset: str, store: str, runs: str, cpus: float) -> None:
+    plan = sweep.make_plan("rcnn", preset, {}, ["svm.C=0.0001,0.0003,0.003,0.01"], [])
+    shutil.copytree(store, f"{store}-copy")
+    quiet = dict(executor="ray", log=lambda _: None)
+    alone = sweep.run_sweep(plan, store=store, runs=f"{runs}/alone", max_concurrent=1, **quiet)
+    trial_sum = sum(r["trial_wall_s"] for r in alone.rows)
+    t0 = time.perf_counter()
+    together = sweep.run_sweep(plan, store=f"{store}-copy", runs=f"{runs}/together", **quiet)
+    wall = time.perf_counter() - t0
+    assert not alone.failed and not together.failed, (alone.failed, together.failed)
+    print(
+        f"rcnn/{preset}, 4 trials of svm.C on a warm store (svm -> report per trial): concurrent "
+        f"sweep wall {wall:.1f} s vs sum of one-at-a-time trial times / CPUs = {trial_sum:.1f} / "
+        f"{cpus:.0f} = {trial_sum / cpus:.1f} s: ratio {wall / (trial_sum / cpus):.2f} "
+        "(goal <= 1.25)"
+    )
 
 
 if __name__ == "__main__":
