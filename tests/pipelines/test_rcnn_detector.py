@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -15,6 +16,26 @@ from stages.detection.features import write_feature_shard
 # measured on the ci preset: mAP_voc07 0.59 in-process; the floor leaves room for thread-level
 # float nondeterminism and other CPUs
 MAP_FLOOR = 0.4
+
+# The Table 2 study and the Ray test fine-tune for 30 iterations instead of ci's 150: fine-tuning
+# dominated both (the study's O-Net* fine-tuning took 81 of its 100 s; Ray Train's 50 of 75 s).
+# Everything downstream still runs; measured at 30 iterations: mAP_voc07 0.41, fine-tuning loss
+# 0.36 and fg accuracy 0.51, every Table 2 row 0.41-0.61.
+SHORT_FINETUNE = {"finetune.iterations": "30", "finetune.lr_step": "20"}
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """In-process runs compared with Ray's use the threads Ray gives a fine-tuning worker
+    (finetune.cpus_per_worker = 2 on ci), so the numbers can be compared bit for bit."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -95,10 +116,16 @@ def test_softmax_scorer_replaces_the_svms(ci_run):
 
 def test_table2_study_shares_steps_and_writes_one_table(ci_run):
     _, kw, plain = ci_run
-    result = runner.run("rcnn", "ci", {"study": "table2"}, executor="local", **kw)
+    with torch_threads(2):
+        result = runner.run(
+            "rcnn", "ci", {"study": "table2", **SHORT_FINETUNE}, executor="local", **kw
+        )
     cached = set(result.cached())
-    assert {"dataset", "proposals", "pretrain", "finetune"} <= cached  # shared with the plain run
-    assert "finetune-none" in result.computed() and "features-none" in result.computed()
+    # shared with the plain run (its fine-tuning is not: the study fine-tunes for fewer iterations)
+    assert {"dataset", "proposals", "proposal_report", "pretrain"} <= cached
+    computed = set(result.computed())
+    assert {"finetune-none", "features-none", "pretrain-onet", "finetune-onet"} <= computed
+    assert {"features-ft", "svm-fc7-ft", "evaluate-fc7-ft-bb", "table2"} <= computed
     table = json.loads((result.run_dir / "table2.json").read_text())
     assert len(table) == 9 and "T-Net fc7, fine-tuned + bbox reg" in table
     assert "O-Net* fc7, fine-tuned + bbox reg" in table  # the small CNN at twice the widths
@@ -169,16 +196,25 @@ def test_ground_truth_rows_are_never_scored(tmp_path):
 
 
 @pytest.mark.ray
-def test_ci_through_ray_reaches_the_same_floor(ci_run, ray_session):
-    """Fine-tuning under Ray Train, features through Ray Data actors, SVMs/detection as tasks."""
-    _, kw, local = ci_run
-    result = runner.run("rcnn", "ci", executor="ray", force="finetune", **kw)
+def test_ci_through_ray_matches_in_process(ci_run, ray_session):
+    """Fine-tuning under Ray Train, features through Ray Data actors, SVMs/detection as tasks, on
+    the in-process run's store (dataset, proposals, pretraining cached) and with the short
+    fine-tuning: every number equals the in-process run of the same config."""
+    _, kw, _ = ci_run
+    with torch_threads(2):  # cached when the Table 2 study ran first (its `finetune` is this one)
+        local = runner.run("rcnn", "ci", SHORT_FINETUNE, executor="local", **kw)
+    result = runner.run("rcnn", "ci", SHORT_FINETUNE, executor="ray", force="finetune", **kw)
     assert result.cached()[:4] == ["dataset", "proposals", "proposal_report", "pretrain"]
     assert result.computed()[:3] == ["finetune", "features", "svm"]
     manifest = {m["step"]: m for m in result.manifest}
-    assert manifest["features"]["kind"] == "infer"
-    assert result.metrics["mAP_voc07"] >= MAP_FLOOR
-    assert abs(result.metrics["mAP_voc07"] - local.metrics["mAP_voc07"]) < 0.15
+    assert manifest["finetune"]["kind"] == "train" and manifest["features"]["kind"] == "infer"
+    m, lm = result.metrics, local.metrics
+    # the same seeds and threads: Ray Train's fine-tuning and Ray Data's features are the
+    # in-process ones to the last bit, and so is everything computed from them
+    for key in ("finetune_loss", "finetune_fg_accuracy", "finetune_bg_accuracy", "mAP_voc07",
+                "mAP_area", "AP_voc07", "region_accuracy_full", "region_accuracy_fg"):  # fmt: skip
+        assert m[key] == lm[key], key
+    assert m["mAP_voc07"] >= 0.25 and m["finetune_fg_accuracy"] > 0.3  # measured 0.41, 0.51
 
 
 def test_image_folder_pretraining_input(tmp_path):
