@@ -107,7 +107,8 @@ def test_driver_killed_mid_step_rerun_resumes(tmp_path):
     try:
         _wait_for(lambda: counts(tmp_path / "counts").get("squares") == 1, 120, "squares to start")
         _wait_for(lambda: counts(tmp_path / "counts").get("label") == 1, 60, "label to run")
-        time.sleep(1.0)  # `label` publishes its artifact
+        label_done = tmp_path / "store" / "toy" / "label"
+        _wait_for(lambda: list(label_done.glob("*/_COMPLETE.json")), 60, "label to publish")
     finally:
         _kill_group(proc)
     store = tmp_path / "store" / "toy"
@@ -137,16 +138,25 @@ def test_sweep_killed_then_resumed_runs_only_unfinished_trials(tmp_path):
     pause = tmp_path / "pause"
     cmd = _toy_cmd(tmp_path, "sweep", TOY, "--grid", "toy.offset=0,1,2", "--max-concurrent", "1")
     cmd += ["--set", f"pause_file={pause}"]
+    logs = tmp_path / "runs" / "toy"
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), start_new_session=True)
     try:
         _wait_for(lambda: counts(tmp_path / "counts").get("total") == 2, 180, "two trials")
         pause.touch()  # the third trial stops inside `squares`
         _wait_for(lambda: counts(tmp_path / "counts").get("squares") == 3, 60, "third trial")
-        time.sleep(2.5)  # Tune saves its experiment state every second (ray_executor.sweep)
+        # Tune saves its experiment state every second (ray_executor.sweep): wait for a save that
+        # happened after the third trial started, so the state knows it (not a fixed sleep)
+        started = time.time()
+        _wait_for(
+            lambda: any(
+                p.stat().st_mtime > started for p in logs.glob("sweep-*/tune/experiment_state*")
+            ),
+            60,
+            "Tune to save its state with the third trial running",
+        )
     finally:
         _kill_group(proc)
     pause.unlink()
-    logs = tmp_path / "runs" / "toy"
     again = subprocess.run(
         [*cmd, "--resume"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300
     )
