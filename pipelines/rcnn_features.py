@@ -68,7 +68,6 @@ class FeatureWriter:
         from data.voc import load_image
         from stages.detection.boxes import box_iou_voc
         from stages.detection.features import write_feature_shard
-        from stages.detection.warp import warp_regions_tensor
 
         cols = {k: [] for k in ("image_ids", "box_index", "is_gt", "boxes", "gt_class", "max_iou")}
         feats = {layer: [] for layer in self.layers}
@@ -84,18 +83,18 @@ class FeatureWriter:
                 for c in np.unique(obj["cls"]):
                     max_iou[:, c] = iou[:, obj["cls"] == c].max(1)
             image = load_image(r["path"])
-            with torch.inference_mode():
-                for s in range(0, len(boxes), self.chunk):
-                    x = warp_regions_tensor(
-                        image,
-                        boxes[s : s + self.chunk],
-                        size=self.model.input_size,
-                        padding=self.padding,
-                        mode=self.warp,
-                    )
-                    out = self.model.features_all(x.to(self.device, non_blocking=True))
-                    for layer in self.layers:
-                        feats[layer].append(out[layer].float().cpu().numpy())
+            out = image_features(
+                self.model,
+                image,
+                boxes,
+                layers=self.layers,
+                padding=self.padding,
+                mode=self.warp,
+                chunk=self.chunk,
+                device=self.device,
+            )
+            for layer in self.layers:
+                feats[layer].append(out[layer])
             cols["image_ids"] += [image_id] * len(boxes)
             cols["box_index"].append(np.arange(len(boxes), dtype=np.int32))
             cols["is_gt"].append(np.arange(len(boxes)) < n_gt)
@@ -116,6 +115,46 @@ class FeatureWriter:
 
 
 MANIFEST_SCHEMA = pa.schema([("shard", pa.string()), ("split", pa.string()), ("rows", pa.int64())])
+
+
+WARP_CHUNK = 256  # boxes warped per call: each call converts the whole image to float once
+
+
+def image_features(
+    model,
+    image: np.ndarray,
+    boxes: np.ndarray,
+    *,
+    layers: tuple[str, ...],
+    padding: int,
+    mode: str,
+    chunk: int,
+    device: torch.device,
+) -> dict[str, np.ndarray]:
+    """``{layer: float32 (N, D)}`` for ``(N, 4)`` boxes of one BGR image: boxes are warped
+    ``WARP_CHUNK`` at a time and the crops go through the CNN ``chunk`` at a time (a small chunk
+    keeps a CPU's activations in cache; warping as few boxes per call would repeat the image's
+    conversion, which cost more than the forward pass at 16 boxes per call)."""
+    from stages.detection.warp import warp_regions_tensor
+
+    out: dict[str, list[np.ndarray]] = {layer: [] for layer in layers}
+    with torch.inference_mode():
+        for s in range(0, len(boxes), max(chunk, WARP_CHUNK)):
+            crops = warp_regions_tensor(
+                image,
+                boxes[s : s + max(chunk, WARP_CHUNK)],
+                size=model.input_size,
+                padding=padding,
+                mode=mode,
+            )
+            for t in range(0, len(crops), chunk):
+                feats = model.features_all(crops[t : t + chunk].to(device, non_blocking=True))
+                for layer in layers:
+                    out[layer].append(feats[layer].float().cpu().numpy())
+    return {
+        layer: np.concatenate(v) if v else np.zeros((0, model.feature_dims[layer]), np.float32)
+        for layer, v in out.items()
+    }
 
 
 def default_chunk(device: torch.device) -> int:
