@@ -39,6 +39,10 @@ def connect(
         else:
             if include_dashboard is None:
                 include_dashboard = os.environ.get("PAPERLINE_DASHBOARD", "1") != "0"
+            # Ray Train's controller polls its workers every 2 s and a run waits for several
+            # polls (started, reports, finished): 0.5 s saves seconds per small training run
+            # (the BN pipeline's 2-worker run: 25 s -> 18 s). The workers inherit the setting.
+            os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
             ray.init(
                 num_cpus=num_cpus or os.cpu_count(),
                 num_gpus=num_gpus,
