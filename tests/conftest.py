@@ -2,15 +2,7 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
-
-# Ray Train's controller polls its worker group every 2 s by default, and a Train run waits for
-# several polls (group started, reports, finished): measured 25 s -> 18 s for the BN pipeline's
-# 2-worker run on 2 cores at 0.5 s. Only that latency changes. Set at import, before any Ray
-# starts (its workers inherit the environment, as do the clusters that cluster tests start).
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 @pytest.fixture(scope="session")
