@@ -2,8 +2,8 @@
 
 1. a fully cached re-run against the first run of the same pipeline (goal <= 5%);
 2. per-step overhead of the Ray executor against the in-process one, on a chain of trivial steps;
-3. start-up time of `paperline run` (a fresh process, every step cached) in-process and on an
-   embedded Ray.
+3. start-up time of `paperline run` (a fresh process, every step cached) in-process and with
+   ``--executor ray`` (which no longer starts Ray when nothing needs computing: 13.9 s before).
 
 python benchmarks/bench_engine.py [--executor local|ray] [--preset ci] [--steps 20]
 """
@@ -105,7 +105,8 @@ def main() -> None:
             t_local, t_ray = startup("local", d), startup("ray", d)
             print(
                 f"`paperline run rcnn --preset ci`, all cached, fresh process: {t_local:.1f} s "
-                f"in-process, {t_ray:.1f} s with an embedded Ray (start-up {t_ray - t_local:.1f} s)"
+                f"in-process, {t_ray:.1f} s with --executor ray (a run with nothing to compute "
+                "does not start Ray)"
             )
 
 
