@@ -37,6 +37,21 @@ def _import_train_and_tune() -> None:
         import ray.tune.schedulers  # noqa: F401
 
 
+def _schedulable_cpus() -> float:
+    """The most CPUs one new training worker can be given: the largest live node's, less what
+    placement groups already hold (Tune trials' drivers in `paperline sweep`, other training runs;
+    counted against that node, which under-requests rather than waits on a multi-node cluster).
+    At least 1."""
+    largest = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]), default=0)
+    held = sum(
+        bundle.get("CPU", 0.0)
+        for pg in ray.util.placement_group_table().values()
+        if pg["state"] == "CREATED"
+        for bundle in pg["bundles"].values()
+    )
+    return max(1.0, float(int(largest - held))) if largest else 0.0
+
+
 def _call(fn: Callable, threads: int, *args, **kwargs):
     limit_threads(threads)
     return fn(*args, **kwargs)
@@ -237,11 +252,9 @@ class RayExecutor:
         from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
-        largest = max(
-            (n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]), default=0
-        )
-        if 0 < largest < resources_per_worker.cpus:  # more than any node has: never schedulable
-            resources_per_worker = dataclasses.replace(resources_per_worker, cpus=largest)
+        cap = _schedulable_cpus()
+        if 0 < cap < resources_per_worker.cpus:  # a request above it would wait for ever
+            resources_per_worker = dataclasses.replace(resources_per_worker, cpus=cap)
         gpus = resources_per_worker.resolve_gpus(self.cluster_gpus())
         trainer = TorchTrainer(
             functools.partial(_train_loop, train_fn, resources_per_worker.threads()),

@@ -43,6 +43,9 @@ def connect(
             # polls (started, reports, finished): 0.5 s saves seconds per small training run
             # (the BN pipeline's 2-worker run: 25 s -> 18 s). The workers inherit the setting.
             os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+            # a training step waits for CPUs like any task (concurrent steps of a small machine
+            # queue), instead of failing after Train's default 60 s worker-group start timeout
+            os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "1800")
             ray.init(
                 num_cpus=num_cpus or os.cpu_count(),
                 num_gpus=num_gpus,

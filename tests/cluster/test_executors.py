@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import ray
 
 from cluster.local import LocalExecutor
 from cluster.resources import Resources
@@ -115,18 +116,31 @@ def test_ray_train_two_workers_ddp_and_resume(ray_executor, tmp_path):
 
 
 @pytest.mark.ray
-def test_ray_train_worker_gets_its_cpus_capped_at_the_largest_node(ray_executor, tmp_path):
+def test_ray_train_worker_cpus_are_capped_at_what_can_ever_be_scheduled(ray_executor, tmp_path):
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    def threads(name: str) -> int:
+        out = ray_executor.train(
+            threads_train,
+            {},
+            num_workers=1,
+            resources_per_worker=Resources(cpus=16),
+            storage_path=str(tmp_path / "train"),
+            name=name,
+        )
+        return out.metrics["threads"]
+
     # 16 CPUs exceed the 2-CPU test cluster's only node: capped to 2 (and 2 torch threads)
     # instead of a request that never schedules
-    out = ray_executor.train(
-        threads_train,
-        {},
-        num_workers=1,
-        resources_per_worker=Resources(cpus=16),
-        storage_path=str(tmp_path / "train"),
-        name="capped",
-    )
-    assert out.metrics["threads"] == 2
+    assert threads("whole-node") == 2
+    # a placement group holding 0.5 CPU (as a `paperline sweep` trial's driver does) leaves 1.5:
+    # the worker gets 1 CPU instead of waiting for 2 that never free up
+    pg = placement_group([{"CPU": 0.5}])
+    ray.get(pg.ready())
+    try:
+        assert threads("beside-a-trial") == 1
+    finally:
+        remove_placement_group(pg)
 
 
 @both
