@@ -13,7 +13,7 @@ adds nothing").
 3. ``stages/training/bn_experiments.train_classifier`` (Batch Normalization's MNIST MLP: 3 × 100
    sigmoid units with BN, minibatch 60) vs a plain loop over the same minibatches.
 
-    python benchmarks/bench_training.py [--epochs 2] [--images 2048] [--no-ray]
+    python benchmarks/bench_training.py [--epochs 5] [--images 2048] [--no-ray]
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def bn_pair(steps: int) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=5)  # 2 left the estimate to start-up noise
     ap.add_argument("--images", type=int, default=2048)
     ap.add_argument("--bn-steps", type=int, default=1000)
     ap.add_argument("--no-ray", action="store_true")
