@@ -38,18 +38,21 @@ def _import_train_and_tune() -> None:
 
 
 def _schedulable_cpus() -> float:
-    """The most CPUs one new training worker can be given: the largest live node's, less what
-    placement groups already hold (Tune trials' drivers in `paperline sweep`, other training runs;
-    counted against that node, which under-requests rather than waits on a multi-node cluster).
-    At least 1."""
-    largest = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]), default=0)
-    held = sum(
-        bundle.get("CPU", 0.0)
-        for pg in ray.util.placement_group_table().values()
-        if pg["state"] == "CREATED"
-        for bundle in pg["bundles"].values()
-    )
-    return max(1.0, float(int(largest - held))) if largest else 0.0
+    """The most CPUs one new training worker can be given: over the live nodes, the most a node
+    has left once its placement groups' bundles are counted (Tune trials' drivers in `paperline
+    sweep`, other training runs). At least 1; 0 when no node has CPUs (nothing to cap against)."""
+    held: dict[str, float] = {}
+    for pg in ray.util.placement_group_table().values():
+        if pg["state"] == "CREATED":
+            for index, bundle in pg["bundles"].items():
+                node = pg["bundles_to_node_id"].get(index)
+                held[node] = held.get(node, 0.0) + bundle.get("CPU", 0.0)
+    free = [
+        n["Resources"].get("CPU", 0.0) - held.get(n["NodeID"], 0.0)
+        for n in ray.nodes()
+        if n["Alive"] and n["Resources"].get("CPU", 0.0) > 0
+    ]
+    return max(1.0, float(int(max(free)))) if free else 0.0
 
 
 def _call(fn: Callable, threads: int, *args, **kwargs):

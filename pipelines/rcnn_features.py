@@ -138,11 +138,12 @@ def image_features(
     from stages.detection.warp import warp_regions_tensor
 
     out: dict[str, list[np.ndarray]] = {layer: [] for layer in layers}
+    per_warp = max(chunk, WARP_CHUNK)
     with torch.inference_mode():
-        for s in range(0, len(boxes), max(chunk, WARP_CHUNK)):
+        for s in range(0, len(boxes), per_warp):
             crops = warp_regions_tensor(
                 image,
-                boxes[s : s + max(chunk, WARP_CHUNK)],
+                boxes[s : s + per_warp],
                 size=model.input_size,
                 padding=padding,
                 mode=mode,
