@@ -16,6 +16,7 @@ from tests.cluster.workloads import (
     AffinePredictor,
     linear_regression_train,
     make_table,
+    pid_trial,
     quadratic_trial,
     threads_and_double,
     threads_train,
@@ -157,6 +158,25 @@ def test_sweep_runs_every_grid_point(ex, tmp_path):
     by_x = {r["config"]["x"]: r["metrics"]["score"] for r in results}
     assert by_x == {0.0: -2.0, 1.0: 1.0, 2.0: 2.0, 3.0: 1.0}
     assert all(r["error"] is None and r["metrics"]["tag"] == "t" for r in results)
+
+
+@pytest.mark.ray
+def test_ray_sweep_reuses_trial_actors_with_threads_pinned_per_trial(ray_executor, tmp_path):
+    results = ray_executor.sweep(
+        pid_trial,
+        {"x": Grid((1, 2, 3))},
+        metric="x",
+        mode="max",
+        max_concurrent=1,
+        resources_per_trial=Resources(cpus=2),
+        storage_path=str(tmp_path / "tune"),
+        name="reuse",
+    )
+    assert sorted(r["metrics"]["x"] for r in results) == [1, 2, 3]
+    # one actor process ran all three trials (no new process per trial) ...
+    assert len({r["metrics"]["pid"] for r in results}) == 1
+    # ... and each trial started with its own 2 threads although the one before it left 1
+    assert [r["metrics"]["threads"] for r in results] == [2, 2, 2]
 
 
 def test_space_expansion_order_and_sampling():

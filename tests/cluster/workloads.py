@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pyarrow as pa
 import torch
@@ -69,6 +71,14 @@ def quadratic_trial(config: dict, report) -> None:
                 "tag": config.get("tag", ""),
             }
         )
+
+
+def pid_trial(config: dict, report) -> None:
+    """Reports its process and its torch threads at start, then changes the threads (as a careless
+    trial might) to show that the next trial in the same actor starts pinned again."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    report({"pid": os.getpid(), "threads": threads, "x": config["x"]})
 
 
 def make_table(n: int) -> pa.Table:
