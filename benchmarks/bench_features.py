@@ -7,10 +7,15 @@
 2. the forward pass alone: crops/s at 1, 16 and 256 crops per pass, and the achieved FLOP/s
    (torch.utils.flop_counter) against this machine's matrix-multiply FLOP/s (the best of float32
    GEMMs of 1024-4096 on the same threads): the ceiling a batched forward can reach;
-3. Parquet feature-cache read throughput vs np.load of the same float32 array.
+3. Parquet feature-cache read throughput vs np.load of the same float32 array;
+4. with ``--store STORE`` (a store holding an R-CNN run of ``--preset``): the whole `features`
+   step recomputed on a copy of it, in-process and through Ray Data's actor pool on an embedded
+   Ray (Ray started before timing), in crops/s against the per-region loop of part 1 — the same
+   CNN when the preset uses ``rcnn_small`` at 64 px, as the CPU presets do.
 
     python benchmarks/bench_features.py [--model rcnn_small|rcnn_alexnet|rcnn_vgg16] [--crops N]
         [--device cpu|cuda] [--amp none|bf16] [--channels-last] [--rows 0 (skip the cache part)]
+        [--store STORE --preset tiny]
 
 On a GPU the matmul reference is a bf16/float32 GEMM on the same device, and every timing
 synchronises the device.
@@ -80,6 +85,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--amp", default="none", choices=["none", "bf16"])
     ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument(
+        "--store", help="a store holding an rcnn run of --preset: time its features step"
+    )
+    ap.add_argument("--preset", default="tiny")
     args = ap.parse_args()
 
     kwargs = {"input_size": 64} if args.model == "rcnn_small" else {}
@@ -164,6 +173,8 @@ def main() -> None:
         f"per pass, which already runs at {rates[1] * flops_per_crop / peak:.2f} of matmul"
     )
 
+    if args.store:
+        features_step(args.store, args.preset, loop_rate)
     if args.rows <= 0:
         return
     rng = np.random.default_rng(0)
@@ -194,6 +205,38 @@ def main() -> None:
                 f"{t_npy / t_pq:.2f} of .npy (goal >= 0.5); size on disk "
                 f"{pq_path.stat().st_size / npy.stat().st_size:.2f} of the float32 .npy"
             )
+
+
+def features_step(store: str, preset: str, loop_rate: float) -> None:
+    """Part 4: the `features` step itself, in-process and through Ray Data, on copies of store."""
+    import shutil
+
+    from cluster import runtime
+    from pipelines import runner
+
+    runtime.connect(include_dashboard=False, temp_dir="/tmp/pl-bench")
+    quiet = dict(progress=False, log=lambda _: None, force="features", until="features")
+    with tempfile.TemporaryDirectory() as d:
+        rates = {}
+        for executor in ("local", "ray"):
+            copy = f"{d}/store-{executor}"
+            shutil.copytree(
+                store, copy, ignore=shutil.ignore_patterns("_work", "features", "region_features")
+            )
+            t0 = time.perf_counter()
+            out = runner.run(
+                "rcnn", preset, store=copy, runs=f"{d}/runs", executor=executor, **quiet
+            )
+            wall = time.perf_counter() - t0
+            assert out.computed() == ["features"], out.manifest
+            rows = out.metrics["feature_rows"]
+            rates[executor] = rows / wall
+            print(
+                f"  features step of rcnn/{preset} ({rows} crops, warp + CNN + Parquet) on "
+                f"{executor}: {wall:.1f} s = {rates[executor]:.0f} crops/s = "
+                f"{rates[executor] / loop_rate:.1f}x the per-region loop"
+            )
+        print(f"  through Ray Data / in-process: {rates['ray'] / rates['local']:.2f}")
 
 
 if __name__ == "__main__":
