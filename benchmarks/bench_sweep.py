@@ -29,13 +29,18 @@ def main() -> None:
     ap.add_argument("--values", default="0.1,0.3,0.5")
     ap.add_argument("--executor", default="local", choices=["local", "ray"])
     ap.add_argument("--warm-store", help="run only arm C (on Ray) on copies of this store")
+    ap.add_argument(
+        "--c-values",
+        default="0.0001,0.0003,0.003,0.01",
+        help="arm C's svm.C grid (pick values the warm store has not computed)",
+    )
     args = ap.parse_args()
     if args.warm_store:
         from cluster import runtime
 
         cpus = runtime.connect(include_dashboard=False, temp_dir="/tmp/pl-bench")["cpus"]
         with tempfile.TemporaryDirectory() as d:
-            parallel_ratio(args.preset, args.warm_store, d, cpus)
+            parallel_ratio(args.preset, args.warm_store, d, cpus, args.c_values)
         return
     values = sweep.split_values(args.values)
     cpus = 1.0
@@ -70,7 +75,7 @@ def main() -> None:
             )
         t_scratch = time.perf_counter() - t0
         if args.executor == "ray":
-            parallel_ratio(args.preset, f"{d}/sweep-store", f"{d}/runs-c", cpus)
+            parallel_ratio(args.preset, f"{d}/sweep-store", f"{d}/runs-c", cpus, args.c_values)
     print(
         f"rcnn/{args.preset}, {len(values)} trials of svm.neg_iou on {args.executor}: sweep "
         f"{t_sweep:.1f} s vs every trial from scratch {t_scratch:.1f} s = "
@@ -83,11 +88,12 @@ def main() -> None:
         )
 
 
-def parallel_ratio(preset: str, store: str, runs: str, cpus: float) -> None:
+def parallel_ratio(preset: str, store: str, runs: str, cpus: float, c_values: str) -> None:
     """Arm C on copies of ``store`` (a store that already holds every upstream step)."""
-    plan = sweep.make_plan("rcnn", preset, {}, ["svm.C=0.0001,0.0003,0.003,0.01"], [])
+    plan = sweep.make_plan("rcnn", preset, {}, [f"svm.C={c_values}"], [])
+    n = len(sweep.split_values(c_values))
     for copy in ("alone", "together"):
-        shutil.copytree(store, f"{runs}/store-{copy}")
+        shutil.copytree(store, f"{runs}/store-{copy}", ignore=shutil.ignore_patterns("_work"))
     quiet = dict(executor="ray", log=lambda _: None)
     t0 = time.perf_counter()
     alone = sweep.run_sweep(
@@ -102,7 +108,7 @@ def parallel_ratio(preset: str, store: str, runs: str, cpus: float) -> None:
     wall = time.perf_counter() - t0
     assert not alone.failed and not together.failed, (alone.failed, together.failed)
     print(
-        f"rcnn/{preset}, 4 trials of svm.C on a warm store (svm -> report per trial): concurrent "
+        f"rcnn/{preset}, {n} trials of svm.C on a warm store (svm -> report per trial): concurrent "
         f"sweep wall {wall:.1f} s vs sum of one-at-a-time trial times / CPUs = {trial_sum:.1f} / "
         f"{cpus:.0f} = {trial_sum / cpus:.1f} s: ratio {wall / (trial_sum / cpus):.2f} "
         f"(goal <= 1.25); one-at-a-time sweep wall {t_alone:.1f} s = {t_alone / wall:.2f}x the "
