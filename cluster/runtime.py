@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 import ray
 
@@ -46,13 +47,29 @@ def connect(
             # a training step waits for CPUs like any task (concurrent steps of a small machine
             # queue), instead of failing after Train's default 60 s worker-group start timeout
             os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "1800")
+            # "local": always a new embedded instance. With no address, ray.init would attach to
+            # the cluster a `ray start` on this host last recorded (/tmp/ray/ray_current_cluster)
+            # and then fail on num_cpus; attaching is what --address auto is for.
+            init = dict(address="local", _temp_dir=temp_dir)
+            if include_dashboard:
+                # Inside our workers, Ray's State API finds "the" cluster the same way, so with a
+                # `ray start` cluster on the host Ray Train's placement-group cleaner would ask
+                # *that* cluster's dashboard whether our Train controller is alive, be told no,
+                # and remove our run's placement group. Point our workers at our own dashboard.
+                port = _free_port()
+                init.update(
+                    dashboard_port=port,
+                    runtime_env={
+                        "env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+                    },
+                )
             ray.init(
                 num_cpus=num_cpus or os.cpu_count(),
                 num_gpus=num_gpus,
                 object_store_memory=EMBEDDED_OBJECT_STORE_BYTES,
                 include_dashboard=include_dashboard,
                 dashboard_host="127.0.0.1",  # never expose an embedded dashboard beyond loopback
-                _temp_dir=temp_dir,
+                **init,
                 **common,
             )
         quiet_data()
@@ -63,6 +80,12 @@ def connect(
         "gpus": res.get("GPU", 0.0),
         "nodes": len([n for n in ray.nodes() if n.get("Alive")]),
     }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def quiet_data() -> None:

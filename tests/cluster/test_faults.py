@@ -81,11 +81,13 @@ def test_training_worker_lost_resumes_from_last_checkpoint(ray_executor, tmp_pat
     )
     assert (log_dir / "crashed").exists()
     starts = sorted(p.name.split("-")[1:3] for p in log_dir.glob("start-*"))
-    # both workers started at epoch 0, then both restarted from the last checkpoint that was
-    # persisted before the crash: epoch 2's, or epoch 1's when the crash beat its upload
+    # both workers started at epoch 0, then both restarted from one checkpoint, never from
+    # scratch: the latest one Ray Train's controller had collected. It collects reports when it
+    # polls the workers (every 0.5 s here), so epoch 2's checkpoint, reported just before the
+    # crash, or even epoch 1's can still be queued in the dead worker and lost (seen under load).
     assert len(starts) == 4 and [s[0] for s in starts] == ["rank0", "rank0", "rank1", "rank1"]
     assert starts[0][1] == starts[2][1] == "epoch0"
-    assert starts[1][1] == starts[3][1] and starts[1][1] in ("epoch2", "epoch3")
+    assert starts[1][1] == starts[3][1] and starts[1][1] in ("epoch1", "epoch2", "epoch3")
     assert result.metrics["epoch"] == 4 and result.checkpoint["epoch"] == 4
 
 
@@ -141,10 +143,13 @@ def test_sweep_killed_then_resumed_runs_only_unfinished_trials(tmp_path):
     cmd = _toy_cmd(tmp_path, "sweep", TOY, "--grid", "toy.offset=0,1,2", "--max-concurrent", "1")
     cmd += ["--set", f"pause_file={pause}"]
     logs = tmp_path / "runs" / "toy"
+    # the third trial (offset 2) stops inside `squares`; set before the start, because trial
+    # actors are reused and the third trial reaches `squares` moments after the second ends
+    trial_pause = Path(f"{pause}-2")
+    trial_pause.touch()
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), start_new_session=True)
     try:
         _wait_for(lambda: counts(tmp_path / "counts").get("total") == 2, 180, "two trials")
-        pause.touch()  # the third trial stops inside `squares`
         _wait_for(lambda: counts(tmp_path / "counts").get("squares") == 3, 60, "third trial")
         # Tune saves its experiment state every second (ray_executor.sweep): wait for a save that
         # happened after the third trial started, so the state knows it (not a fixed sleep)
@@ -158,7 +163,7 @@ def test_sweep_killed_then_resumed_runs_only_unfinished_trials(tmp_path):
         )
     finally:
         _kill_group(proc)
-    pause.unlink()
+    trial_pause.unlink()
     again = subprocess.run(
         [*cmd, "--resume"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300
     )

@@ -46,7 +46,10 @@ def square_all(
     (ctx.out_dir / "partial.txt").write_text("half-written")
     if fail_marker and os.path.exists(fail_marker):
         raise RuntimeError("injected failure in the middle of the step")
-    while pause_file and os.path.exists(pause_file):  # held mid-step until the file is removed
+    # held mid-step while the file exists (or `<pause_file>-<offset>`: one sweep trial alone)
+    while pause_file and (
+        os.path.exists(pause_file) or os.path.exists(f"{pause_file}-{power_offset}")
+    ):
         time.sleep(0.05)
     squares = ctx.map(_square, numbers)
     ctx.write_json("squares.json", [s + power_offset for s in squares])
