@@ -192,9 +192,14 @@ class FeatureConfig:
     # ≈1 TB for pool5 + fc7)
     cache: Literal["layers", "pool5"] = "layers"
     num_actors: int = 1  # Ray Data actors, each holding one CNN (one GPU each when present)
-    # crops per forward pass; 0 = 16 on a CPU (activations stay in cache: the CPU CNN runs
-    # ~2.5x faster at 16 than at 256, benchmarks/bench_features.py), 256 on a GPU
+    # crops per forward pass; 0 = 16 on a CPU in float32 (activations stay in cache: the CPU CNN
+    # runs ~2.5x faster at 16 than at 256, benchmarks/bench_features.py), 64 on a CPU in bf16,
+    # 256 on a GPU
     chunk: int = 0
+    # "bf16": the CNN's forward pass under bfloat16 autocast (features still cached as float32):
+    # on a GPU, and on CPUs with native bf16 (AVX512-BF16 / AMX) ≈1.5x the float32 step;
+    # elsewhere on a CPU it is emulated and slower. Changes the features, so it is part of the key.
+    amp: Literal["none", "bf16"] = "none"
 
     def __post_init__(self):
         check(

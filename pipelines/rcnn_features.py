@@ -37,6 +37,7 @@ class FeatureWriter:
         chunk: int,
         dtype: str,
         warp: str = "warp",
+        amp: str = "none",
     ):
         # the actor holds a GPU when the cluster has one (Resources(gpus="auto"))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -50,8 +51,8 @@ class FeatureWriter:
             for s in _splits(self.dataset_dir)
         }
         self.layers, self.padding, self.dtype = layers, padding, dtype
-        self.chunk = chunk or default_chunk(self.device)
-        self.warp = warp
+        self.chunk = chunk or default_chunk(self.device, amp)
+        self.warp, self.amp = warp, amp
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """One shard per split present in ``batch`` (the SVMs stream only training shards,
@@ -92,6 +93,7 @@ class FeatureWriter:
                 mode=self.warp,
                 chunk=self.chunk,
                 device=self.device,
+                amp=self.amp,
             )
             for layer in self.layers:
                 feats[layer].append(out[layer])
@@ -130,16 +132,21 @@ def image_features(
     mode: str,
     chunk: int,
     device: torch.device,
+    amp: str = "none",
 ) -> dict[str, np.ndarray]:
     """``{layer: float32 (N, D)}`` for ``(N, 4)`` boxes of one BGR image: boxes are warped
     ``WARP_CHUNK`` at a time and the crops go through the CNN ``chunk`` at a time (a small chunk
     keeps a CPU's activations in cache; warping as few boxes per call would repeat the image's
-    conversion, which cost more than the forward pass at 16 boxes per call)."""
+    conversion, which cost more than the forward pass at 16 boxes per call). ``amp="bf16"`` runs
+    the CNN under bfloat16 autocast; the features come back as float32 either way."""
     from stages.detection.warp import warp_regions_tensor
 
+    if amp not in ("none", "bf16"):
+        raise ValueError(f"amp must be 'none' or 'bf16', got {amp!r}")
     out: dict[str, list[np.ndarray]] = {layer: [] for layer in layers}
     per_warp = max(chunk, WARP_CHUNK)
-    with torch.inference_mode():
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
+    with torch.inference_mode(), autocast:
         for s in range(0, len(boxes), per_warp):
             crops = warp_regions_tensor(
                 image,
@@ -158,10 +165,14 @@ def image_features(
     }
 
 
-def default_chunk(device: torch.device) -> int:
+def default_chunk(device: torch.device, amp: str = "none") -> int:
     """Crops per forward pass when ``features.chunk`` is 0: small on a CPU, where a chunk's
-    activations must stay in cache, large on a GPU, which needs the parallelism."""
-    return 256 if device.type == "cuda" else 16
+    activations must stay in cache, large on a GPU, which needs the parallelism. In bf16 a CPU
+    does best at 64 (half the bytes per activation; AlexNet's fc6/fc7 GEMMs need the rows:
+    1.4x faster at 64 than at 16, `rcnn_small` 1.5x; benchmarks/bench_features.py)."""
+    if device.type == "cuda":
+        return 256
+    return 64 if amp == "bf16" else 16
 
 
 def extract_features(
@@ -174,6 +185,7 @@ def extract_features(
     num_actors: int,
     chunk: int,
     warp: str = "warp",
+    amp: str = "none",
 ) -> None:
     dataset_dir = ctx.input_dir("dataset")
     table = pa.Table.from_pylist(
@@ -189,6 +201,7 @@ def extract_features(
         chunk=chunk,
         dtype=dtype,
         warp=warp,
+        amp=amp,
     )
     # one inference pass over both splits (one actor pool to start, not one per split); rows
     # sorted by split, and FeatureWriter splits any batch that straddles two

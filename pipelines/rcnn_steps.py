@@ -108,6 +108,8 @@ class _Builder:
                 padding=self.cfg.cnn.padding,
                 dtype=f.dtype,
                 **_warp_param(self.cfg.cnn),
+                # only when set, so that keys of runs made before the option existed stay valid
+                **({"amp": f.amp} if f.amp != "none" else {}),
             ),
             description="CNN features of every box → Parquet feature cache",
         )

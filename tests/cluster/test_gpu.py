@@ -52,6 +52,28 @@ def test_cnn_features_on_cuda_match_cpu_and_bf16_is_close():
         assert rel < 0.05, (layer, float(rel))
 
 
+def test_features_step_code_on_cuda_in_bf16_matches_cpu_float32():
+    """features.amp=bf16 on a GPU: the step's own path (warp on the CPU, CNN on the device)."""
+    import numpy as np
+
+    from pipelines.rcnn_features import default_chunk, image_features
+
+    torch.manual_seed(0)
+    model = create("rcnn_small", input_size=64).eval().fused_for_inference()
+    image = np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    boxes = np.array([[1, 1, 80, 60], [20, 30, 160, 120], [50, 10, 90, 100]] * 30, np.float32)
+    kw = dict(layers=("pool5", "fc7"), padding=16, mode="warp")
+    cpu = image_features(model, image, boxes, chunk=16, device=torch.device("cpu"), **kw)
+    cuda = torch.device("cuda")
+    gpu = image_features(
+        model.cuda(), image, boxes, chunk=default_chunk(cuda, "bf16"), device=cuda, amp="bf16", **kw
+    )
+    for layer in kw["layers"]:
+        assert gpu[layer].dtype == np.float32 and gpu[layer].shape == cpu[layer].shape
+        rel = np.linalg.norm(gpu[layer] - cpu[layer]) / np.linalg.norm(cpu[layer])
+        assert rel < 0.05, (layer, float(rel))
+
+
 def test_training_loop_on_cuda():
     ctx = LocalTrainContext(device="cuda")
     linear_regression_train(ctx, {"lr": 0.5, "epochs": 3})

@@ -145,3 +145,9 @@ def test_optional_knobs_enter_keys_only_when_set():
     assert {"dataset", "proposals", "proposal_report"}.isdisjoint(changed)
     assert {"pretrain", "finetune", "features", "svm", "detect"} <= changed
     assert keys({"cnn.warp": "warp"}) == plain
+    # features.amp: the features step and what reads it, not the CNN's training
+    bf16 = keys({"features.amp": "bf16"})
+    changed = {k for k in plain if plain[k] != bf16[k]}
+    assert {"dataset", "proposals", "pretrain", "finetune"}.isdisjoint(changed)
+    assert {"features", "svm", "detect", "evaluate"} <= changed
+    assert keys({"features.amp": "none"}) == plain

@@ -36,7 +36,7 @@ def inputs(tmp_path_factory):
     return tmp, net, dataset, result.artifacts["proposals"].local_dir()
 
 
-def _writer(tmp, dataset, proposals, out, chunk):
+def _writer(tmp, dataset, proposals, out, chunk, amp="none"):
     return FeatureWriter(
         model_path=str(tmp / "model.pt"),
         dataset_dir=str(dataset),
@@ -46,7 +46,33 @@ def _writer(tmp, dataset, proposals, out, chunk):
         padding=4,
         chunk=chunk,
         dtype="float32",
+        amp=amp,
     )
+
+
+def test_bf16_features_are_float32_and_close_to_float32_ones(inputs):
+    """features.amp=bf16: the CNN runs under bfloat16 autocast (8-bit mantissa: relative errors
+    of ~1e-2 that float32 cannot produce), the cache still holds float32 of the same boxes."""
+    tmp, _, dataset, proposals = inputs
+    rows = [r for r in read_images(dataset) if r["split"] == "test"][:2]
+    batch = pa.Table.from_pylist([{k: r[k] for k in ("image_id", "path", "split")} for r in rows])
+    shard = _writer(tmp, dataset, proposals, tmp / "fp32", 0)(batch).to_pylist()[0]["shard"]
+    bf16_writer = _writer(tmp, dataset, proposals, tmp / "bf16", 0, amp="bf16")
+    assert bf16_writer.chunk == 64  # the CPU's bf16 default (16 in float32)
+    bf16_writer(batch)
+    for layer in ("fc7", "pool5"):
+        a = read_feature_shard(tmp / "fp32" / layer / shard)
+        b = read_feature_shard(tmp / "bf16" / layer / shard)
+        np.testing.assert_array_equal(a["boxes"], b["boxes"])
+        assert b["features"].dtype == np.float32
+        err = np.abs(a["features"] - b["features"]).max() / np.abs(a["features"]).max()
+        assert 1e-4 < err < 0.05, (layer, err)  # bf16 rounding, not float32 noise nor garbage
+        cos = (a["features"] * b["features"]).sum(1) / (
+            np.linalg.norm(a["features"], axis=1) * np.linalg.norm(b["features"], axis=1) + 1e-12
+        )
+        assert cos.min() > 0.99, (layer, cos.min())
+    with pytest.raises(ValueError, match="amp must be"):
+        _writer(tmp, dataset, proposals, tmp / "bad", 0, amp="fp8")(batch)
 
 
 def test_a_batch_straddling_two_splits_becomes_one_shard_per_split(inputs):
