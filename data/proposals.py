@@ -16,7 +16,7 @@ selective search. Two formats:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,13 +33,18 @@ _SUFFIXES = (".parquet", ".pq", ".mat")
 
 
 def read_precomputed_proposals(
-    path: str | Path, image_ids: Sequence[str] | None = None
+    path: str | Path,
+    image_ids: Sequence[str] | None = None,
+    image_sizes: Mapping[str, tuple[int, int]] | None = None,
 ) -> dict[str, np.ndarray]:
     """Image id -> float32 ``(N, 4)`` xyxy VOC 1-based proposals, best first, from Parquet or .mat.
 
     With ``image_ids``, returns exactly those images in that order and raises if any is absent
-    from the file. Raises `DatasetError` naming the file for a missing or unreadable file, an
-    unsupported extension, missing columns/variables and degenerate boxes (x2 < x1 or y2 < y1).
+    from the file. With ``image_sizes`` (image id -> ``(width, height)`` px), every box of those
+    images must lie inside its image, ``1 <= x1 <= x2 <= width``, ``1 <= y1 <= y2 <= height``;
+    images of the file without a size are not checked. Raises `DatasetError` naming the file for
+    a missing or unreadable file, an unsupported extension, missing columns/variables, degenerate
+    boxes (x2 < x1 or y2 < y1) and boxes outside their image.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -59,6 +64,8 @@ def read_precomputed_proposals(
                 f"image {image_id!r}: {int(bad.sum())} degenerate box(es) (need finite "
                 f"x1 <= x2, y1 <= y2 in xyxy), first {first}",
             )
+        if image_sizes is not None and image_id in image_sizes:
+            _check_inside_image(path, image_id, boxes, *image_sizes[image_id])
 
     if image_ids is None:
         return proposals
@@ -66,6 +73,25 @@ def read_precomputed_proposals(
     if absent:
         raise DatasetError(path, f"{len(absent)} requested image id(s) absent, e.g. {absent[:5]}")
     return {i: proposals[i] for i in image_ids}
+
+
+def _check_inside_image(
+    path: Path, image_id: str, boxes: np.ndarray, width: int, height: int
+) -> None:
+    # Checked here rather than where the boxes are warped (stages/detection/warp.py), which runs
+    # in a Ray actor that knows neither the file nor the image id.
+    outside = (boxes[:, 0] < 1) | (boxes[:, 1] < 1) | (boxes[:, 2] > width)
+    outside |= boxes[:, 3] > height
+    if not outside.any():
+        return
+    first = boxes[np.argmax(outside)].tolist()
+    hint = " (0-based boxes? add 1 to every coordinate)" if (boxes[:, :2] == 0).any() else ""
+    raise DatasetError(
+        path,
+        f"image {image_id!r}: {int(outside.sum())} box(es) outside the {width}x{height} image, "
+        f"first {first}; expected VOC 1-based inclusive xyxy with 1 <= x1 <= x2 <= {width} and "
+        f"1 <= y1 <= y2 <= {height}{hint}",
+    )
 
 
 def _read_parquet(path: Path, image_ids: Sequence[str] | None) -> dict[str, np.ndarray]:

@@ -110,6 +110,36 @@ def read_split_ids(root: str | Path, split: str) -> list[str]:
     return ids
 
 
+def read_train_test_ids(
+    root: str | Path, train_split: str, test_split: str
+) -> tuple[list[str], list[str]]:
+    """Image ids of a train and a test split, checked as a pair before any annotation is parsed.
+
+    Each split must list at least one image (an empty test split gives mAP = NaN, an empty train
+    split nothing to train on) and the two must share none: a shared image leaks test data into
+    training and appears twice in every table keyed by image id.
+    """
+    main = Path(root) / "ImageSets" / "Main"
+    ids = {}
+    for role, split in (("train", train_split), ("test", test_split)):
+        ids[role] = read_split_ids(root, split)
+        if not ids[role]:
+            raise DatasetError(
+                main / f"{split}.txt",
+                f"{role} split {split!r} lists no image ids; expected one image id per line",
+            )
+    train = set(ids["train"])
+    shared = [i for i in ids["test"] if i in train]
+    if shared:
+        raise DatasetError(
+            main / f"{test_split}.txt",
+            f"test split {test_split!r} shares {len(shared)} of its {len(ids['test'])} image "
+            f"id(s) with train split {train_split!r} ({main / f'{train_split}.txt'}), e.g. "
+            f"{shared[:5]}; expected disjoint splits (VOC2007: trainval and test)",
+        )
+    return ids["train"], ids["test"]
+
+
 class _DeclarationFound(Exception):
     pass
 

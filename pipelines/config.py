@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -80,9 +81,12 @@ def parse_value(text: str, annotation: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {text!r}") from None
     if annotation is float:
         try:
-            return float(text)
+            value = float(text)
         except ValueError:
             raise ConfigError(f"{key}: expected a number, got {text!r}") from None
+        if not math.isfinite(value):  # no knob means inf or nan; the range checks would pass it
+            raise ConfigError(f"{key}: expected a finite number, got {text!r}")
+        return value
     if annotation is str:
         return text
     raise ConfigError(f"{key}: cannot parse values of type {annotation!r}")
@@ -96,6 +100,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         return tuple(value)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
     return value
 
 

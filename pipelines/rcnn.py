@@ -130,9 +130,15 @@ class CNNConfig:
         fixed = {"rcnn_alexnet": 227, "rcnn_vgg16": 224}
         check(
             self.model not in fixed or self.input_size == fixed[self.model],
-            f"cnn.input_size must be {fixed.get(self.model)} for {self.model}",
+            f"cnn.input_size must be {fixed.get(self.model)} for {self.model}, got "
+            f"{self.input_size} (the CPU presets set 64 for rcnn_small: add "
+            f"--set cnn.input_size={fixed.get(self.model)})",
         )
         check(0 <= self.padding < self.input_size // 2, "cnn.padding must be in [0, size/2)")
+        check(
+            len(self.small_widths) == 4 and all(w >= 1 for w in self.small_widths),
+            f"cnn.small_widths must be 4 positive block widths, got {self.small_widths}",
+        )
 
     def model_kwargs(self) -> dict:
         if self.model == "rcnn_small":

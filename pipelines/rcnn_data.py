@@ -66,6 +66,10 @@ def make_dataset(
         voc_root, classes = Path(root).expanduser().resolve(), voc.VOC_CLASSES
         if download and not (voc_root / "Annotations").exists():
             _download_voc2007(voc_root)
+    # Both split files are checked (non-empty, disjoint) before any annotation is parsed. The
+    # check covers the whole splits, not the data.max_images slices: overlapping splits are a
+    # config mistake whatever the slice, and a slice of a non-empty split is never empty.
+    voc.read_train_test_ids(voc_root, train_split, test_split)
     image_rows, tables = [], []
     for split in (train_split, test_split):
         images = voc.read_voc(voc_root, split, classes=classes)
@@ -173,7 +177,10 @@ def extract_proposals(
             raise ValueError(
                 "proposals.precomputed_path: required when proposals.method=precomputed"
             )
-        by_id = read_precomputed_proposals(precomputed_path, image_ids=ids)
+        sizes = {r["image_id"]: (r["width"], r["height"]) for r in images}
+        # every box of the file is checked, not only the max_per_image kept: a box at 0 anywhere
+        # means a 0-based file, whose kept boxes would be off by one pixel.
+        by_id = read_precomputed_proposals(precomputed_path, image_ids=ids, image_sizes=sizes)
         boxes = [by_id[i][: max_per_image or None] for i in ids]
         seconds = [0.0] * len(ids)
     else:

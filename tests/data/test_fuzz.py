@@ -90,14 +90,16 @@ def _rcnn_config():
 
 _keys = st.one_of(
     st.sampled_from(
-        ["svm.C", "svm.neg_iou", "svm.mode", "data.num_train", "cnn.widths", "bbox.enabled",
+        ["svm.C", "svm.neg_iou", "svm.mode", "data.num_train", "cnn.small_widths", "bbox.enabled",
          "proposals.max_per_image", "svm", "nope", "svm.nope", "data.seed.x", ""]
     ),
     st.text(max_size=12),
 )  # fmt: skip
 _values = st.one_of(
     st.text(max_size=12),
-    st.sampled_from(["0", "-1", "1e-3", "nan", "inf", "true", "(1,2)", "hnm", "none", "2.5"]),
+    st.sampled_from(
+        ["0", "-1", "1e-3", "nan", "inf", "true", "(1,2)", "(8,16,32,64)", "hnm", "none", "2.5"]
+    ),
 )
 
 
@@ -116,8 +118,14 @@ def test_set_parser_gives_a_valid_config_or_a_config_error(pairs):
         for part in key.split("."):
             value = getattr(value, part)
         assert value is not None or text.lower() in ("none", "null", "")
-        if isinstance(value, float) and key in ("svm.neg_iou",):
-            assert 0 <= value <= 1  # range checks hold for every accepted value
+        if isinstance(value, float):  # an accepted number is finite and inside its range
+            assert math.isfinite(value), (key, text)
+            if key == "svm.neg_iou":
+                assert 0 <= value <= 1
+            if key == "svm.C":
+                assert value > 0
+        if key == "cnn.small_widths":
+            assert isinstance(value, tuple) and len(value) == 4 and all(w >= 1 for w in value)
 
 
 @pytest.mark.parametrize("arg", ["=1", "svm.C", "  =x"])

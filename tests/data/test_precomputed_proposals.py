@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -135,3 +137,96 @@ def test_mat_images_as_char_matrix(tmp_path):
     got = read_precomputed_proposals(path)
     assert list(got) == ["000005", "000007"]
     np.testing.assert_array_equal(got["000005"], BOXES_XYXY["000005"])
+
+
+# ---- boxes inside their image (sizes from the dataset's images table) ----------------------
+
+SIZES = {"000005": (100, 80), "000007": (100, 120)}  # (width, height) px
+
+
+def test_boxes_on_the_image_border_are_inside(tmp_path):
+    path = tmp_path / "props.mat"
+    write_voc_mat(path, {"000005": [[1, 1, 100, 80], [50, 2, 50, 2]], "000007": [[1, 1, 1, 1]]})
+    got = read_precomputed_proposals(path, image_ids=["000005", "000007"], image_sizes=SIZES)
+    np.testing.assert_array_equal(got["000005"], [[1, 1, 100, 80], [50, 2, 50, 2]])
+
+
+@pytest.mark.parametrize(
+    ("box", "hint"),
+    [
+        ([0, 5, 30, 40], True),  # 0-based x1
+        ([5, 0, 30, 40], True),  # 0-based y1
+        ([5, 5, 101, 40], False),  # past the right edge
+        ([5, 5, 30, 81], False),  # past the bottom edge
+        ([-3.5, 5, 30, 40], False),
+    ],
+)
+def test_box_outside_its_image_names_file_image_and_box(tmp_path, box, hint):
+    path = tmp_path / "SelectiveSearchVOC2007test.mat"
+    write_voc_mat(path, {"000007": [[3, 4, 100, 120]], "000005": [[1, 2, 30, 40], box, box]})
+    with pytest.raises(DatasetError) as info:
+        read_precomputed_proposals(path, image_ids=["000005", "000007"], image_sizes=SIZES)
+    assert info.value.path == str(path)
+    expected = (
+        f"image '000005': 2 box(es) outside the 100x80 image, first {[float(v) for v in box]}; "
+        "expected VOC 1-based inclusive xyxy with 1 <= x1 <= x2 <= 100 and 1 <= y1 <= y2 <= 80"
+    )
+    assert info.value.problem == expected + (" (0-based boxes? add 1 to every coordinate)" * hint)
+
+
+def test_images_without_a_size_are_not_bounds_checked(tmp_path):
+    # the published VOC2007 files cover a whole split; a dataset slice knows only its own images
+    path = tmp_path / "props.parquet"
+    write_parquet(
+        path,
+        {"image_id": ["000005", "other"], "x1": [1.0, 0.0], "y1": [1.0, 0.0]}
+        | {"x2": [9.0, 5000.0], "y2": [9.0, 5000.0]},
+    )
+    got = read_precomputed_proposals(path, image_sizes=SIZES)
+    assert got["other"].tolist() == [[0.0, 0.0, 5000.0, 5000.0]]
+    got = read_precomputed_proposals(path, image_ids=["000005"], image_sizes=SIZES)
+    assert list(got) == ["000005"]
+
+
+def test_proposals_step_checks_boxes_against_the_images_table(tmp_path):
+    """`extract_proposals` passes the dataset's image sizes: a 0-based file fails in the step,
+    naming file, image and box, and nothing is written."""
+    from pipelines.rcnn_data import IMAGES_SCHEMA, extract_proposals
+
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    rows = [
+        {"image_id": i, "split": "test", "path": f"{i}.jpg", "width": w, "height": h}
+        for i, (w, h) in SIZES.items()
+    ]
+    pq.write_table(pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA), dataset / "images.parquet")
+    out = tmp_path / "out"
+    out.mkdir()
+    ctx = SimpleNamespace(input_dir=lambda name: dataset, out_dir=out)
+    path = tmp_path / "zero_based.mat"
+    write_voc_mat(path, {"000005": [[9, 9, 20, 20], [0, 0, 99, 79]], "000007": [[0, 0, 9, 9]]})
+    params = dict(
+        method="precomputed",
+        mode="",
+        base_k=0,
+        inc_k=0,
+        sigma=0.0,
+        min_width_px=20,
+        resize_width_px=0,
+        max_per_image=1,  # the bad box is past the kept one: still a 0-based file
+        precomputed_path=str(path),
+        images_per_task=4,
+    )
+    with pytest.raises(
+        DatasetError,
+        match=r"zero_based\.mat: image '000005': 1 box\(es\) outside the 100x80 image, "
+        r"first \[0\.0, 0\.0, 99\.0, 79\.0\]; .* \(0-based boxes\? add 1 to every coordinate\)",
+    ):
+        extract_proposals(ctx, **params)
+    assert list(out.iterdir()) == []
+
+    write_voc_mat(path, {"000005": [[9, 9, 20, 20], [1, 1, 100, 80]], "000007": [[1, 1, 9, 9]]})
+    extract_proposals(ctx, **params)
+    table = pq.read_table(out / "proposals.parquet")
+    assert table.column("image_id").to_pylist() == ["000005", "000007"]
+    assert table.column("x2").to_pylist() == [20.0, 9.0]

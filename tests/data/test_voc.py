@@ -19,6 +19,7 @@ from data.voc import (
     objects_table,
     read_annotation,
     read_split_ids,
+    read_train_test_ids,
     read_voc,
     write_annotation,
 )
@@ -306,3 +307,47 @@ def test_symlinked_root_itself_is_fine(voc_root: Path, tmp_path_factory):
     link = tmp_path_factory.mktemp("links") / "VOC2007"
     link.symlink_to(voc_root)
     assert len(read_voc(link, "trainval")) == 3
+
+
+# ---- a train/test pair of splits ---------------------------------------------------------
+
+
+def test_train_test_ids_of_disjoint_splits(voc_root: Path):
+    (voc_root / "ImageSets" / "Main" / "test.txt").write_text("000004\n000005\n")
+    assert read_train_test_ids(voc_root, "trainval", "test") == (
+        ["000001", "000002", "000003"],
+        ["000004", "000005"],
+    )
+
+
+@pytest.mark.parametrize("text", ["", "\n  \n\n"])
+def test_empty_test_split_is_named(voc_root: Path, text: str):
+    (voc_root / "ImageSets" / "Main" / "test.txt").write_text(text)
+    with pytest.raises(
+        DatasetError,
+        match=r"Main/test\.txt: test split 'test' lists no image ids; expected one image id",
+    ):
+        read_train_test_ids(voc_root, "trainval", "test")
+
+
+def test_empty_train_split_is_named(voc_root: Path):
+    (voc_root / "ImageSets" / "Main" / "train.txt").write_text("")
+    with pytest.raises(DatasetError, match=r"Main/train\.txt: train split 'train' lists no image"):
+        read_train_test_ids(voc_root, "train", "trainval")
+
+
+def test_overlapping_splits_name_the_shared_ids(voc_root: Path):
+    (voc_root / "ImageSets" / "Main" / "val.txt").write_text("000007\n000003\n000001\n")
+    with pytest.raises(DatasetError) as info:
+        read_train_test_ids(voc_root, "trainval", "val")
+    assert info.value.path == str(voc_root / "ImageSets" / "Main" / "val.txt")
+    assert info.value.problem == (
+        "test split 'val' shares 2 of its 3 image id(s) with train split 'trainval' "
+        f"({voc_root / 'ImageSets' / 'Main' / 'trainval.txt'}), e.g. ['000003', '000001']; "
+        "expected disjoint splits (VOC2007: trainval and test)"
+    )
+
+
+def test_same_split_for_train_and_test_is_refused(voc_root: Path):
+    with pytest.raises(DatasetError, match=r"shares 3 of its 3 image id\(s\) with train split"):
+        read_train_test_ids(voc_root, "trainval", "trainval")
