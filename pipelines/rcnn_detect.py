@@ -44,6 +44,11 @@ def _train_class_svm(
         for s in iter_feature_shards(shards, cols)
     ]
     positives = np.concatenate(positives)
+    if not len(positives):  # e.g. data.max_images left no object of this class in training:
+        # no SVM, so no detections of the class (its AP is 0 where the test set has some)
+        dim = positives.shape[1]
+        return {"coef": np.zeros(dim, np.float32), "intercept": 0.0, "positives": 0, "cache": 0,
+                "retrains": 0, "trained": False}  # fmt: skip
 
     def negatives():  # streamed shard by shard: memory stays bounded by the mining cache
         image_number = 0
@@ -64,6 +69,7 @@ def _train_class_svm(
         "positives": len(positives),
         "cache": int(svm.n_negatives_cache_),
         "retrains": len(svm.history_),
+        "trained": True,
     }
 
 
@@ -119,11 +125,12 @@ def train_svms(
         coef=np.stack([r["coef"] for r in results]),
         intercept=np.array([r["intercept"] for r in results], np.float32),
         scale=np.float32(scale),
+        trained=np.array([r["trained"] for r in results]),
     )
     ctx.write_json(
         "svm_stats.json",
         {
-            c: {k: r[k] for k in ("positives", "cache", "retrains")}
+            c: {k: r[k] for k in ("positives", "cache", "retrains", "trained")}
             for c, r in zip(classes, results, strict=True)
         },
     )
@@ -147,15 +154,20 @@ def _train_class_regressor(
     feats, props, targets, ious = [], [], [], []
     cols = ["image_ids", "is_gt", "boxes", "max_iou", "features"]
     for s in iter_feature_shards(shards, cols):
+        # overlapping this class's gt by > min_iou is necessary, not sufficient: App. C assigns a
+        # proposal to the one gt box it overlaps most, of any class, and only that box's class
+        # regressor trains on it (a rider's box near both the person and the horse goes to one)
         keep = (~s["is_gt"]) & (s["max_iou"][:, class_index] > min_iou)
         for r in np.nonzero(keep)[0]:
             obj = gt[s["image_ids"][r]]
-            cls_boxes = obj["boxes"][obj["cls"] == class_index]
-            iou = box_iou_voc(s["boxes"][r : r + 1], cls_boxes)[0]
+            iou = box_iou_voc(s["boxes"][r : r + 1], obj["boxes"])[0]
+            j = int(iou.argmax())
+            if obj["cls"][j] != class_index:
+                continue
             feats.append(s["features"][r] * scale)
             props.append(s["boxes"][r])
-            targets.append(cls_boxes[int(iou.argmax())])
-            ious.append(iou.max())
+            targets.append(obj["boxes"][j])
+            ious.append(iou[j])
     if not feats:
         return {"coef": None, "intercept": None, "n": 0}
     reg = BoxRegressor(alpha=alpha, min_iou=min_iou).fit(
@@ -252,6 +264,8 @@ def _detect_shard(
         labels = np.repeat(np.arange(c)[None, :], n, 0).ravel()
         flat_scores = scores[rows].ravel()
         cand = top_k_per_class(flat_scores, labels, top_k)
+        if "trained" in svm:  # a class without training positives has no SVM: no detections
+            cand = cand[svm["trained"][labels[cand]]]
         box_rows, cls = rows[cand // c], labels[cand]
         det = boxes[box_rows].astype(np.float64)
         if pool5 is not None:

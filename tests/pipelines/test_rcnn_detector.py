@@ -10,7 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines import runner
-from pipelines.rcnn_detect import DETECTIONS_SCHEMA, _detect_shard
+from pipelines.rcnn_detect import (
+    DETECTIONS_SCHEMA,
+    _detect_shard,
+    _train_class_regressor,
+    _train_class_svm,
+)
 from stages.detection.features import write_feature_shard
 
 # measured on the ci preset: mAP_voc07 0.59 in-process; the floor leaves room for thread-level
@@ -204,6 +209,91 @@ def test_ground_truth_rows_are_never_scored(tmp_path):
     assert [10.0, 10.0, 50.0, 50.0] not in [[r["x1"], r["y1"], r["x2"], r["y2"]] for r in rows]
     top_a = max((r for r in rows if r["class"] == "a"), key=lambda r: r["score"])
     assert top_a["score"] == pytest.approx(2.0) and top_a["x2"] == 20.0
+
+
+def _two_object_shard(path, feats=None):
+    """One image: a class-0 gt A and a class-1 gt B side by side (IoU 0.82), proposal P1 overlapping
+    A by 0.87 and B by 0.94, proposal P2 overlapping A by 0.95 and B by 0.77."""
+    from stages.detection.boxes import box_iou_voc
+
+    gt = np.array([[1, 1, 100, 100], [11, 1, 110, 100]], np.float32)
+    props = np.array([[8, 1, 107, 100], [1, 1, 95, 100]], np.float32)
+    boxes = np.concatenate([gt, props])
+    iou = box_iou_voc(boxes, gt)
+    np.testing.assert_allclose(iou[2:], [[0.869, 0.942], [0.95, 0.773]], atol=1e-3)
+    rng = np.random.default_rng(0)
+    write_feature_shard(
+        path,
+        image_ids=["im"] * 4,
+        box_index=np.arange(4, dtype=np.int32),
+        is_gt=np.array([True, True, False, False]),
+        boxes=boxes,
+        gt_class=np.array([0, 1, -1, -1]),
+        max_iou=iou.astype(np.float32),  # one gt per class: per-class max = that column
+        features=rng.normal(size=(4, 6)).astype(np.float32) if feats is None else feats,
+    )
+    return {"im": {"boxes": gt, "cls": np.array([0, 1]), "difficult": np.zeros(2, bool)}}
+
+
+def test_box_regression_pairs_a_proposal_with_the_gt_it_overlaps_most(tmp_path):
+    """App. C: P1 (0.87 with A, 0.94 with B) trains only class 1's regressor, P2 only class 0's;
+    pairing per class would give each class both proposals."""
+    path = tmp_path / "shard.parquet"
+    gt = _two_object_shard(path)
+    kw = dict(shards=[str(path)], scale=1.0, gt=gt, alpha=1000.0, min_iou=0.6)
+    assert _train_class_regressor(0, **kw)["n"] == 1
+    assert _train_class_regressor(1, **kw)["n"] == 1
+    assert _train_class_regressor(0, **{**kw, "min_iou": 0.96})["n"] == 0
+
+
+def test_a_class_without_training_positives_gets_no_svm_and_no_detections(tmp_path):
+    path = tmp_path / "shard.parquet"
+    _two_object_shard(path)
+    kw = dict(shards=[str(path)], scale=1.0, neg_iou=0.3, C=0.001, pos_weight=2.0,
+              bias_value=10.0, mode="hnm")  # fmt: skip
+    kw["shards"] = [str(_no_class_2(tmp_path))]
+    trained = _train_class_svm(0, **kw)  # gt A is class 0's one positive
+    assert trained["trained"] and trained["positives"] == 1 and trained["coef"].any()
+    # the third class has no object at all: no SVM instead of an error
+    empty = _train_class_svm(2, **kw)
+    assert not empty["trained"] and empty["positives"] == 0
+    assert empty["coef"].shape == (6,) and not empty["coef"].any()
+    svm = {
+        "coef": np.eye(3, 6, dtype=np.float32),
+        "intercept": np.zeros(3, np.float32),
+        "scale": np.float32(1.0),
+        "trained": np.array([True, True, False]),
+    }
+    det = _detect_shard(
+        (str(path), str(path)), classes=["a", "b", "c"], svm=svm, bbox=None,
+        sizes={"im": (120, 120)}, top_k=100, nms_iou=0.3,
+    ).to_pylist()  # fmt: skip
+    assert {r["class"] for r in det} == {"a", "b"}
+    svm.pop("trained")  # a store made before the flag existed: every class scored
+    det = _detect_shard(
+        (str(path), str(path)), classes=["a", "b", "c"], svm=svm, bbox=None,
+        sizes={"im": (120, 120)}, top_k=100, nms_iou=0.3,
+    ).to_pylist()  # fmt: skip
+    assert {r["class"] for r in det} == {"a", "b", "c"}
+
+
+def _no_class_2(tmp_path):
+    """The same image with a third class that no gt box has, and an IoU-0 proposal: every
+    proposal is a negative (max IoU 0) for SVM training."""
+    path = tmp_path / "three.parquet"
+    gt = np.array([[1, 1, 100, 100], [11, 1, 110, 100]], np.float32)
+    props = np.array([[8, 1, 107, 100], [1, 1, 95, 100], [150, 150, 200, 200]], np.float32)
+    write_feature_shard(
+        path,
+        image_ids=["im"] * 5,
+        box_index=np.arange(5, dtype=np.int32),
+        is_gt=np.array([True, True, False, False, False]),
+        boxes=np.concatenate([gt, props]),
+        gt_class=np.array([0, 1, -1, -1, -1]),
+        max_iou=np.zeros((5, 3), np.float32),
+        features=np.random.default_rng(1).normal(size=(5, 6)).astype(np.float32),
+    )
+    return path
 
 
 @pytest.mark.ray
