@@ -147,6 +147,8 @@ def test_submit_runs_pipeline_on_the_cluster(ray_head, tmp_path):
     assert status.returncode == 0 and status.stdout.strip() == "SUCCEEDED"
     logs = paperline("jobs", "logs", job_id, "--address", ray_head["address"], env=ray_head["env"])
     assert "proposal_report" in logs.stdout and "cluster={'address': " in logs.stdout
+    # the job attached to the head (RAY_ADDRESS, set by the job supervisor): no embedded Ray
+    assert "cluster={'address': 'embedded'" not in logs.stdout
 
 
 def test_client_without_token_is_refused(ray_head, tmp_path):

@@ -134,7 +134,7 @@ def test_ci_in_process_output_contract(ci_local):
     changed = {v["variant"]: v["labels_changed_frac"] for v in variants}
     assert changed["true_labels"] == 0 and 0.85 < changed["random_labels"] < 0.95
     assert 0.38 < changed["corrupt:0.5"] < 0.52  # p (1 − 1/K) = 0.45 on 500 labels
-    # a rerun is fully cached; a new regulariser grid recomputes only its own steps
+    # a rerun is fully cached
     again = runner.run("generalization", "ci", executor="local", **kw)
     assert again.computed() == [] and again.metrics == m
 

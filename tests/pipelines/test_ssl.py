@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -43,7 +44,12 @@ def test_ci_output_contract_and_numbers(ci_run):
     learned = rows["learned"]
     assert learned["outer_cost_ratio"] > 0 and learned["lambda_rank_spread"] == 0
     assert 0 <= learned["lambda_mean"] <= 2 and learned["lambda_std"] > 0  # λ did move
-    assert rows["scalar"]["scalar_weight"] in (0.5, 1.0)  # the grid plus FixMatch's λ = 1
+    # λ chosen on validation accuracy among the grid (0.5) and FixMatch's λ = 1 (the uniform run)
+    trials = json.loads((result.artifacts["scalar_sweep"].local_dir() / "trials.json").read_text())
+    val = {0.5: np.mean([t["val_accuracy"] for t in trials if t["scalar_weight"] == 0.5]),
+           1.0: rows["uniform"]["val_accuracy"]}  # fmt: skip
+    assert len(trials) == 1 and rows["scalar"]["scalar_weight"] == max(sorted(val), key=val.get)
+    assert rows["scalar"]["val_accuracy"] == pytest.approx(val[rows["scalar"]["scalar_weight"]])
     assert math.isnan(rows["uniform"]["outer_cost_ratio"])
 
     m = result.metrics

@@ -62,7 +62,10 @@ def test_regressor_recovers_linear_map():
     assert reg.coef_.shape == (4, 6) and reg.intercept_.shape == (4,) and reg.n_train_ == 400
     np.testing.assert_allclose(reg.coef_, coef, atol=1e-8)
     np.testing.assert_allclose(reg.intercept_, bias, atol=1e-8)
-    x_new, p_new, g_new, _, _ = synthetic_problem(np.random.default_rng(1))  # same map
+    # unseen features and proposals, targets from the same map
+    rng_new = np.random.default_rng(7)
+    x_new, p_new = rng_new.normal(size=(100, 6)), random_boxes(rng_new, 100)
+    g_new = decode_boxes(p_new, x_new @ coef.T + bias)
     np.testing.assert_allclose(reg.predict(x_new, p_new), g_new, atol=1e-5)
     # R-CNN's lambda = 1000 shrinks the weights on 400 unit-scale rows.
     strong = BoxRegressor().fit(x, p, g, np.full(len(x), 0.9))
