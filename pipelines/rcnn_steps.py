@@ -50,6 +50,9 @@ class _Builder:
             inputs=("dataset",),
             resources=Resources(cpus=pt.cpus_per_worker, gpus="auto"),
             params=params,
+            # 2: torchvision weights get their input preprocessing folded into conv1 (a model.pt
+            # made from them before is wrong); runs without weights_path keep their keys
+            version="2" if pt.weights_path else "1",
             stage="pretrain",
             description="supervised pretraining (image-level labels)",
         )
@@ -158,6 +161,7 @@ class _Builder:
             params=dict(
                 alpha=b.alpha, min_iou=b.min_iou, norm_sample_rows=s.norm_sample_rows, seed=s.seed
             ),
+            version="2",  # a proposal trains only the class of the gt it overlaps most (App. C)
             description="per-class ridge regression of box corrections",
         )
 

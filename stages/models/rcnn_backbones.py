@@ -13,11 +13,17 @@ trunk already ends at 6×6 (AlexNet, 227 px) or 7×7 (VGG16, 224 px), and the co
 
 Registered: ``rcnn_alexnet`` (T-Net), ``rcnn_vgg16`` (O-Net), ``rcnn_small`` (fast CPU stand-in).
 Weights are never downloaded: pass ``weights_path`` to a local state dict (ours or torchvision's).
+
+Input convention: crops are BGR 0–255 minus ``IMAGENET_MEAN_BGR`` (``stages/detection/warp.py``, as
+Caffe fed R-CNN). torchvision's ImageNet weights expect RGB in [0, 1] normalised with its mean/std
+instead; ``load_weights`` folds that difference into conv1 and the ``input_shift`` buffer, so the
+net computes exactly what torchvision's does on its own preprocessing of the same pixels.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -25,12 +31,17 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from stages.detection.warp import IMAGENET_MEAN_BGR
 from stages.models.registry import register
 
 FEATURE_LAYERS = ("pool5", "fc6", "fc7")
 # torchvision's classifier indices of fc6/fc7/fc8, for loading its checkpoint files
 _TORCHVISION_ALEXNET_FC = {"classifier.1": "fc6", "classifier.4": "fc7", "classifier.6": "fc8"}
 _TORCHVISION_VGG_FC = {"classifier.0": "fc6", "classifier.3": "fc7", "classifier.6": "fc8"}
+# The preprocessing torchvision's AlexNet/VGG16 ImageNet weights were trained with (the weights'
+# ``transforms()``): RGB scaled to [0, 1], then (x - mean) / std per channel.
+TORCHVISION_MEAN_RGB = (0.485, 0.456, 0.406)
+TORCHVISION_STD_RGB = (0.229, 0.224, 0.225)
 
 
 def _first(v) -> int:
@@ -79,6 +90,9 @@ class RCNNBackbone(nn.Module):
                 f"input {input_size}, but fc6 expects {fc6.in_features}"
             )
         self.conv, self.fc6, self.fc7, self.fc8 = conv, fc6, fc7, fc8
+        # (3,) BGR, added to the crops before conv1: zero except for torchvision weights, whose
+        # preprocessing ``load_weights`` folds in (see ``fold_torchvision_preprocessing``).
+        self.register_buffer("input_shift", torch.zeros(3))
         self.dropout = nn.Dropout(dropout)  # applied after relu6 and relu7 (Caffe drop6/drop7)
         self.input_size = input_size
         self.channels_last = channels_last  # NHWC input to the trunk; same numbers, faster on CPU
@@ -87,6 +101,13 @@ class RCNNBackbone(nn.Module):
             "fc6": fc6.out_features,
             "fc7": fc7.out_features,
         }
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # State dicts saved before ``input_shift`` existed lack the key; their nets ran on unshifted
+        # input, so it loads as zeros (as BatchNorm fills in ``num_batches_tracked`` for old files).
+        # ``load_state_dict`` passes a copy, so the caller's dict is not modified.
+        state_dict.setdefault(prefix + "input_shift", torch.zeros_like(self.input_shift))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def num_outputs(self) -> int:
@@ -97,6 +118,9 @@ class RCNNBackbone(nn.Module):
             raise ValueError(
                 f"expected crops (N, 3, {self.input_size}, {self.input_size}), got {tuple(x.shape)}"
             )
+        # Always added, even when zero (x + 0 == x exactly): checking for zeros would cost a device
+        # sync per batch, the add one pass over the 3-channel input, far below conv1's cost.
+        x = x + self.input_shift.to(x.dtype).view(1, 3, 1, 1)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return torch.flatten(self.conv(x), 1)  # (N, C*H*W), in (C, H, W) order either way
@@ -154,13 +178,41 @@ class RCNNBackbone(nn.Module):
         return list(head.parameters())
 
 
+def fold_torchvision_preprocessing(
+    conv1_weight: torch.Tensor, mean_bgr: Sequence[float] = IMAGENET_MEAN_BGR
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """conv1 weights and input shift that make a torchvision ImageNet net run on our crops.
+
+    ``conv1_weight`` is ``(C_out, 3, k, k)`` over RGB input; returns ``(weight (C_out, 3, k, k)``
+    over BGR input, ``input_shift (3,)`` BGR). With pixels ``p`` (0–255), our crop channel ``j``
+    (BGR) is ``x_j = p_bgr[j] - mean_bgr[j]`` and torchvision's channel ``c`` (RGB) is
+    ``t_c = (p_rgb[c] / 255 - m_c) / s_c``. Since ``p_rgb[c] = p_bgr[2 - c]``,
+
+        t_c = (x_{2-c} + shift_{2-c}) / (255 s_c),   shift_j = mean_bgr[j] - 255 m_{2-j}
+
+    so conv1 over ``x + shift`` with weights ``W[:, j] = W_tv[:, 2 - j] / (255 s_{2-j})`` equals
+    torchvision's conv1 over ``t`` exactly, borders included: the scale commutes with conv1's zero
+    padding, while a shift folded into the bias would also shift the padded zeros, hence the
+    buffer. For the values here the shift is small (≈ (0.41, 0.50, 0.005)); the scale (≈ 1/58)
+    and the channel order are what torchvision's weights got wrong without this."""
+    if conv1_weight.ndim != 4 or conv1_weight.shape[1] != 3:
+        raise ValueError(f"conv1 weight must be (C_out, 3, k, k), got {tuple(conv1_weight.shape)}")
+    mean_rgb = torch.tensor(TORCHVISION_MEAN_RGB, dtype=torch.float64)
+    scale_rgb = 1.0 / (255.0 * torch.tensor(TORCHVISION_STD_RGB, dtype=torch.float64))
+    weight = (conv1_weight.double() * scale_rgb.view(1, 3, 1, 1)).flip(1)  # RGB -> BGR inputs
+    shift_bgr = torch.tensor(mean_bgr, dtype=torch.float64) - 255.0 * mean_rgb.flip(0)
+    return weight.to(conv1_weight.dtype), shift_bgr.to(conv1_weight.dtype)
+
+
 def load_weights(model: RCNNBackbone, path: str | Path, torchvision_fc: dict[str, str]) -> None:
     """Load a local state dict into ``model`` (never downloads).
 
     Accepts our own layout (``conv.*``, ``fc6.*``, ...), a training checkpoint holding it under
     ``"model"``, or torchvision's file (``features.*``, ``classifier.<i>.*``) mapped through
-    ``torchvision_fc`` (``{"classifier.1": "fc6", ...}``). Loading is strict, so a file for a
-    different architecture or class count fails here with the offending keys.
+    ``torchvision_fc`` (``{"classifier.1": "fc6", ...}``). torchvision's weights get its input
+    preprocessing folded in (``fold_torchvision_preprocessing``): on our BGR mean-subtracted crops
+    they compute what torchvision computes on its normalised RGB. Loading is strict, so a file
+    for a different architecture or class count fails here with the offending keys.
     """
     path = Path(path)
     if not path.is_file():
@@ -178,6 +230,13 @@ def load_weights(model: RCNNBackbone, path: str | Path, torchvision_fc: dict[str
                 mapped[f"{torchvision_fc[prefix]}.{param}"] = value
             else:
                 raise KeyError(f"{path}: unexpected torchvision key {key!r}")
+        conv1 = next(n for n, m in model.conv.named_modules() if isinstance(m, nn.Conv2d))
+        weight_key = f"conv.{conv1}.weight"
+        if weight_key not in mapped:
+            raise KeyError(f"{path}: torchvision file has no first-convolution key {weight_key!r}")
+        mapped[weight_key], mapped["input_shift"] = fold_torchvision_preprocessing(
+            mapped[weight_key]
+        )
         state = mapped
     try:
         model.load_state_dict(state)
