@@ -74,6 +74,13 @@ def make_randomized(ctx: StepContext, *, variants: tuple, seeds: tuple, seed: in
     ctx.write_json("variants.json", rows)
 
 
+def regulariser_label(weight_decay: float, random_crop: bool, dropout: float) -> str:
+    """A run's regularisers as the report names them: "none", or e.g. "wd+crop" (the paper's
+    Table 1 keys in ``generalization_report.PAPER_TABLE1`` use the same names and order)."""
+    on = (("wd", weight_decay > 0), ("crop", random_crop), ("dropout", dropout > 0))
+    return "+".join(name for name, used in on if used) or "none"
+
+
 def _sweep(ctx: StepContext, experiment: str, grids: dict, train: dict, seeds: tuple) -> None:
     """Run ``run_trial`` over ``grids`` × seeds under Tune; write rows.parquet and curves.parquet."""
     from stages.training.fit_labels import run_trial
@@ -98,10 +105,9 @@ def _sweep(ctx: StepContext, experiment: str, grids: dict, train: dict, seeds: t
         c, m = r["config"], r["metrics"]
         condition, _, p = c["variant"].partition(":")
         p = float(p) if p else float(condition == "random_labels")
-        regs = [n for n, on in (("wd", c["weight_decay"] > 0), ("crop", c["random_crop"]),
-                                ("dropout", c["dropout"] > 0)) if on]  # fmt: skip
+        regs = regulariser_label(c["weight_decay"], c["random_crop"], c["dropout"])
         key = dict(experiment=experiment, model=c["model"], condition=condition, p=p,
-                   regularisers="+".join(regs) or "none", seed=int(c["seed"]))  # fmt: skip
+                   regularisers=regs, seed=int(c["seed"]))  # fmt: skip
         final = bool(m.get("final")) and not r["error"]
         rows.append(
             {

@@ -56,6 +56,21 @@ def test_preprocessing_crop_standardize_and_margins():
     assert margins(logits, torch.tensor([0, 2])).tolist() == [1.0, -2.0]
 
 
+def test_paper_table1_keys_are_labels_the_runs_produce():
+    """The report looks Table 1 up by the runs' regulariser label: a key spelled another way
+    ("crop+wd") would leave the paper's column empty."""
+    import itertools
+
+    from pipelines.generalization_report import PAPER_TABLE1
+    from pipelines.generalization_steps import regulariser_label
+
+    labels = {regulariser_label(wd, crop, drop)
+              for wd, crop, drop in itertools.product((0.0, 5e-4), (False, True), (0.0, 0.5))}  # fmt: skip
+    assert {reg for _, reg, _ in PAPER_TABLE1} <= labels
+    assert regulariser_label(5e-4, True, 0.0) == "wd+crop"
+    assert PAPER_TABLE1["small_inception", "wd+crop", "true_labels"] == (100.0, 89.05)
+
+
 def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="train.models: unknown \\['resnet'\\]"):
         runner.run("generalization", "ci", {"train.models": "resnet"}, executor="local")
