@@ -248,14 +248,16 @@ def train_method(
 
 def scalar_trial(config: dict, report, *, data_path: str, settings: dict, val_per_class: int):
     """Tune trainable: one scalar-λ run in-process; reports its numeric results."""
+    import torch
+
     from stages.ssl.train import TrainSettings, train_run
     from stages.training.context import LocalTrainContext
 
     with np.load(data_path) as f:
         data = {k: f[k] for k in f.files}
     s = TrainSettings(**{**settings, "scalar_weight": float(config["scalar_weight"])})
-    row = train_run(
-        LocalTrainContext(),
+    row = train_run(  # the trial's GPU where Tune gave it one (the step asks for gpus="auto")
+        LocalTrainContext(device="cuda" if torch.cuda.is_available() else "cpu"),
         data,
         s,
         labels_per_class=int(config["labels_per_class"]),
@@ -292,6 +294,17 @@ def sweep_scalar(
         raise RuntimeError(f"{len(failed)} scalar-λ trials failed; first: {failed[0]['error']}")
     rows = [{**t["metrics"], **{k: t["config"][k] for k in space}} for t in trials]
     (ctx.out_dir / "trials.json").write_text(json.dumps(rows, indent=1, default=float))
+
+
+def _scalar_grid(cfg: SSLConfig) -> tuple[float, ...]:
+    """The scalar-λ sweep's values. λ = 1 is FixMatch itself, so with one training worker the
+    report reuses the uniform runs as that candidate; with several, the uniform runs train
+    differently from the single-process Tune trials (half batches, per-worker BatchNorm
+    statistics), so the sweep trains λ = 1 itself and every candidate is trained alike."""
+    grid = cfg.baselines.scalar_grid
+    if cfg.experiment.num_workers > 1 and 1.0 not in grid:
+        grid = (*grid, 1.0)
+    return grid
 
 
 def _settings(cfg: SSLConfig, method: str) -> dict:
@@ -380,7 +393,7 @@ def steps(cfg: SSLConfig) -> list[Step]:
                     settings=_settings(cfg, "scalar"),
                     labels_per_class=e.labels_per_class,
                     seeds=e.seeds,
-                    grid=cfg.baselines.scalar_grid,
+                    grid=_scalar_grid(cfg),
                     val_per_class=e.val_per_class,
                 ),
                 resources=Resources(cpus=e.cpus_per_worker, gpus="auto"),

@@ -47,8 +47,14 @@ METHOD_NAMES = {
 
 
 def _scalar_rows(trials: list[dict], uniform: list[dict]) -> tuple[list[dict], dict]:
-    """Per labelled size, the λ with the best mean validation accuracy over seeds; λ = 1 is
-    FixMatch itself, so uniform runs join the candidates when they exist."""
+    """Per labelled size, the λ with the best mean validation accuracy over seeds. λ = 1 is
+    FixMatch itself, so uniform runs join the candidates when the sweep did not train λ = 1 and
+    they were trained as the trials were (the same number of workers: DDP halves each worker's
+    batch and keeps per-worker BatchNorm statistics)."""
+    trained_alike = {int(t["workers"]) for t in trials}
+    if any(float(t["scalar_weight"]) == 1.0 for t in trials):
+        uniform = []
+    uniform = [r for r in uniform if int(r["workers"]) in trained_alike]
     pool = trials + [{**r, "scalar_weight": 1.0, "method": "scalar"} for r in uniform]
     chosen, table = [], {}
     for n in sorted({r["labels_per_class"] for r in pool}):

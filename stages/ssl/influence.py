@@ -174,7 +174,7 @@ def weight_hypergradients(
     b, u = len(labeled_features), len(unlabeled_features)
     term_weights = torch.cat(
         [
-            torch.full((b,), 1.0 / b, dtype=f64),
+            torch.full((b,), 1.0 / b, dtype=f64, device=labeled_features.device),
             (unlabeled_coef / u) * weights.to(f64) * mask.to(f64),
         ]
     )

@@ -74,6 +74,27 @@ def test_features_step_code_on_cuda_in_bf16_matches_cpu_float32():
         assert rel < 0.05, (layer, float(rel))
 
 
+def test_influence_hypergradient_on_cuda_matches_cpu():
+    """The learned-λ outer step on a GPU worker: every term on the device (the labelled term's
+    weights were once made on the CPU and failed in torch.cat)."""
+    from stages.ssl.influence import weight_hypergradients
+
+    g = torch.Generator().manual_seed(0)
+    fs, fu, fv = (torch.randn(n, 5, generator=g) for n in (6, 8, 7))
+    w = torch.randn(5, 3, generator=g)
+    kw = dict(
+        labeled_features=fs, labeled_probs=torch.softmax(fs @ w, 1),
+        unlabeled_features=fu, unlabeled_probs=torch.softmax(fu @ w, 1),
+        pseudo_targets=torch.randint(0, 3, (8,), generator=g), mask=torch.ones(8),
+        weights=torch.ones(8), val_features=fv, val_probs=torch.softmax(fv @ w, 1),
+        val_targets=torch.randint(0, 3, (7,), generator=g), l2=5e-4,
+    )  # fmt: skip
+    cpu = weight_hypergradients(**kw)
+    gpu = weight_hypergradients(**{k: v.cuda() if torch.is_tensor(v) else v for k, v in kw.items()})
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu().double(), cpu.double(), rtol=1e-6, atol=1e-9)
+
+
 def test_training_loop_on_cuda():
     ctx = LocalTrainContext(device="cuda")
     linear_regression_train(ctx, {"lr": 0.5, "epochs": 3})

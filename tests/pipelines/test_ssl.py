@@ -78,6 +78,34 @@ def test_outer_lr_zero_recomputes_only_learned_and_equals_fixmatch(ci_run):
         assert rows["learned"][key] == rows["uniform"][key]
 
 
+def test_scalar_lambda_candidates_are_trained_alike():
+    """λ = 1 (FixMatch) competes in the scalar-λ choice only as a run trained like the Tune
+    trials: the uniform runs join when they used one worker, else the sweep trains λ = 1."""
+    from pipelines.ssl import _scalar_grid
+    from pipelines.ssl_report import _scalar_rows
+
+    spec = registry.get("ssl")
+    assert _scalar_grid(spec.build_config("ci")) == (0.5,)  # 1 worker: reuse the uniform runs
+    assert _scalar_grid(spec.build_config("tiny")) == (0.5, 2.0, 1.0)  # 2 workers
+    assert _scalar_grid(spec.build_config("ci", {"experiment.num_workers": "2"})) == (0.5, 1.0)
+
+    def run(w, val, workers=1, seed=0):
+        return {"labels_per_class": 4, "seed": seed, "scalar_weight": w, "val_accuracy": val,
+                "workers": workers, "method": "scalar"}  # fmt: skip
+
+    trials = [run(0.5, 0.80), run(0.5, 0.70, seed=1), run(1.0, 0.70), run(1.0, 0.72, seed=1)]
+    uniform_ddp = [{**run(1.0, 0.99, workers=2), "method": "uniform"}]
+    chosen, table = _scalar_rows(trials, uniform_ddp)
+    assert table[4]["best"] == 0.5 and table[4]["val_by_weight"] == pytest.approx({0.5: 0.75,
+                                                                                  1.0: 0.71})  # fmt: skip
+    assert [r["workers"] for r in chosen] == [1, 1]
+    # one worker, λ = 1 not swept: the uniform runs are that candidate
+    uniform = [{**run(1.0, 0.90), "method": "uniform"}, {**run(1.0, 0.80, seed=1), "method": "u"}]
+    chosen, table = _scalar_rows(trials[:2], uniform)
+    assert table[4]["best"] == 1.0 and table[4]["val_by_weight"][1.0] == pytest.approx(0.85)
+    assert {r["method"] for r in chosen} == {"scalar"}
+
+
 def test_paper_preset_and_config_checks():
     spec = registry.get("ssl")
     cfg = spec.build_config("paper")
