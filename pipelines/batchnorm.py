@@ -294,6 +294,7 @@ def steps(cfg: BatchNormConfig) -> list[Step]:
                     **mlp,
                 ),
                 resources=trial,
+                version="2",  # batch-statistics accuracy: every test batch has exactly m examples
                 description="BN vs no BN across minibatch sizes; train vs inference mode",
             )
         )

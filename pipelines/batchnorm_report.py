@@ -265,7 +265,7 @@ def variants_section(ctx, curves, finals, settings, out_metrics, plt) -> list[st
     return lines
 
 
-def batch_size_section(ctx, curves, finals, budget, out_metrics, plt) -> list[str]:
+def batch_size_section(ctx, curves, finals, budget, out_metrics, plt, ref_batch=60) -> list[str]:
     by = {(f["variant"], f["seed"]): f for f in finals}
     sizes = sorted({int(v.rsplit("-m", 1)[1]) for v, _ in by})
     rows, summary = [], {}
@@ -319,7 +319,8 @@ def batch_size_section(ctx, curves, finals, budget, out_metrics, plt) -> list[st
         "",
         "Same network as §4.1 and the same lr at every size; "
         + {
-            "examples": "every m sees the same number of training examples (m runs steps·60/m steps). ",
+            "examples": "every m sees the same number of training examples (m runs "
+            f"steps·{ref_batch}/m steps). ",
             "steps": "every m runs the same number of steps. ",
         }[budget]
         + "Inference mode "
@@ -409,8 +410,10 @@ def write_report(ctx: StepContext, *, experiments: tuple[str, ...]) -> None:
         settings = json.loads((ctx.input_dir("variants") / "variant_settings.json").read_text())
         lines += variants_section(ctx, curves, finals["variants"], settings, metrics, plt) + [""]
     if "batch_size" in experiments:
-        budget = json.loads((ctx.input_dir("batch_size") / "budget.json").read_text())["budget"]
-        lines += batch_size_section(ctx, curves, finals["batch_size"], budget, metrics, plt) + [""]
+        info = json.loads((ctx.input_dir("batch_size") / "budget.json").read_text())
+        lines += batch_size_section(
+            ctx, curves, finals["batch_size"], info["budget"], metrics, plt, info["ref_batch"]
+        ) + [""]
     if "multi_worker" in experiments:
         lines += multi_worker_section(curves, finals["multi_worker"], metrics) + [""]
     (ctx.out_dir / "report.md").write_text("\n".join(lines))

@@ -79,7 +79,9 @@ def accuracy(
 ) -> float:
     """Top-1 accuracy. ``batch_statistics=True`` normalises each test minibatch of ``batch_size``
     by its own statistics (BN in training mode, on a copy so no running statistic moves): the
-    train-mode side of the batch-size study."""
+    train-mode side of the batch-size study. Every example is then scored in a batch of exactly
+    ``batch_size``: the last ``len % batch_size`` examples go through as the tail of the last
+    ``batch_size`` examples (a short last batch would be normalised by fewer statistics)."""
     if batch_statistics:
         model = copy.deepcopy(model).train()
         for m in model.modules():  # dropout stays off; only BN uses batch statistics
@@ -88,9 +90,12 @@ def accuracy(
     else:
         was_training = model.training
         model.eval()
-    correct = 0
-    for i in range(0, len(data), batch_size):
-        logits = model(data.x[i : i + batch_size])
+    correct, n = 0, len(data)
+    for i in range(0, n, batch_size):
+        start = i
+        if batch_statistics and i + batch_size > n:
+            start = max(0, n - batch_size)  # a full batch whose new examples are i..n
+        logits = model(data.x[start : i + batch_size])[i - start :]
         correct += int((logits.argmax(1) == data.y[i : i + batch_size]).sum())
     if not batch_statistics:
         model.train(was_training)

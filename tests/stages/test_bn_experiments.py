@@ -3,6 +3,8 @@ the minibatch sampler, batch-statistics evaluation, and the data-parallel train 
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -121,6 +123,28 @@ def test_batch_statistics_of_single_examples_predict_one_class():
     acc = accuracy(model, test, batch_size=1, batch_statistics=True)
     assert acc == pytest.approx(0.1)  # one class of ten, balanced labels
     assert int(model.hidden[0][1].num_batches_tracked) == 0  # evaluated on a copy
+
+
+def test_batch_statistics_score_every_example_in_a_full_batch():
+    """20 examples at m = 16: the last 4 are normalised inside the batch of the last 16 examples,
+    never as a batch of 4. The 4 are copies of one example, so a batch of 4 alone would normalise
+    them to x̂ = 0 and predict one fixed class; labels are the full-batch predictions."""
+    torch.manual_seed(0)
+    model = MnistMLP(bn=True)
+    train_classifier(model, _blobs(300, 0), _blobs(20, 1), steps=60, batch_size=30, lr=0.5,
+                     eval_every=60)  # fmt: skip
+    test = _blobs(20, 1)
+    test.x[16:] = test.x[16]
+    net = copy.deepcopy(model).train()
+    with torch.no_grad():
+        head = net(test.x[:16]).argmax(1)
+        tail = net(test.x[4:20]).argmax(1)[12:]
+        short = net(test.x[16:20]).argmax(1)
+    assert not torch.equal(tail, short)  # the two ways differ: the test can tell them apart
+    test.y[:] = torch.cat([head, tail])
+    assert accuracy(model, test, batch_size=16, batch_statistics=True) == 1.0
+    # without batch statistics the tail is plain inference, the same at any batch size
+    assert accuracy(model, test, batch_size=16) == accuracy(model, test, batch_size=20)
 
 
 def test_data_parallel_train_fn_in_process(tmp_path):
