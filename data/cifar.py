@@ -73,6 +73,8 @@ def read_cifar10(root: str | Path, split: str = "train") -> tuple[np.ndarray, np
 def write_cifar10_batch(path: str | Path, images: np.ndarray, labels: np.ndarray) -> None:
     """Write one binary batch; inverse of the reader (images ``uint8 (N, 32, 32, 3)`` RGB)."""
     images, labels = np.asarray(images), np.asarray(labels)
+    if len(images) == 0:  # the reader refuses an empty batch file, so never write one
+        raise ValueError(f"{path}: no images to write; a CIFAR-10 batch needs at least one record")
     if images.dtype != np.uint8 or images.shape[1:] != (32, 32, 3) or images.ndim != 4:
         raise ValueError(f"images must be uint8 (N, 32, 32, 3), got {images.dtype} {images.shape}")
     if labels.shape != (len(images),) or labels.min(initial=0) < 0 or labels.max(initial=0) > 9:

@@ -128,11 +128,17 @@ def generate_cifar10(
 ) -> Path:
     """Write ``data_batch_1..5.bin``, ``test_batch.bin`` and ``batches.meta.txt`` under ``root``
     (readable by ``data.cifar.read_cifar10``). The training images are split evenly over the five
-    batches as in CIFAR-10. Returns ``root``."""
+    batches as in CIFAR-10, so ``n_train >= 5`` (one image per batch file) and ``n_test >= 1``.
+    Returns ``root``."""
     root = Path(root)
+    names = _SPLIT_FILES["train"]
+    if n_train < len(names) or n_test < 1:
+        raise ValueError(
+            f"{root}: a generated CIFAR-10 set needs n_train >= {len(names)} (one image per "
+            f"data_batch_*.bin) and n_test >= 1, got n_train={n_train}, n_test={n_test}"
+        )
     root.mkdir(parents=True, exist_ok=True)
     images, labels = make_split(n_train, "train", seed)
-    names = _SPLIT_FILES["train"]
     for k, part in enumerate(np.array_split(np.arange(n_train), len(names))):
         write_cifar10_batch(root / names[k], images[part], labels[part])
     images, labels = make_split(n_test, "test", seed)

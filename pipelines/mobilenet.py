@@ -33,7 +33,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from cluster.resources import Resources
-from pipelines.config import check
+from pipelines.config import ConfigError, check
 from pipelines.engine import Step
 from pipelines.mobilenet_report import write_report
 from pipelines.mobilenet_steps import (  # noqa: F401 - some only re-exported: pipelines.mobilenet.X
@@ -51,6 +51,8 @@ from pipelines.mobilenet_steps import (  # noqa: F401 - some only re-exported: p
 )
 from pipelines.registry import PipelineSpec
 
+MIN_TRAIN = 5  # a generated set spreads its training images over data_batch_1..5.bin
+
 
 # ----------------------------------------------------------------------------------------------
 # Config: defaults are the paper's setting; presets are small deltas.
@@ -63,6 +65,27 @@ class DataConfig:
 
     def __post_init__(self):
         check(self.num_train >= 0 and self.num_test >= 0, "data.num_train/num_test must be >= 0")
+        check(
+            self.num_train == 0 or self.num_train >= MIN_TRAIN,
+            f"data.num_train must be 0 (all of data.root) or >= {MIN_TRAIN}, got {self.num_train}",
+        )
+        # 0/0 without a root is the paper preset before `--set data.root=...` is applied (presets
+        # and overrides are applied one after the other), so that case is refused in steps(cfg)
+        check(
+            bool(self.root) or (self.num_train == 0) == (self.num_test == 0),
+            "data.root is not set: a generated set needs data.num_train >= "
+            f"{MIN_TRAIN} and data.num_test >= 1, got {self.num_train} / {self.num_test}",
+        )
+
+
+def require_data(d: DataConfig) -> None:
+    """The run-time half of DataConfig's check: no root and no generated set size."""
+    if not d.root and d.num_train == 0:
+        raise ConfigError(
+            "data.root is not set and data.num_train/num_test are 0: set data.root to a CIFAR-10 "
+            "binary directory (the paper preset trains on the real set), or data.num_train >= "
+            f"{MIN_TRAIN} and data.num_test >= 1 for a generated set"
+        )
 
 
 @dataclass(frozen=True)
@@ -131,7 +154,9 @@ class SweepConfig:
     extra_points: tuple[str, ...] = ("1.4@224",)  # width@resolution (Fig. 5: 1.4 only at 224)
     v1_widths: tuple[float, ...] = (1.0,)  # MobileNetV1 comparison points (Fig. 5), at max res
     seeds: tuple[int, ...] = (0,)
-    scheduler: str = "none"  # "asha": stop poor trials early (reports every epoch)
+    # "asha": stop poor trials early on the test accuracy they report every epoch (there is no
+    # validation split); the report's aggregates keep only trials that ran every epoch
+    scheduler: str = "none"
     epochs: int = 0  # 0 = optim.epochs
 
     def __post_init__(self):
@@ -230,6 +255,7 @@ def width_points(s: SweepConfig) -> tuple[str, ...]:
 # ----------------------------------------------------------------------------------------------
 def steps(cfg: MobileNetConfig) -> list[Step]:
     d, c, t, s, a = cfg.data, cfg.complexity, cfg.train, cfg.sweep, cfg.ablations
+    require_data(d)  # before any step runs: `paperline run` exits 2 naming data.root
     optim, model = asdict(cfg.optim), asdict(cfg.model)  # every value enters the step keys
     trial = Resources(cpus=cfg.trial_cpus, gpus="auto")
     return [
@@ -237,6 +263,8 @@ def steps(cfg: MobileNetConfig) -> list[Step]:
             "dataset",
             make_dataset,
             params=dict(root=d.root, num_train=d.num_train, num_test=d.num_test, seed=d.seed),
+            # 2: with a root, num_train/num_test select the first N images (were ignored)
+            version="2" if d.root else "1",
             description="generate the CIFAR-10-format set, or check the one at data.root",
         ),
         Step(
@@ -292,7 +320,13 @@ def steps(cfg: MobileNetConfig) -> list[Step]:
             "report",
             write_report,
             inputs=("dataset", "complexity", "train", "width_sweep", "ablations"),
-            params=dict(stem_stride=cfg.model.stem_stride, optimizer=cfg.optim.optimizer),
+            params=dict(
+                stem_stride=cfg.model.stem_stride,
+                optimizer=cfg.optim.optimizer,
+                width_epochs=s.epochs or cfg.optim.epochs,
+                ablation_epochs=a.epochs or cfg.optim.epochs,
+                scheduler=s.scheduler,
+            ),
             publish=(
                 "report.md",
                 "sweep.parquet",

@@ -11,6 +11,8 @@ from collections import defaultdict
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.mobilenet_steps import full_length
+
 # Table 4 (ImageNet top-1, params, MAdds, Pixel-1 latency); params without BN (TF-slim)
 PAPER_TABLE4 = {
     ("mobilenetv2", 1.0): {"top1": 72.0, "params_M": 3.4, "madds_M": 300, "latency_ms": 75},
@@ -42,7 +44,7 @@ SWEEP_SCHEMA = pa.schema(
         ("accuracy", pa.float64()),  # test top-1 after the last reported epoch
         ("madds", pa.int64()),  # of the trained model (10 classes, the preset's stem)
         ("params", pa.int64()),
-        ("epochs", pa.int32()),
+        ("epochs", pa.int32()),  # < the configured epochs: stopped early (ASHA) or failed
     ]
 )
 
@@ -57,6 +59,29 @@ def _group(rows: list[dict]) -> dict[tuple, list[dict]]:
         if r["accuracy"] is not None:
             out[(r["variant"], r["width"], r["resolution"])].append(r)
     return dict(out)
+
+
+def _short_trials(rows: list[dict], epochs: int, experiment: str) -> list[str]:
+    """Markdown listing the trials left out of the aggregates: per point, how many and the
+    epoch each stopped at."""
+    if not rows:
+        return []
+    by_point: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_point[(r["variant"], r["width"], r["resolution"])].append(r)
+    md = [
+        "",
+        f"Left out of the {experiment} table, plot and statistics: {len(rows)} trial(s) that did "
+        f"not run all {epochs} epochs (stopped early by the scheduler, or failed):",
+        "",
+        "| model | α | res | trials | stopped at epoch | why |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (variant, w, r), rs in sorted(by_point.items()):
+        at = ", ".join(str(x["epochs"] or 0) for x in sorted(rs, key=lambda x: x["epochs"] or 0))
+        why = sorted({"failed" if x["error"] else "stopped by the scheduler" for x in rs})
+        md.append(f"| {variant} | {w} | {r} | {len(rs)} | {at} | {', '.join(why)} |")
+    return md
 
 
 def _spearman(x: list[float], y: list[float]) -> float:
@@ -140,7 +165,17 @@ def _order(means: dict[str, float], variants: tuple[str, ...]) -> list[str]:
     return sorted((v for v in variants if v in means), key=lambda v: -means[v])
 
 
-def write_report(ctx, *, stem_stride: int, optimizer: str) -> None:
+def write_report(
+    ctx,
+    *,
+    stem_stride: int,
+    optimizer: str,
+    width_epochs: int,
+    ablation_epochs: int,
+    scheduler: str,
+) -> None:
+    """Tables, figures and metrics; aggregates use only the trials that ran ``width_epochs`` /
+    ``ablation_epochs`` (an ASHA-stopped trial's accuracy is not a full-length result)."""
     comp = pq.read_table(ctx.input_dir("complexity") / "complexity.parquet").to_pylist()
     latency_info = json.loads((ctx.input_dir("complexity") / "latency_info.json").read_text())
     dataset = json.loads((ctx.input_dir("dataset") / "dataset.json").read_text())
@@ -154,9 +189,13 @@ def write_report(ctx, *, stem_stride: int, optimizer: str) -> None:
         [{k: r[k] for k in SWEEP_SCHEMA.names} for r in sweep], schema=SWEEP_SCHEMA
     )
     pq.write_table(table, ctx.out_dir / "sweep.parquet")
-    width_groups, abl_groups = _group(width_rows), _group(abl_rows)
+    width_used = [r for r in width_rows if full_length(r, width_epochs)]
+    width_short = [r for r in width_rows if not full_length(r, width_epochs)]
+    abl_used = [r for r in abl_rows if full_length(r, ablation_epochs)]
+    abl_short = [r for r in abl_rows if not full_length(r, ablation_epochs)]
+    width_groups, abl_groups = _group(width_used), _group(abl_used)
     _figure5(width_groups, ctx.out_dir / "figure5_accuracy_vs_madds.png")
-    _figure6(abl_rows, ctx.out_dir / "figure6_ablations.png")
+    _figure6(abl_used, ctx.out_dir / "figure6_ablations.png")
 
     metrics: dict = {"complexity": {}}
     by_key = {(r["model"], r["width"], r["resolution"]): r for r in comp}
@@ -214,9 +253,17 @@ def write_report(ctx, *, stem_stride: int, optimizer: str) -> None:
         )
 
     md += ["", "## Accuracy vs MAdds (Figure 5 shape)", ""]
+    n_train, n_test = dataset["num_train"], dataset["num_test"]
+    if dataset["generated"]:
+        data = f"generated CIFAR-10-format set ({n_train} train / {n_test} test images)"
+    else:  # the first N of each split (data.num_train / num_test); older artifacts lack totals
+        of_train, of_test = dataset.get("root_num_train", "?"), dataset.get("root_num_test", "?")
+        data = (
+            f"{dataset['root']} (first {n_train} of {of_train} train / {n_test} of {of_test} "
+            "test images)"
+        )
     md += [
-        f"Data: {'generated CIFAR-10-format set' if dataset['generated'] else dataset['root']} "
-        f"({dataset['num_train']} train / {dataset['num_test']} test images), 10 classes. "
+        f"Data: {data}, 10 classes. "
         + (
             "**Not the paper's setting**: 32-px images with the stem conv at stride 1 (total "
             "stride 16; the paper's is 32 at 96–224 px on ImageNet), "
@@ -228,6 +275,16 @@ def write_report(ctx, *, stem_stride: int, optimizer: str) -> None:
         f"{train.get('reference_accuracy', float('nan')):.3f}.",
         "",
         "![Figure 5](figure5_accuracy_vs_madds.png)",
+        "",
+        f"Trials that ran all {width_epochs} epochs: {len(width_used)} of {len(width_rows)}."
+        + (
+            " The sweep ran under ASHA (`sweep.scheduler=asha`, rungs at epochs 1, 4, 16, …), "
+            "which stops trials on the accuracy they report: the **test** accuracy (the training "
+            "loop has no validation split). Which points ran the full length was therefore "
+            "chosen on the test set, and their accuracies below are optimistic."
+            if scheduler == "asha"
+            else ""
+        ),
         "",
         "| model | α | res | MAdds | params | accuracy (mean ± sd) | seeds |",
         "|---|---|---|---|---|---|---|",
@@ -250,10 +307,19 @@ def write_report(ctx, *, stem_stride: int, optimizer: str) -> None:
     if rho is not None and math.isnan(rho):
         rho = None  # every accuracy equal: no ranking
     metrics["width_sweep_spearman_madds_accuracy"] = rho
+    metrics["width_sweep_spearman_points"] = len(v2_pts)
+    metrics["width_sweep_trials_used"] = len(width_used)
+    metrics["width_sweep_trials_stopped_early"] = len(width_short)
+    stopped: dict[str, list[int]] = defaultdict(list)
+    for r in width_short:
+        stopped[f"{r['variant']}_{r['width']}@{r['resolution']}"].append(r["epochs"] or 0)
+    metrics["width_sweep_stopped_at_epoch"] = {k: sorted(v) for k, v in stopped.items()}
+    md += _short_trials(width_short, width_epochs, "Figure 5")
     md += [
         "",
         f"Spearman rank correlation of MobileNetV2 accuracy with MAdds: "
-        f"{rho if rho is None else round(rho, 2)} (the paper's Fig. 5 curve is monotone).",
+        f"{rho if rho is None else round(rho, 2)} over {len(v2_pts)} points (means of the "
+        "full-length trials above; the paper's Fig. 5 curve is monotone).",
     ]
 
     means = {v: _mean_std([x["accuracy"] for x in rs])[0] for (v, _, _), rs in abl_groups.items()}
@@ -262,8 +328,10 @@ def write_report(ctx, *, stem_stride: int, optimizer: str) -> None:
     for (v, _, _), rs in sorted(abl_groups.items(), key=lambda kv: -means[kv[0][0]]):
         mean, std = _mean_std([x["accuracy"] for x in rs])
         md.append(f"| {LABELS[v]} | {mean:.3f} ± {std:.3f} | {len(rs)} |")
+    md += _short_trials(abl_short, ablation_epochs, "ablation")
     md.append("")
     metrics["ablation_accuracy"] = means
+    metrics["ablation_trials_used"] = len(abl_used)
     for panel, paper in PAPER_ORDER.items():
         found = _order(means, paper)
         strict = all(means[a] > means[b] for a, b in zip(found, found[1:], strict=False))

@@ -20,23 +20,35 @@ from pipelines.engine import StepContext
 # ----------------------------------------------------------------------------------------------
 # dataset
 def make_dataset(ctx: StepContext, *, root: str, num_train: int, num_test: int, seed: int) -> None:
-    """Generate the set (no root) or check the real one; ``dataset.json`` says where it is."""
+    """Generate the set (no root) or check the real one. ``dataset.json`` says where it is and how
+    many images of each split the training steps use: with a root, the first ``num_train`` /
+    ``num_test`` (0 = all; more than the split holds = all of it)."""
     from data.cifar import read_cifar10
     from data.synthetic_cifar import generate_cifar10
 
     if root:
         source = str(Path(root).expanduser().resolve())
-        n = {s: len(read_cifar10(source, s)[1]) for s in ("train", "test")}  # fails early, by name
+        total = {s: len(read_cifar10(source, s)[1]) for s in ("train", "test")}  # fails early
+        wanted = {"train": num_train, "test": num_test}
+        n = {s: min(wanted[s], total[s]) if wanted[s] else total[s] for s in total}
+        info = {"root_num_train": total["train"], "root_num_test": total["test"]}
     else:
         source = str(generate_cifar10(ctx.out_dir / "cifar", num_train, num_test, seed))
-        n = {"train": num_train, "test": num_test}
-    info = {"root": source, "generated": not root, "num_train": n["train"], "num_test": n["test"]}
+        n, info = {"train": num_train, "test": num_test}, {}
+    info |= {"root": source, "generated": not root, "num_train": n["train"], "num_test": n["test"]}
     ctx.write_json("dataset.json", info)
 
 
-def dataset_root(ctx: StepContext) -> str:
+def dataset_info(ctx: StepContext) -> dict:
+    """``dataset.json`` of the ``dataset`` input, with ``root`` the directory to read."""
     info = json.loads((ctx.input_dir("dataset") / "dataset.json").read_text())
-    return info["root"] if not info["generated"] else str(ctx.input_dir("dataset") / "cifar")
+    if info["generated"]:  # relative to the artifact: its staging directory was renamed
+        info["root"] = str(ctx.input_dir("dataset") / "cifar")
+    return info
+
+
+def dataset_root(ctx: StepContext) -> str:
+    return dataset_info(ctx)["root"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,11 +125,16 @@ def measure_complexity(
 
 # ----------------------------------------------------------------------------------------------
 # train (Ray Train) and the two sweeps (Ray Tune): one loop, stages/training/classify.py
-def train_config(root: str, optim: dict, model: dict, epochs: int = 0) -> dict:
-    """The classify-loop config shared by every training step (without model/resolution/seed)."""
+def train_config(
+    root: str, optim: dict, model: dict, epochs: int = 0, max_train: int = 0, max_test: int = 0
+) -> dict:
+    """The classify-loop config shared by every training step (without model/resolution/seed);
+    ``max_train`` / ``max_test``: the first N images of each split (0 = all)."""
     o = dict(optim)
     return {
         "dataset_root": root,
+        "max_train": max_train,
+        "max_test": max_test,
         "optimizer": o["optimizer"],
         "lr": o["lr"],
         "momentum": o["momentum"],
@@ -149,7 +166,8 @@ def train_reference(
 
     from stages.training.classify import train_classifier
 
-    cfg = train_config(dataset_root(ctx), optim, model)
+    data = dataset_info(ctx)
+    cfg = train_config(data["root"], optim, model, 0, data["num_train"], data["num_test"])
     cfg.update(model="mobilenetv2", resolution=resolution, checkpoint=checkpoint)
     cfg["model_kwargs"]["width_mult"] = width
     before = torch.get_num_threads()
@@ -226,7 +244,8 @@ def run_sweep(
     from stages.models.complexity import count_madds, count_params
     from stages.models.registry import create
 
-    base = train_config(dataset_root(ctx), optim, model, epochs)
+    data = dataset_info(ctx)
+    base = train_config(data["root"], optim, model, epochs, data["num_train"], data["num_test"])
     trainable = functools.partial(
         sweep_trial, base=base, model=model, threads=ctx.resources.threads()
     )
@@ -264,7 +283,18 @@ def run_sweep(
     errors = [r for r in rows if r["error"]]
     if errors and len(errors) == len(rows):
         raise RuntimeError(f"{ctx.step}: every trial failed; first error: {errors[0]['error']}")
-    accs = [r["accuracy"] for r in rows if r["accuracy"] is not None]
+    # a trial an ASHA scheduler stopped after 1 or 4 epochs is no sample of the full-length result
+    accs = [r["accuracy"] for r in rows if full_length(r, base["epochs"])]
     ctx.write_json(
-        "metrics.json", {f"{ctx.step}_mean_accuracy": statistics.fmean(accs) if accs else None}
+        "metrics.json",
+        {
+            f"{ctx.step}_mean_accuracy": statistics.fmean(accs) if accs else None,
+            f"{ctx.step}_trials_full_length": len(accs),
+            f"{ctx.step}_trials": len(rows),
+        },
     )
+
+
+def full_length(row: dict, epochs: int) -> bool:
+    """Whether a trial row ran all ``epochs`` without error (not stopped early by the scheduler)."""
+    return row["error"] is None and row["accuracy"] is not None and row["epochs"] == epochs

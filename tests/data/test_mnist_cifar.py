@@ -157,6 +157,14 @@ def test_cifar_record_layout(tmp_path: Path):
     assert (record[0], record[1 + 1], record[1 + 1024 + 1], record[1 + 2048 + 1]) == (7, 10, 20, 30)
 
 
+def test_cifar_writer_refuses_an_empty_batch_naming_the_file(tmp_path: Path):
+    # before: numpy's "cannot reshape array of size 0"; the reader refuses empty batches anyway
+    empty = np.zeros((0, 32, 32, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match=r"data_batch_5\.bin: no images to write"):
+        write_cifar10_batch(tmp_path / "data_batch_5.bin", empty, np.zeros(0, dtype=np.int64))
+    assert not (tmp_path / "data_batch_5.bin").exists()
+
+
 def test_read_cifar10_round_trip(tmp_path: Path):
     directory = tmp_path / "cifar-10-batches-bin"
     train = [fake_batch(directory / f"data_batch_{i}.bin", 3, seed=i) for i in range(1, 6)]

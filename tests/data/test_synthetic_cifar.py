@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from data.cifar import read_cifar10
 from data.synthetic_cifar import generate_cifar10, make_split
@@ -38,3 +39,16 @@ def test_classes_are_learnable_but_not_trivial():
     clf = LogisticRegression(max_iter=200, tol=1e-3).fit(x.reshape(1000, -1) / 255.0, y)
     acc = clf.score(xt.reshape(300, -1) / 255.0, yt)
     assert 0.2 < acc < 0.9  # a linear model on pixels is well above chance (0.1), far from perfect
+
+
+def test_too_small_a_set_is_refused_naming_the_directory(tmp_path: Path):
+    # before: numpy's "cannot reshape array of size 0", naming no file and no size
+    with pytest.raises(ValueError, match=r"cifar: a generated CIFAR-10 set needs n_train >= 5"):
+        generate_cifar10(tmp_path / "cifar", 0, 0)
+    with pytest.raises(ValueError, match="n_train=4, n_test=1"):
+        generate_cifar10(tmp_path / "cifar", 4, 1)  # one of the five train batches would be empty
+    with pytest.raises(ValueError, match="n_train=5, n_test=0"):
+        generate_cifar10(tmp_path / "cifar", 5, 0)
+    generate_cifar10(tmp_path / "cifar", 5, 1)  # the smallest set the reader accepts
+    assert read_cifar10(tmp_path / "cifar", "train")[0].shape == (5, 32, 32, 3)
+    assert read_cifar10(tmp_path / "cifar", "test")[0].shape == (1, 32, 32, 3)

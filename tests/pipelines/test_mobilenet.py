@@ -5,21 +5,30 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
+from cluster.local import LocalExecutor
+from cluster.resources import Resources
+from data.store import Artifact
 from data.synthetic_cifar import generate_cifar10
 from pipelines import mobilenet, runner
 from pipelines.config import ConfigError
-from pipelines.mobilenet_report import SWEEP_SCHEMA
+from pipelines.engine import StepContext
+from pipelines.mobilenet_report import SWEEP_SCHEMA, write_report
+from pipelines.mobilenet_steps import COMPLEXITY_SCHEMA, make_dataset, run_sweep, train_reference
 from pipelines.registry import get
 from stages.models.complexity import count_madds
 from stages.models.registry import create
 from stages.training.classify import (
     learning_rate,
+    load_split,
     random_crop_flip,
     resolve_config,
     train_classifier,
@@ -134,6 +143,193 @@ def test_config_points_and_checks():
         get("mobilenet").build_config("ci", {"sweep.scheduler": "hyperband"})
     with pytest.raises(ConfigError, match="model.stem_stride"):
         get("mobilenet").build_config("ci", {"model.stem_stride": "4"})
+
+
+def test_a_run_without_data_root_or_generated_size_is_refused_before_anything_runs(tmp_path):
+    # the paper preset trains on the real set: without data.root it used to generate 0/0 images
+    # and fail in numpy's reshape, naming nothing. Presets and --set overrides are applied one
+    # after the other, so the 0/0 case is refused when the steps are built, before any store exists
+    kw = dict(store=str(tmp_path / "store"), runs=tmp_path / "runs", progress=False)
+    with pytest.raises(ConfigError, match="data.root"):
+        runner.run("mobilenet", "paper", executor="local", log=lambda _: None, **kw)
+    assert not (tmp_path / "store").exists() and not (tmp_path / "runs").exists()
+    spec = get("mobilenet")
+    with_root = spec.build_config("paper", {"data.root": str(tmp_path)})
+    assert [s.name for s in mobilenet.steps(with_root)][0] == "dataset"  # the documented command
+    # a generated size of 0 or below one image per training batch file fails at once
+    for overrides in ({"data.num_train": "0"}, {"data.num_test": "0"}):
+        with pytest.raises(ConfigError, match=r"data\.root is not set.*data\.num_train >= 5"):
+            spec.build_config("ci", overrides)
+    with pytest.raises(ConfigError, match="data.num_train must be 0 .* or >= 5, got 4"):
+        spec.build_config("ci", {"data.num_train": "4"})
+    assert (
+        spec.build_config("ci", {"data.num_train": "5", "data.num_test": "1"}).data.num_train == 5
+    )
+
+
+class RecordingExecutor(LocalExecutor):
+    """Runs ``train`` in-process and keeps its config; ``sweep`` keeps the trainable's base config
+    and returns ``sweep_results`` instead of training."""
+
+    def __init__(self, sweep_results=()):
+        super().__init__(progress=False)
+        self.configs: dict[str, dict] = {}
+        self.sweep_results = list(sweep_results)
+
+    def train(self, train_fn, config, **kwargs):
+        self.configs["train"] = config
+        return super().train(train_fn, config, **kwargs)
+
+    def sweep(self, trainable, space, **kwargs):
+        self.configs["sweep"] = trainable.keywords["base"]
+        return self.sweep_results
+
+
+def _step_ctx(tmp_path: Path, step: str, executor=None) -> StepContext:
+    store = str(tmp_path / "store")
+    out = tmp_path / step
+    out.mkdir()
+    inputs = {"dataset": Artifact(store, "mobilenet/dataset/k")}
+    return StepContext(
+        "mobilenet", step, "k", inputs, out, Resources(), str(tmp_path / "work"), executor
+    )
+
+
+def test_data_num_train_takes_the_first_n_images_of_data_root(tmp_path):
+    root = generate_cifar10(tmp_path / "cifar", n_train=40, n_test=20, seed=1)
+    dataset_dir = tmp_path / "store" / "mobilenet" / "dataset" / "k"
+    dataset_dir.mkdir(parents=True)
+    ctx = StepContext("mobilenet", "dataset", "k", {}, dataset_dir, Resources(), work_uri="")
+    make_dataset(ctx, root=str(root), num_train=10, num_test=5, seed=0)
+    info = json.loads((dataset_dir / "dataset.json").read_text())
+    assert (info["num_train"], info["num_test"]) == (10, 5)  # before: 40 / 20, the whole set
+    assert (info["root_num_train"], info["root_num_test"]) == (40, 20)
+    assert info["root"] == str(root.resolve()) and not info["generated"]
+
+    cfg = get("mobilenet").build_config("ci", {"data.root": str(root)})
+    optim, model = asdict(cfg.optim), asdict(cfg.model)
+    executor = RecordingExecutor()
+    train_reference(
+        _step_ctx(tmp_path, "train", executor), optim=optim, model=model, width=0.35,
+        resolution=16, num_workers=1, checkpoint=False,
+    )  # fmt: skip
+    run_sweep(
+        _step_ctx(tmp_path, "width_sweep", executor), points=("mobilenetv2:0.35@16",),
+        seeds=(0,), optim=optim, model=model, epochs=0, scheduler="none",
+    )  # fmt: skip
+    for step in ("train", "sweep"):
+        used = executor.configs[step]
+        assert (used["max_train"], used["max_test"]) == (10, 5), step
+        x, y = load_split(used["dataset_root"], "train", 16, used["max_train"])
+        assert x.shape == (10, 3, 16, 16)
+    # ... and 0 = all of the set
+    make_dataset(ctx, root=str(root), num_train=0, num_test=0, seed=0)
+    info = json.loads((dataset_dir / "dataset.json").read_text())
+    assert (info["num_train"], info["num_test"]) == (40, 20)
+
+
+def _trial(width, seed, accuracy, epochs, madds, variant="mobilenetv2", error=None):
+    return {
+        "variant": variant, "width": width, "resolution": 16, "seed": seed, "accuracy": accuracy,
+        "epochs": epochs, "madds": madds, "params": 1000, "error": error,
+        "history": [accuracy] * (epochs or 0),
+    }  # fmt: skip
+
+
+def test_report_leaves_asha_stopped_trials_out_of_the_aggregates(tmp_path):
+    """ASHA stops trials at epochs 1 and 4 of 5; their accuracy is not a full-length sample."""
+    width_rows = [
+        _trial(0.35, 0, 0.30, 5, 1_000_000),
+        _trial(0.35, 1, 0.40, 5, 1_000_000),
+        _trial(0.35, 2, 0.20, 4, 1_000_000),  # stopped at the second rung
+        _trial(0.5, 0, 0.50, 5, 2_000_000),
+        _trial(0.5, 1, 0.05, 1, 2_000_000),  # stopped at the first rung
+        _trial(1.0, 0, 0.60, 5, 4_000_000),
+        _trial(1.0, 1, 0.70, 5, 4_000_000),
+    ]
+    abl_rows = [
+        _trial(0.35, 0, acc, 5, 1_000_000, variant=v)
+        for v, acc in zip(mobilenet.ABLATION_VARIANTS, (0.5, 0.3, 0.4, 0.2), strict=True)
+    ]
+    abl_rows.append(_trial(0.35, 1, None, None, 1_000_000, error="RuntimeError: boom"))
+    inputs = {}
+    for step, files in {
+        "dataset": {"dataset.json": {"root": "/data/cifar", "generated": False, "num_train": 10,
+                                     "num_test": 5, "root_num_train": 40, "root_num_test": 20}},
+        "complexity": {"latency_info.json": {"threads": 1, "repeats": 3}},
+        "train": {"metrics.json": {"reference_accuracy": 0.5, "reference_model": "m"}},
+        "width_sweep": {"trials.json": width_rows},
+        "ablations": {"trials.json": abl_rows},
+    }.items():  # fmt: skip
+        d = tmp_path / "store" / "mobilenet" / step / "k"
+        d.mkdir(parents=True)
+        for name, obj in files.items():
+            (d / name).write_text(json.dumps(obj))
+        inputs[step] = Artifact(str(tmp_path / "store"), f"mobilenet/{step}/k")
+    comp = {"model": "mobilenetv2", "width": 1.0, "resolution": 224, "num_classes": 1000,
+            "params": 3_504_872, "params_no_bn": 3_470_760, "madds": 300_774_272,
+            "latency_ms": None}  # fmt: skip
+    pq.write_table(
+        pa.Table.from_pylist([comp], schema=COMPLEXITY_SCHEMA),
+        inputs["complexity"].local_dir() / "complexity.parquet",
+    )
+    out = tmp_path / "report"
+    out.mkdir()
+    ctx = StepContext("mobilenet", "report", "k", inputs, out, Resources(), work_uri="")
+    write_report(
+        ctx, stem_stride=1, optimizer="sgd", width_epochs=5, ablation_epochs=5, scheduler="asha"
+    )
+    m = json.loads((out / "metrics.json").read_text())
+    acc = m["width_sweep_accuracy"]
+    # with the stopped trials: 0.30 and 0.275, which broke the monotone curve (rho 0.5)
+    assert acc["mobilenetv2_0.35@16"] == pytest.approx(0.35)
+    assert acc["mobilenetv2_0.5@16"] == pytest.approx(0.50)
+    assert acc["mobilenetv2_1.0@16"] == pytest.approx(0.65)
+    assert m["width_sweep_spearman_madds_accuracy"] == pytest.approx(1.0)
+    assert m["width_sweep_spearman_points"] == 3
+    assert (m["width_sweep_trials_used"], m["width_sweep_trials_stopped_early"]) == (5, 2)
+    assert m["width_sweep_stopped_at_epoch"] == {
+        "mobilenetv2_0.35@16": [4],
+        "mobilenetv2_0.5@16": [1],
+    }
+    assert m["ablation_trials_used"] == 4
+    report = (out / "report.md").read_text()
+    assert "| mobilenetv2 | 0.5 | 16 | 2.0M | 0.00M | 0.500 ± 0.000 | 1 |" in report
+    assert "| mobilenetv2 | 0.35 | 16 | 1 | 4 | stopped by the scheduler |" in report
+    assert "| mobilenetv2 | 0.5 | 16 | 1 | 1 | stopped by the scheduler |" in report
+    assert "| mobilenetv2 | 0.35 | 16 | 1 | 0 | failed |" in report  # the errored ablation
+    assert "Trials that ran all 5 epochs: 5 of 7" in report and "over 3 points" in report
+    assert "**test** accuracy" in report  # ASHA selects on what the sweep reports
+    assert "/data/cifar (first 10 of 40 train / 5 of 20 test images)" in report
+    sweep = pq.read_table(out / "sweep.parquet").to_pylist()  # the raw rows keep every trial
+    assert sorted(r["epochs"] for r in sweep if r["experiment"] == "width_sweep") == [
+        1, 4, 5, 5, 5, 5, 5,
+    ]  # fmt: skip
+
+
+def test_sweep_mean_counts_only_full_length_trials(tmp_path):
+    root = generate_cifar10(tmp_path / "cifar", n_train=10, n_test=5, seed=0)
+    dataset_dir = tmp_path / "store" / "mobilenet" / "dataset" / "k"
+    dataset_dir.mkdir(parents=True)
+    (dataset_dir / "dataset.json").write_text(
+        json.dumps({"root": str(root), "generated": False, "num_train": 10, "num_test": 5})
+    )
+
+    def result(seed, accuracy, epoch):
+        history = [{"epoch": e + 1, "accuracy": accuracy} for e in range(epoch)]
+        config = {"point": "mobilenetv2:0.35@16", "seed": seed}
+        return {"config": config, "metrics": history[-1], "history": history, "error": None}
+
+    executor = RecordingExecutor([result(0, 0.6, 3), result(1, 0.4, 3), result(2, 0.1, 1)])
+    cfg = get("mobilenet").build_config("ci")
+    ctx = _step_ctx(tmp_path, "width_sweep", executor)
+    run_sweep(
+        ctx, points=("mobilenetv2:0.35@16",), seeds=(0, 1, 2), optim=asdict(cfg.optim),
+        model=asdict(cfg.model), epochs=3, scheduler="asha",
+    )  # fmt: skip
+    m = json.loads((ctx.out_dir / "metrics.json").read_text())
+    assert m["width_sweep_mean_accuracy"] == pytest.approx(0.5)  # not 0.367 with the stopped one
+    assert (m["width_sweep_trials_full_length"], m["width_sweep_trials"]) == (2, 3)
 
 
 def test_random_crop_flip_matches_a_per_image_loop():
