@@ -305,8 +305,10 @@ def read_voc(
     return images
 
 
-def load_image(path: str | Path) -> np.ndarray:
-    """Decode a JPEG/PNG to a BGR ``uint8`` array of shape ``(H, W, 3)``."""
+def load_image(path: str | Path, expected_size: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode a JPEG/PNG to a BGR ``uint8`` array of shape ``(H, W, 3)``; with ``expected_size``
+    ``(width, height)`` (the annotation's ``<size>``), a decoded image of another size is a
+    DatasetError: its boxes, checked against the annotation, would not be the image's."""
     try:
         data = Path(path).read_bytes()
     except OSError as e:
@@ -318,6 +320,12 @@ def load_image(path: str | Path) -> np.ndarray:
     image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     if image is None:
         raise DatasetError(path, f"cannot decode image ({len(data)} bytes); expected a JPEG or PNG")
+    if expected_size is not None and (image.shape[1], image.shape[0]) != tuple(expected_size):
+        raise DatasetError(
+            path,
+            f"image is {image.shape[1]}x{image.shape[0]} px but its annotation's <size> says "
+            f"{expected_size[0]}x{expected_size[1]}; expected the two to agree",
+        )
     return image
 
 

@@ -137,7 +137,7 @@ def propose_shard(
 
     out = []
     for row in shard:
-        image = load_image(row["path"])
+        image = load_image(row["path"], (row["width"], row["height"]))
         t0 = time.perf_counter()
         boxes = selective_search_isolated(
             image,

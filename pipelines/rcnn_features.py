@@ -83,7 +83,7 @@ class FeatureWriter:
                 iou = box_iou_voc(boxes, obj["boxes"])
                 for c in np.unique(obj["cls"]):
                     max_iou[:, c] = iou[:, obj["cls"] == c].max(1)
-            image = load_image(r["path"])
+            image = load_image(r["path"], (r["width"], r["height"]))
             out = image_features(
                 self.model,
                 image,
@@ -189,7 +189,10 @@ def extract_features(
 ) -> None:
     dataset_dir = ctx.input_dir("dataset")
     table = pa.Table.from_pylist(
-        [{k: r[k] for k in ("image_id", "path", "split")} for r in read_images(dataset_dir)]
+        [
+            {k: r[k] for k in ("image_id", "path", "split", "width", "height")}
+            for r in read_images(dataset_dir)
+        ]
     )
     kwargs = dict(
         model_path=str(ctx.input_dir("finetune") / "model.pt"),

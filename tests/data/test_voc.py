@@ -95,6 +95,15 @@ def test_load_image_is_bgr(tmp_path: Path):
     np.testing.assert_array_equal(loaded, image)
 
 
+def test_load_image_checks_the_annotation_size(tmp_path: Path):
+    path = tmp_path / "im.png"
+    cv2.imwrite(str(path), np.zeros((3, 5, 3), dtype=np.uint8))
+    assert load_image(path, (5, 3)).shape == (3, 5, 3)  # (width, height)
+    with pytest.raises(DatasetError, match=r"im\.png: image is 5x3 px but its annotation's <size> "
+                       r"says 3x5"):  # fmt: skip
+        load_image(path, (3, 5))
+
+
 def test_voc_classes_devkit_order():
     assert len(VOC_CLASSES) == 20
     assert VOC_CLASSES[0] == "aeroplane" and VOC_CLASSES[14] == "person"

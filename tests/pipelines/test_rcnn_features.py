@@ -13,6 +13,8 @@ from pipelines.rcnn_features import FeatureWriter
 from stages.detection.features import read_feature_shard
 from stages.models.registry import create
 
+COLS = ("image_id", "path", "split", "width", "height")  # the rows the features step sends
+
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
@@ -55,7 +57,7 @@ def test_bf16_features_are_float32_and_close_to_float32_ones(inputs):
     of ~1e-2 that float32 cannot produce), the cache still holds float32 of the same boxes."""
     tmp, _, dataset, proposals = inputs
     rows = [r for r in read_images(dataset) if r["split"] == "test"][:2]
-    batch = pa.Table.from_pylist([{k: r[k] for k in ("image_id", "path", "split")} for r in rows])
+    batch = pa.Table.from_pylist([{k: r[k] for k in COLS} for r in rows])
     shard = _writer(tmp, dataset, proposals, tmp / "fp32", 0)(batch).to_pylist()[0]["shard"]
     bf16_writer = _writer(tmp, dataset, proposals, tmp / "bf16", 0, amp="bf16")
     assert bf16_writer.chunk == 64  # the CPU's bf16 default (16 in float32)
@@ -80,7 +82,7 @@ def test_a_batch_straddling_two_splits_becomes_one_shard_per_split(inputs):
     images = read_images(dataset)
     train = [r for r in images if r["split"] != "test"][-2:]
     test = [r for r in images if r["split"] == "test"][:1]
-    cols = ("image_id", "path", "split")
+    cols = COLS
     batch = pa.Table.from_pylist([{k: r[k] for k in cols} for r in train + test])
     manifest = _writer(tmp, dataset, proposals, tmp / "mixed", 0)(batch).to_pylist()
     assert [m["split"] for m in manifest] == [train[0]["split"], "test"]
