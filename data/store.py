@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 MARKER = "_COMPLETE.json"
@@ -99,6 +100,10 @@ class Artifact:
             return json.load(f)
 
 
+class StoreError(ValueError):
+    """A store URI that pyarrow cannot open (unknown scheme, malformed)."""
+
+
 class ArtifactStore:
     """Artifacts under a root URI: a local path (default) or any ``pyarrow.fs`` URI."""
 
@@ -111,7 +116,13 @@ class ArtifactStore:
             self.root = str(path)
         else:
             self.uri = uri.rstrip("/")
-            self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
+            try:
+                self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as e:
+                raise StoreError(
+                    f"{uri}: not a usable artifact store URI ({e}); expected a local path or a "
+                    "pyarrow.fs URI such as s3://bucket/prefix or gs://bucket/prefix"
+                ) from None
 
     @property
     def is_local(self) -> bool:
@@ -134,6 +145,12 @@ class ArtifactStore:
 
     def artifact(self, pipeline: str, step: str, key: str) -> Artifact:
         return Artifact(self.uri, f"{pipeline}/{step}/{key}")
+
+    def clear_work(self, pipeline: str, name: str) -> None:
+        """Delete ``_work/<pipeline>/<name>`` (a Train run's checkpoints, a Tune experiment), so
+        that a recomputation starts from scratch instead of resuming from it."""
+        with contextlib.suppress(FileNotFoundError, OSError):
+            self.fs.delete_dir(f"{self.root}/_work/{pipeline}/{name}")
 
     # -- completion ------------------------------------------------------------------------------
     def marker(self, artifact: Artifact) -> dict | None:
@@ -212,26 +229,32 @@ class ArtifactStore:
 
     def _try_lock(self, path: str, token: str) -> bool:
         owner = self._lock_owner(path)
-        if owner is not None and self._lock_is_stale(path, owner):
+        # an empty or unreadable lock (its holder died before writing, a power loss) has no
+        # owner to ask: it is judged by age alone, like any lock whose holder cannot be checked
+        held = owner is not None or self.fs.get_file_info(path).type != pafs.FileType.NotFound
+        if held and self._lock_is_stale(path, owner):
             self._break_lock(path, owner)
-            owner = None
-        if owner is not None:
+        elif held:
             return False
         if self.is_local:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+            # the lock appears already holding its token: written aside, then hard-linked into
+            # place (link fails if the lock exists, as O_EXCL would, but never leaves it empty)
+            aside = f"{path}.{uuid.uuid4().hex[:8]}.new"
+            Path(aside).write_text(token)
             try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                os.link(aside, path)
             except FileExistsError:
                 return False
-            with os.fdopen(fd, "w") as f:
-                f.write(token)
+            finally:
+                os.unlink(aside)
             return True
         with self.fs.open_output_stream(path) as f:  # best effort: last writer wins, then check
             f.write(token.encode())
         time.sleep(0.5)
         return self._lock_owner(path) == token
 
-    def _break_lock(self, path: str, owner: str) -> None:
+    def _break_lock(self, path: str, owner: str | None) -> None:
         if self.is_local:
             # rename is atomic: of several waiters breaking the same lock exactly one succeeds
             with contextlib.suppress(FileNotFoundError):

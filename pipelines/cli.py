@@ -215,17 +215,25 @@ def cmd_submit(args) -> int:
     if args.until:
         argv += ["--until", args.until]
     entrypoint = shlex.join(argv)
-    job_id = jobs.submit(
-        args.address,
-        entrypoint,
-        REPO_ROOT,
-        metadata={"pipeline": spec.name, "preset": args.preset or ""},
-    )
+    try:
+        job_id = jobs.submit(
+            args.address,
+            entrypoint,
+            REPO_ROOT,
+            metadata={"pipeline": spec.name, "preset": args.preset or ""},
+        )
+    except (RuntimeError, ConnectionError) as e:  # unreachable or refusing head
+        raise ConfigError(f"submit to {args.address}: {e}") from None
     print(f"submitted {job_id}: {entrypoint}")
     if not args.wait:
         print(f"follow it with: paperline jobs logs {job_id} --address {args.address}")
         return 0
-    state = jobs.wait(args.address, job_id)
+    try:
+        state = jobs.wait(args.address, job_id)
+    except TimeoutError as e:
+        print(f"paperline: {e}; it goes on: paperline jobs status {job_id} --address "
+              f"{args.address}", file=sys.stderr)  # fmt: skip
+        return 1
     print(jobs.logs(args.address, job_id))
     print(f"job {job_id}: {state}")
     return 0 if state == "SUCCEEDED" else 1
@@ -236,12 +244,15 @@ def cmd_jobs(args) -> int:
 
     if not args.address:
         raise ConfigError("jobs needs --address http://HOST:8265 (or RAY_API_SERVER_ADDRESS)")
-    if args.action == "status":
-        print(jobs.status(args.address, args.job_id))
-    elif args.action == "logs":
-        print(jobs.logs(args.address, args.job_id))
-    else:
-        print("stopped" if jobs.stop(args.address, args.job_id) else "not running")
+    try:
+        if args.action == "status":
+            print(jobs.status(args.address, args.job_id))
+        elif args.action == "logs":
+            print(jobs.logs(args.address, args.job_id))
+        else:
+            print("stopped" if jobs.stop(args.address, args.job_id) else "not running")
+    except (RuntimeError, ConnectionError) as e:  # unknown job id, unreachable or refusing head
+        raise ConfigError(f"jobs {args.action} {args.job_id} at {args.address}: {e}") from None
     return 0
 
 
@@ -287,8 +298,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as e:
         from data.errors import DatasetError
+        from data.store import StoreError
         from pipelines.engine import StepFailed
 
+        if isinstance(e, StoreError):  # a bad --store: exit 2 like any bad argument
+            print(f"paperline: error: {e}", file=sys.stderr)
+            return 2
         if isinstance(e, StepFailed | DatasetError):
             print(f"paperline: error: {e}", file=sys.stderr)
             return 1

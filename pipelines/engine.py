@@ -22,6 +22,7 @@ import shutil
 import socket
 import time
 import traceback
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -310,7 +311,8 @@ def run_steps(
         manifest[entry["step"]] = entry
         if run_dir is not None:
             rows = [manifest[s.name] for s in order if s.name in manifest]
-            tmp = run_dir / "manifest.json.tmp"
+            # one temporary name per writer: sweep trials with equal configs share a run directory
+            tmp = run_dir / f"manifest.json.{uuid.uuid4().hex[:8]}.tmp"
             tmp.write_text(json.dumps(rows, indent=1))
             tmp.replace(run_dir / "manifest.json")
 
@@ -340,6 +342,9 @@ def run_steps(
             if s.name not in forced and store.is_complete(artifacts[s.name]):
                 log(f"[{pipeline}] {s.name}: computed by another run ({waited_s:.1f} s wait)")
                 return {"status": "cached", "waited_s": waited_s}
+            if s.name in forced:  # --force means from scratch: a finished Train run or Tune
+                # experiment under the same key would otherwise be resumed, i.e. not rerun
+                store.clear_work(pipeline, f"{s.name}-{keys[s.name]}")
             if s.kind == "task":
                 out = executor.run_task(
                     _execute_in_writer,

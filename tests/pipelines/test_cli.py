@@ -50,6 +50,24 @@ def test_bad_set_exits_2_before_ray(capsys, tmp_path, monkeypatch, sets, message
     assert not (tmp_path / "s").exists() and not (tmp_path / "r").exists()
 
 
+def test_a_store_uri_pyarrow_cannot_open_exits_2_naming_it(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "run", "rcnn", "--store", "foo://x", "--out", str(tmp_path))
+    assert code == 2
+    assert "foo://x: not a usable artifact store URI" in err and "Traceback" not in err
+
+
+def test_jobs_errors_exit_2_naming_the_job_and_address(capsys, monkeypatch):
+    from cluster import jobs
+
+    def unknown(address, job_id):
+        raise RuntimeError(f"Request failed with status code 404: Job {job_id} does not exist.")
+
+    monkeypatch.setattr(jobs, "status", unknown)
+    code, _, err = run_cli(capsys, "jobs", "status", "raysubmit_x", "--address", "http://h:8265")
+    assert code == 2
+    assert "jobs status raysubmit_x at http://h:8265: Request failed" in err
+
+
 def test_unknown_preset_pipeline_and_force_step(capsys, tmp_path):
     assert run_cli(capsys, "run", "rcnn", "--preset", "huge")[2].count("presets: tiny, ci") == 1
     code, _, err = run_cli(capsys, "run", "yolo")

@@ -150,6 +150,33 @@ def test_force_recomputes_step_and_descendants(tmp_path, counter):
         run_steps("toy", steps, store=store, executor=ex, force="nope", log=lambda _: None)
 
 
+def _epochs_train_fn(tctx, config):
+    """Resumes from its last checkpoint, as every training loop here does."""
+    state = tctx.load_checkpoint() or {"epoch": 0}
+    for epoch in range(state["epoch"], config["epochs"]):
+        tctx.report({"epoch": epoch}, checkpoint={"epoch": epoch + 1})
+
+
+def _train_step(ctx):
+    result = ctx.train(_epochs_train_fn, {"epochs": 3})
+    ctx.write_json("trained.json", [h["epoch"] for h in result.history])
+
+
+def test_force_retrains_a_train_step_from_scratch(tmp_path):
+    """--force must not resume from the finished run's checkpoint under the same key (it would
+    train nothing and republish the old weights)."""
+    from pipelines.engine import Step
+
+    store = ArtifactStore(tmp_path / "store")
+    steps = [Step("fit", _train_step, kind="train")]
+    ex = LocalExecutor(progress=False)
+    first = run_steps("toy", steps, store=store, executor=ex, log=lambda _: None)
+    assert read(first.artifacts["fit"], "trained.json") == [0, 1, 2]
+    again = run_steps("toy", steps, store=store, executor=ex, force="fit", log=lambda _: None)
+    assert again.computed() == ["fit"]
+    assert read(again.artifacts["fit"], "trained.json") == [0, 1, 2]
+
+
 def test_corrupted_artifact_is_recomputed_not_trusted(tmp_path, counter):
     first = run(tmp_path)
     squares = first.artifacts["squares"].local_dir() / "squares.json"

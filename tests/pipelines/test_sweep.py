@@ -125,6 +125,41 @@ def test_stale_lock_of_a_dead_process_is_broken(tmp_path):
     assert not lock.exists()
 
 
+def test_an_empty_lock_file_is_broken_once_old_and_a_fresh_one_waited_on(tmp_path):
+    """A holder that died between creating its lock and writing its token (or a power loss)
+    leaves an empty file with no owner to ask: once older than LOCK_STALE_S it is broken, not
+    waited on forever; a fresh one is respected (its holder may be about to write)."""
+    import os
+    import threading
+
+    from data import store as store_mod
+
+    store = ArtifactStore(tmp_path / "store")
+    art = store.artifact("toy", "numbers", "k1")
+    lock = tmp_path / "store" / "toy" / "numbers" / "k1.lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text("")
+    old = lock.stat().st_mtime - store_mod.LOCK_STALE_S - 60
+    os.utime(lock, (old, old))
+    got = threading.Event()
+
+    def take():
+        with store.lock(art):
+            got.set()
+
+    t = threading.Thread(target=take, daemon=True)
+    t.start()
+    assert got.wait(5), "an old empty lock file was waited on"
+    t.join(5)
+    assert not lock.exists()
+    lock.write_text("")  # fresh: held
+    assert not store._try_lock(str(lock), "me")
+    assert lock.read_text() == ""
+    lock.unlink()
+    assert store._try_lock(str(lock), "me") and lock.read_text() == "me"  # created with its token
+    assert not list(lock.parent.glob("*.new"))
+
+
 def _toy_sweep(tmp_path, grids, *, executor="local", resume=False, overrides=None, **kw):
     counter = tmp_path / "counts"
     counter.mkdir(exist_ok=True)
