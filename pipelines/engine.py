@@ -143,6 +143,10 @@ class StepContext:
         )
 
     def sweep(self, trainable: Callable, space: dict, *, metric: str, mode: str, **kwargs):
+        """A Tune experiment under ``_work/`` named after the step's key: a step rerun after a
+        crash restores it and runs only the trials that had not finished (or had failed);
+        ``--force`` deletes it first (``run_steps``)."""
+        kwargs.setdefault("resume", True)
         return self.executor.sweep(
             trainable,
             space,

@@ -177,6 +177,48 @@ def test_force_retrains_a_train_step_from_scratch(tmp_path):
     assert read(again.artifacts["fit"], "trained.json") == [0, 1, 2]
 
 
+def _flaky_trial(config, report, *, counter: str):
+    """Counts its calls per x; x = 2 fails while ``<counter>/fail`` exists."""
+    calls = Path(counter) / f"x{config['x']}"
+    calls.write_text(str(int(calls.read_text()) + 1 if calls.exists() else 1))
+    if config["x"] == 2 and (Path(counter) / "fail").exists():
+        raise RuntimeError("flaky")
+    report({"y": config["x"] ** 2})
+
+
+def _sweep_step(ctx, *, counter: str):
+    import functools
+
+    from cluster.space import Grid
+
+    trials = ctx.sweep(functools.partial(_flaky_trial, counter=counter),
+                       {"x": Grid((1, 2, 3))}, metric="y", mode="max")  # fmt: skip
+    if any(t["error"] for t in trials):
+        raise RuntimeError("a trial failed")
+    ctx.write_json("ys.json", [t["metrics"]["y"] for t in trials])
+
+
+def test_a_sweep_step_rerun_after_a_failure_runs_only_unfinished_trials(tmp_path, counter):
+    """DESIGN: Tune experiments resume (Tuner.restore; the local executor's journal); --force
+    starts the experiment afresh."""
+    from pipelines.engine import Step, StepFailed
+
+    store = ArtifactStore(tmp_path / "store")
+    steps = [Step("sweep", _sweep_step, kind="sweep", params={"counter": str(counter)})]
+    ex = LocalExecutor(progress=False)
+    calls = lambda: {x: int((counter / f"x{x}").read_text()) for x in (1, 2, 3)}  # noqa: E731
+    (counter / "fail").touch()
+    with pytest.raises(StepFailed):
+        run_steps("toy", steps, store=store, executor=ex, log=lambda _: None)
+    assert calls() == {1: 1, 2: 1, 3: 1}
+    (counter / "fail").unlink()
+    done = run_steps("toy", steps, store=store, executor=ex, log=lambda _: None)
+    assert read(done.artifacts["sweep"], "ys.json") == [1, 4, 9]
+    assert calls() == {1: 1, 2: 2, 3: 1}  # only the failed trial ran again
+    run_steps("toy", steps, store=store, executor=ex, force="sweep", log=lambda _: None)
+    assert calls() == {1: 2, 2: 3, 3: 2}  # forced: every trial
+
+
 def test_corrupted_artifact_is_recomputed_not_trusted(tmp_path, counter):
     first = run(tmp_path)
     squares = first.artifacts["squares"].local_dir() / "squares.json"
