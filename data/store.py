@@ -77,19 +77,47 @@ class Artifact:
         return f"{self.store_uri.rstrip('/')}/{self.relpath}"
 
     def local_dir(self) -> Path:
-        """A local directory with the artifact's files (downloaded once for remote stores)."""
+        """A local directory with the artifact's files (downloaded once for remote stores).
+
+        A remote artifact's copy is named after its completion marker's hash: an artifact
+        republished under the same key (``--force``) gets a new copy instead of the stale one,
+        and a copy is never deleted or replaced under a reader (sweep trials share a node)."""
         store = ArtifactStore(self.store_uri)
         if store.is_local:
             return store.local_root / self.relpath
-        cache = Path(tempfile.gettempdir()) / "paperline-cache" / self.relpath
+        base = f"{store.root}/{self.relpath}"
+        with store.fs.open_input_stream(f"{base}/{MARKER}") as f:
+            version = hashlib.sha256(f.read()).hexdigest()[:16]
+        cache = Path(tempfile.gettempdir()) / "paperline-cache" / self.relpath / version
         if not (cache / MARKER).exists():
             tmp = cache.with_name(f".{cache.name}.{uuid.uuid4().hex[:8]}")
             tmp.mkdir(parents=True)
-            pafs.copy_files(f"{store.root}/{self.relpath}", str(tmp), source_filesystem=store.fs)
-            if cache.exists():
-                shutil.rmtree(cache)
-            os.replace(tmp, cache)
+            pafs.copy_files(base, str(tmp), source_filesystem=store.fs)
+            try:
+                os.rename(tmp, cache)  # atomic; fails if another reader published it first
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)
         return cache
+
+    def read_bytes(self, name: str) -> bytes | None:
+        """One file of the artifact straight from the store (no copy of the rest), or None."""
+        store = ArtifactStore(self.store_uri)
+        try:
+            with store.fs.open_input_stream(f"{store.root}/{self.relpath}/{name}") as f:
+                return f.read()
+        except (FileNotFoundError, OSError):
+            return None
+
+    def copy_out(self, name: str, dest: Path) -> None:
+        """Copy one file or folder of the artifact to ``dest`` (absent names are skipped)."""
+        store = ArtifactStore(self.store_uri)
+        src = f"{store.root}/{self.relpath}/{name}"
+        info = store.fs.get_file_info(src)
+        if info.type == pafs.FileType.Directory:
+            dest.mkdir(parents=True, exist_ok=True)
+            pafs.copy_files(src, str(dest), source_filesystem=store.fs)
+        elif info.type == pafs.FileType.File:
+            pafs.copy_files(src, str(dest), source_filesystem=store.fs)
 
     def path(self, name: str) -> Path:
         """Local path of one file of the artifact."""
@@ -98,6 +126,11 @@ class Artifact:
     def read_json(self, name: str):
         with open(self.path(name)) as f:
             return json.load(f)
+
+
+def filesystem_from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+    """``(filesystem, root path)`` of a non-local store URI (one place, for tests to stand in)."""
+    return pafs.FileSystem.from_uri(uri)
 
 
 class StoreError(ValueError):
@@ -117,7 +150,7 @@ class ArtifactStore:
         else:
             self.uri = uri.rstrip("/")
             try:
-                self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
+                self.fs, self.root = filesystem_from_uri(self.uri)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as e:
                 raise StoreError(
                     f"{uri}: not a usable artifact store URI ({e}); expected a local path or a "
@@ -249,6 +282,7 @@ class ArtifactStore:
             finally:
                 os.unlink(aside)
             return True
+        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)  # no-op on object stores
         with self.fs.open_output_stream(path) as f:  # best effort: last writer wins, then check
             f.write(token.encode())
         time.sleep(0.5)

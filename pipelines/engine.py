@@ -434,18 +434,24 @@ def run_steps(
     if failure is not None:
         raise failure
 
+    # only metrics.json and the published files are read: on a remote store, a cached rerun
+    # must not download whole artifacts (feature caches) to the driver
     metrics: dict = {}
     for s in order:
-        art_dir = artifacts[s.name].local_dir()
-        if (art_dir / "metrics.json").exists():
-            metrics.update(json.loads((art_dir / "metrics.json").read_text()))
+        art = artifacts[s.name]
+        text = art.read_bytes("metrics.json")
+        if text is not None:
+            metrics.update(json.loads(text))
         if run_dir is not None:
             for name in s.publish:
-                src = art_dir / name
-                if src.is_dir():
-                    shutil.copytree(src, run_dir / name, dirs_exist_ok=True)
-                elif src.exists():
-                    shutil.copy2(src, run_dir / name)
+                if store.is_local:
+                    src = art.local_dir() / name
+                    if src.is_dir():
+                        shutil.copytree(src, run_dir / name, dirs_exist_ok=True)
+                    elif src.exists():
+                        shutil.copy2(src, run_dir / name)
+                else:
+                    art.copy_out(name, run_dir / name)
     if run_dir is not None:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
     return RunResult(pipeline, run_dir, [manifest[s.name] for s in order], metrics, artifacts)
