@@ -77,3 +77,17 @@ def test_a_cached_rerun_downloads_only_metrics_and_published_files(remote, tmp_p
     )
     for name in published:
         assert (tmp_path / "run2" / name).read_bytes() == (tmp_path / "run1" / name).read_bytes()
+
+
+def test_inference_on_several_nodes_needs_a_shared_filesystem_store(remote, tmp_path):
+    from pipelines.config import ConfigError
+    from pipelines.engine import Step
+    from pipelines.runner import check_store_reach
+
+    store, _ = remote
+    steps = [Step("features", lambda ctx: None, kind="infer"), Step("svm", lambda ctx: None)]
+    with pytest.raises(ConfigError, match=r"remote://bucket/store: step\(s\) features run Ray"):
+        check_store_reach(store, steps, ["features", "svm"], nodes=2)
+    check_store_reach(store, steps, ["features"], nodes=1)  # one node: its own local copies
+    check_store_reach(store, steps, ["svm"], nodes=3)  # features cached: nothing to infer
+    check_store_reach(ArtifactStore(tmp_path / "shared"), steps, ["features"], nodes=3)
