@@ -128,7 +128,7 @@ def test_paper_preset_and_config_checks():
 @pytest.mark.ray
 def test_ci_through_ray_with_two_train_workers(ci_run, ray_session):
     """train_learned under Ray Train with 2 DDP workers (λ all-reduced: identical on both), the
-    scalar sweep under Tune (single-process trials)."""
+    scalar sweep under Tune (single-process trials, λ = 1 among them)."""
     kw, local = ci_run
     overrides = {"experiment.num_workers": "2", "experiment.methods": "scalar,learned"}
     result = runner.run("ssl", "ci", overrides, executor="ray", force="scalar_sweep", **kw)
@@ -136,7 +136,13 @@ def test_ci_through_ray_with_two_train_workers(ci_run, ray_session):
     assert result.computed() == ["train_learned", "scalar_sweep", "report"]
     rows = {r["method"]: r for r in pq.read_table(result.run_dir / "results.parquet").to_pylist()}
     assert rows["learned"]["workers"] == 2 and rows["learned"]["lambda_rank_spread"] == 0.0
-    assert rows["scalar"]["workers"] == 1 and rows["scalar"]["scalar_weight"] == 0.5
+    # 2 workers: λ = 1 is trained by the sweep itself, beside the grid's 0.5 (_scalar_grid)
+    trials = json.loads((result.artifacts["scalar_sweep"].local_dir() / "trials.json").read_text())
+    val = {w: np.mean([t["val_accuracy"] for t in trials if t["scalar_weight"] == w])
+           for w in (0.5, 1.0)}  # fmt: skip
+    assert sorted(t["scalar_weight"] for t in trials) == [0.5, 1.0]
+    assert rows["scalar"]["workers"] == 1
+    assert rows["scalar"]["scalar_weight"] == max(sorted(val), key=val.get)
     for m in ("scalar", "learned"):
         assert 0.5 < rows[m]["accuracy"] <= 1.0
         assert abs(rows[m]["accuracy"] - local.metrics[f"accuracy_{m}"]) < 0.2
