@@ -88,11 +88,17 @@ def main() -> None:
     ap.add_argument("--amp", default="none", choices=["none", "bf16"])
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument(
+        "--tf32", action="store_true", help="CUDA: TF32 for float32 convolutions and matmuls"
+    )
+    ap.add_argument(
         "--store", help="a store holding an rcnn run of --preset: time its features step"
     )
     ap.add_argument("--preset", default="tiny")
     args = ap.parse_args()
 
+    # one setting for the convolutions and the GEMM reference (torch's defaults differ: cuDNN
+    # convolutions in TF32, matmuls in strict float32), so "float32" means float32 on both sides
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32
     kwargs = {"input_size": 64} if args.model == "rcnn_small" else {}
     crops = args.crops or (1024 if args.model == "rcnn_small" else 128)
     torch.manual_seed(0)
@@ -154,7 +160,7 @@ def main() -> None:
     )
     print(
         f"{args.model} at {size}px on {where} (amp={args.amp}, channels_last="
-        f"{model.channels_last}): {flops_per_crop / 1e9:.3f} GFLOP/crop"
+        f"{model.channels_last}, tf32={args.tf32}): {flops_per_crop / 1e9:.3f} GFLOP/crop"
     )
     print(
         f"  from the image: features step (warp {WARP_CHUNK} boxes/call, {chunk} crops/pass, BN "
@@ -181,7 +187,7 @@ def main() -> None:
     )
     rates = {}
     with torch.inference_mode(), amp:
-        for bs in (1, chunk, 256):
+        for bs in dict.fromkeys((1, min(chunk, crops), min(256, crops))):  # labels = real sizes
             n = loop_n if bs == 1 else crops
             fused.features_all(x[:bs])
 
