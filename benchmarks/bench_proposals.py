@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=500)  # a typical PASCAL image is 500x375
     ap.add_argument("--height", type=int, default=375)
     args = ap.parse_args()
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0))  # the CPUs this process may use (cgroups, taskset)
     times: dict[str, list[float]] = {"ray 1": [], "ray N": [], "pool 1": [], "pool N": []}
     with tempfile.TemporaryDirectory() as d:
         generate_voc(d, num_train=args.images, num_test=1, image_size=(args.width, args.height))
