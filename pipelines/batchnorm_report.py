@@ -169,7 +169,9 @@ def mnist_section(ctx, curves, finals, out_metrics, plt) -> list[str]:
         "",
         f"**What reproduced.** {'Yes' if reproduced else 'No'}: the BN network reached the non-BN "
         f"network's best accuracy in {s_bn if s_bn is not None else 'never'} steps against "
-        f"{s_no} (×{(s_no / max(s_bn, 1)) if reproduced else 0:.1f} fewer). From the first "
+        f"{s_no} "
+        + (f"(×{s_no / max(s_bn, 1):.1f} fewer)" if reproduced else "(not faster)")
+        + ". From the first "
         "evaluation to the end, the probed sigmoid input's median moved by "
         f"{d['Baseline']['median_shift']:.2f} and its 15–85th spread by "
         f"{d['Baseline']['spread_change']:+.2f} without BN, against {d['BN']['median_shift']:.2f} "
@@ -249,11 +251,13 @@ def variants_section(ctx, curves, finals, settings, out_metrics, plt) -> list[st
     checks = {
         "BN-Baseline reaches Baseline's best in fewer steps": faster("BN-Baseline", "Baseline"),
         "BN-x5 is faster than BN-Baseline": faster("BN-x5", "BN-Baseline"),
-        "BN-x30 ends above BN-x5": best.get("BN-x30", 0) > best.get("BN-x5", 1),
+        "BN-x30 peaks above BN-x5": best.get("BN-x30", 0) > best.get("BN-x5", 1),
+        # both halves: the BN net leaves chance (10 classes) and the plain one does not
         "BN-x5-Sigmoid trains where Baseline-Sigmoid stays near chance": best.get(
             "BN-x5-Sigmoid", 0
         )
-        > max(0.2, best.get("Baseline-Sigmoid", 1) + 0.05),
+        > max(0.2, best.get("Baseline-Sigmoid", 1) + 0.05)
+        and best.get("Baseline-Sigmoid", 1) < 0.1 + 0.05,
     }
     summary["claims"] = checks
     lines += [
@@ -263,6 +267,31 @@ def variants_section(ctx, curves, finals, settings, out_metrics, plt) -> list[st
         + ".",
     ]
     return lines
+
+
+def batch_size_finding(summary: dict, sizes, better: list, worse: list) -> str:
+    """The batch-size study's conclusion, worded from its numbers: the summary's criticism holds
+    when the train/inference gap is largest at the smallest minibatch (> 1) and above 0.02."""
+    gaps = {m: abs(summary[str(m)]["train_vs_inference_gap"]) for m in sizes}
+    finding = f"**Finding.** BN helped at m ∈ {better or '∅'} and hurt at m ∈ {worse or '∅'}."
+    if 1 in sizes:
+        finding += (
+            " At m = 1 every normalised activation is x̂ = 0, so the network's output ignores its "
+            "input, nothing below the first BN layer receives a gradient, and the population "
+            f"variance is 0 (BN test accuracy {summary['1']['bn_acc']:.3f}: one constant prediction)."
+        )
+    small = sorted(m for m in sizes if m > 1)
+    if small:
+        m_gap = max(small, key=gaps.get)
+        holds = m_gap == small[0] and gaps[m_gap] > 0.02
+        finding += f" The train/inference gap is largest at m = {m_gap} ({gaps[m_gap]:.3f})" + (
+            ", the smallest m > 1, where minibatch statistics are noisiest: the summary's "
+            "criticism (BN needs minibatches of more than a few examples) holds."
+            if holds
+            else "; the summary's criticism (BN needs minibatches of more than a few examples) "
+            "does not show here as a gap that grows at the smallest minibatches."
+        )
+    return finding
 
 
 def batch_size_section(ctx, curves, finals, budget, out_metrics, plt, ref_batch=60) -> list[str]:
@@ -311,7 +340,7 @@ def batch_size_section(ctx, curves, finals, budget, out_metrics, plt, ref_batch=
     plt.close(fig)
     worse = [m for m in sizes if summary[str(m)]["bn_acc"] < summary[str(m)]["no_bn_acc"] - 0.01]
     better = [m for m in sizes if summary[str(m)]["bn_acc"] > summary[str(m)]["no_bn_acc"] + 0.01]
-    gaps = {m: abs(summary[str(m)]["train_vs_inference_gap"]) for m in sizes}
+    finding = batch_size_finding(summary, sizes, better, worse)
     return [
         "## Batch size (the summary's criticism: BN needs minibatch statistics)",
         "",
@@ -331,14 +360,7 @@ def batch_size_section(ctx, curves, finals, budget, out_metrics, plt, ref_batch=
         "|---|---|---|---|---|---|",
         *rows,
         "",
-        f"**Finding.** BN helped at m ∈ {better or '∅'} and hurt at m ∈ {worse or '∅'}. At m = 1 "
-        "every normalised activation is x̂ = 0, so the network's output ignores its input, nothing "
-        "below the first BN layer receives a gradient, and the population variance is 0 (BN test "
-        f"accuracy {summary[str(sizes[0])]['bn_acc']:.3f}"
-        + (" — chance)" if sizes[0] == 1 else ")")
-        + f". The train/inference gap is largest at m = {max(gaps, key=gaps.get)} "
-        f"({max(gaps.values()):.3f}), where minibatch statistics are noisiest: the summary's "
-        "criticism (BN needs minibatches of more than a few examples) holds.",
+        finding,
     ]
 
 

@@ -63,6 +63,18 @@ def _mean(values) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
+def _fitted_mean(rs: list[dict]) -> float | None:
+    """Mean steps to fit when every seed fitted, else None: averaging only the seeds that fitted
+    would hide the slow convergence the table is there to show."""
+    steps = [r["steps_to_fit"] for r in rs]
+    return None if not steps or any(s is None for s in steps) else float(np.mean(steps))
+
+
+def _scaled(value: float | None, factor: float = 1.0, offset: float = 0.0) -> float | None:
+    """offset + factor * value, None (printed "–") where there is no value."""
+    return None if value is None else offset + factor * value
+
+
 def _group(rows: list[dict], *keys: str) -> dict[tuple, list[dict]]:
     out: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -213,13 +225,15 @@ def _markdown(rows: list[dict], kernels: list[dict], expressivity: list[dict], m
                "p = 1 while training error stays 0.", ""]  # fmt: skip
         body = []
         for (model, p), rs in sorted(_group(corr, "model", "p").items()):
-            base = _mean(r["steps_to_fit"] for r in corr if r["model"] == model and r["p"] == 0)
-            fit = _mean(r["steps_to_fit"] for r in rs)
-            body.append([model, p, fit, fit / base if fit and base else None,
-                         _mean(r["train_acc"] for r in rs), 1 - (_mean(r["test_acc"] for r in rs) or 0),
+            base = _fitted_mean([r for r in corr if r["model"] == model and r["p"] == 0])
+            fit = _fitted_mean(rs)
+            fitted = sum(r["steps_to_fit"] is not None for r in rs)
+            body.append([model, p, f"{fitted}/{len(rs)}", fit, fit / base if fit and base else None,
+                         _mean(r["train_acc"] for r in rs),
+                         _scaled(_mean(r["test_acc"] for r in rs), -1.0, 1.0),
                          _mean(r["weight_l2"] for r in rs)])  # fmt: skip
-        md += _table(["model", "p", "steps to fit", "× p=0", "train acc", "test error",
-                      "‖w‖₂"], body)  # fmt: skip
+        md += _table(["model", "p", "seeds fitted", "steps to fit (all fitted)", "× p=0",
+                      "train acc", "test error", "‖w‖₂"], body)  # fmt: skip
         md += ["![Figure 1b](fig1b_convergence.png) ![Figure 1c](fig1c_test_error.png)", ""]
     regs = [r for r in rows if r["experiment"] == "regularizers"]
     if regs:
@@ -232,8 +246,8 @@ def _markdown(rows: list[dict], kernels: list[dict], expressivity: list[dict], m
         ):
             paper = PAPER_TABLE1.get((model, reg, cond))
             body.append([model, _fmt(rs[0]["num_params"]), f"{PAPER_PARAMS.get(model, '–')}", reg, cond,
-                         100 * (_mean(r["train_acc"] for r in rs) or 0),
-                         100 * (_mean(r["test_acc"] for r in rs) or 0),
+                         _scaled(_mean(r["train_acc"] for r in rs), 100.0),
+                         _scaled(_mean(r["test_acc"] for r in rs), 100.0),
                          f"{paper[0]} / {paper[1]}" if paper else "–"])  # fmt: skip
         md += _table(["model", "params", "params (paper)", "regularisers", "labels", "train %",
                       "test %", "paper train / test %"], body)  # fmt: skip

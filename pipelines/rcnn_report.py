@@ -4,6 +4,7 @@ Table 2 study table and §5's region features."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +23,14 @@ from pipelines.rcnn_common import (
 
 # ----------------------------------------------------------------------------------------------
 # report: per-class table with the paper's numbers beside ours, PR plot, detections drawn
-PAPER_MAP_VOC07 = {  # REFERENCE §1, VOC2007 test, AlexNet
-    "fc7, no fine-tuning": 44.7,
-    "fc7, fine-tuned": 54.2,
-    "fc7, fine-tuned + bbox reg": 58.5,
-}
+
+
+def _pct(value) -> str:
+    """A fraction as a percentage with one decimal; "–" where it is undefined (AP of a class
+    without positives, accuracy of a class without objects), never "nan"."""
+    if value is None or math.isnan(float(value)):
+        return "–"
+    return f"{100 * value:.1f}"
 
 
 def _draw_grid(
@@ -81,7 +85,7 @@ def write_report(ctx: StepContext, *, layer: str, finetuned: bool, bbox_regressi
     row = f"{layer}, {'fine-tuned' if finetuned else 'no fine-tuning'}" + (
         " + bbox reg" if bbox_regression else ""
     )
-    paper = PAPER_MAP_VOC07.get(row)
+    paper = PAPER_TABLE2.get(f"T-Net {row}")  # defined below; every AlexNet row of Table 2
     lines = [
         "# R-CNN — detection results",
         "",
@@ -103,9 +107,10 @@ def write_report(ctx: StepContext, *, layer: str, finetuned: bool, bbox_regressi
     ]
     for cls in classes:
         lines.append(
-            f"| {cls} | {100 * metrics['AP_voc07'][cls]:.1f} | "
-            f"{100 * metrics['AP_area'][cls]:.1f} |"
+            f"| {cls} | {_pct(metrics['AP_voc07'][cls])} | {_pct(metrics['AP_area'][cls])} |"
         )
+    if any(_pct(metrics["AP_voc07"][c]) == "–" for c in classes):
+        lines += ["", "– : no non-difficult test object of the class; mAP averages the others."]
     regions = json.loads((ctx.input_dir("region_features") / "metrics.json").read_text())
     lines += [
         "",
@@ -123,7 +128,7 @@ def write_report(ctx: StepContext, *, layer: str, finetuned: bool, bbox_regressi
         per = regions[f"region_accuracy_{mode}_per_class"]
         lines.append(
             f"| {mode} | {100 * regions[f'region_accuracy_{mode}']:.1f} | "
-            + " | ".join(f"{100 * per.get(c, float('nan')):.1f}" for c in classes)
+            + " | ".join(_pct(per.get(c)) for c in classes)
             + " |"
         )
     lines += [
@@ -170,7 +175,7 @@ def write_table2(ctx: StepContext, *, rows: list[str]) -> None:
     ]
     for label, r in results.items():
         paper = PAPER_TABLE2.get(label.replace("O-Net*", "O-Net"))
-        aps = " | ".join(f"{100 * r['AP_voc07'][c]:.1f}" for c in classes)
+        aps = " | ".join(_pct(r["AP_voc07"][c]) for c in classes)
         lines.append(
             f"| {label} | {100 * r['mAP_voc07']:.1f} | {aps} | "
             f"{'' if paper is None else f'{paper:.1f}'} |"

@@ -170,3 +170,20 @@ def test_ci_through_ray(ci_run, ray_session):
     # sync statistics normalise over the 2 × 4 global batch instead of each worker's 4 examples
     # (measured: per-worker 0.66, sync 0.83 after 60 steps)
     assert mw["sync"]["test_acc"] > 0.3 and mw["per_worker"]["test_acc"] > 0.3
+
+
+def test_batch_size_finding_is_worded_from_the_numbers():
+    from pipelines.batchnorm_report import batch_size_finding
+
+    def summary(gaps):
+        return {str(m): {"bn_acc": 0.9, "no_bn_acc": 0.9, "train_vs_inference_gap": g}
+                for m, g in gaps.items()}  # fmt: skip
+
+    noisy_small = summary({1: 0.0, 2: -0.17, 16: -0.03, 60: 0.002})
+    text = batch_size_finding(noisy_small, [1, 2, 16, 60], [16, 60], [2])
+    assert "largest at m = 2 (0.170), the smallest m > 1" in text and "holds" in text
+    assert "At m = 1" in text
+    flat = summary({4: -0.001, 16: -0.004, 60: -0.003})  # no size 1; gap largest at 16, tiny
+    text = batch_size_finding(flat, [4, 16, 60], [], [])
+    assert "largest at m = 16" in text and "does not show here" in text
+    assert "At m = 1" not in text

@@ -175,3 +175,14 @@ def test_ci_through_ray_fits_random_labels_at_chance_test_accuracy(ci_local, ray
         assert table(result, "rows.parquet") == table(local, "rows.parquet")
         assert table(result, "curves.parquet") == table(local, "curves.parquet")
         assert result.metrics == local.metrics
+
+
+def test_report_helpers_keep_missing_values_missing():
+    """A (model, p) cell whose seeds did not all fit shows "–" steps, not the mean of those that
+    did; a cell without test accuracy shows "–", not 100 % error."""
+    from pipelines.generalization_report import _fitted_mean, _fmt, _scaled
+
+    assert _fitted_mean([{"steps_to_fit": 100}, {"steps_to_fit": 300}]) == 200
+    assert _fitted_mean([{"steps_to_fit": 100}, {"steps_to_fit": None}]) is None
+    assert _fmt(_scaled(None, -1.0, 1.0)) == "–" and _scaled(0.25, -1.0, 1.0) == 0.75
+    assert _fmt(_scaled(None, 100.0)) == "–" and _scaled(0.5, 100.0) == 50.0

@@ -356,3 +356,12 @@ def test_torchvision_weights_come_only_from_the_local_cache(tmp_path, monkeypatc
     assert resolve_weights_path("rcnn_small", "/some/file.pt") == "/some/file.pt"
     with pytest.raises(ValueError, match="no torchvision ImageNet weights"):
         resolve_weights_path("rcnn_small", "torchvision")
+
+
+def test_report_percentages_show_undefined_values_as_a_dash():
+    from pipelines.rcnn_report import PAPER_TABLE2, _pct
+
+    assert _pct(float("nan")) == "–" and _pct(None) == "–" and _pct(np.float32("nan")) == "–"
+    assert _pct(0.5587) == "55.9" and _pct(np.float32(1.0)) == "100.0"
+    # the detection report's paper line covers every AlexNet row of Table 2 (pool5 and fc6 too)
+    assert PAPER_TABLE2["T-Net pool5, fine-tuned"] == 47.3
