@@ -279,6 +279,8 @@ class ArtifactStore:
                 os.link(aside, path)
             except FileExistsError:
                 return False
+            except OSError:  # no hard links here (some FUSE mounts): exclusive create, then write
+                return self._create_exclusive(path, token)
             finally:
                 os.unlink(aside)
             return True
@@ -287,6 +289,16 @@ class ArtifactStore:
             f.write(token.encode())
         time.sleep(0.5)
         return self._lock_owner(path) == token
+
+    @staticmethod
+    def _create_exclusive(path: str, token: str) -> bool:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(token)
+        return True
 
     def _break_lock(self, path: str, owner: str | None) -> None:
         if self.is_local:

@@ -160,6 +160,25 @@ def test_an_empty_lock_file_is_broken_once_old_and_a_fresh_one_waited_on(tmp_pat
     assert not list(lock.parent.glob("*.new"))
 
 
+def test_locks_work_where_hard_links_do_not(tmp_path, monkeypatch):
+    """Some FUSE mounts refuse os.link: locking falls back to an exclusive create."""
+    import errno
+    import os
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "hard links not supported")
+
+    monkeypatch.setattr(os, "link", no_links)
+    store = ArtifactStore(tmp_path / "store")
+    lock = tmp_path / "store" / "toy" / "numbers" / "k1.lock"
+    assert store._try_lock(str(lock), "first") and lock.read_text() == "first"
+    assert not store._try_lock(str(lock), "second") and lock.read_text() == "first"
+    assert not list(lock.parent.glob("*.new"))
+    with store.lock(store.artifact("toy", "numbers", "k2")):
+        assert (lock.parent / "k2.lock").exists()
+    assert not (lock.parent / "k2.lock").exists()
+
+
 def _toy_sweep(tmp_path, grids, *, executor="local", resume=False, overrides=None, **kw):
     counter = tmp_path / "counts"
     counter.mkdir(exist_ok=True)
