@@ -127,7 +127,16 @@ def test_table_length_mismatch():
 def test_isolated_search_matches_in_process_search(image):
     from stages.detection.proposals import selective_search_isolated
 
-    direct = selective_search(image, mode="rcnn")
+    # in-process on one OpenCV thread, as the helper runs it: the ranking draws from C rand(),
+    # and with more threads in the process the draws can interleave by scheduling (a CI run on
+    # a doubly loaded machine once gave a different ranking here), which is why production
+    # searches run in the single-threaded helper
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        direct = selective_search(image, mode="rcnn")
+    finally:
+        cv2.setNumThreads(threads)
     isolated = selective_search_isolated(image, mode="rcnn")
     np.testing.assert_array_equal(direct, isolated)
     np.testing.assert_array_equal(isolated, selective_search_isolated(image, mode="rcnn"))
