@@ -81,15 +81,15 @@ def run(
             default=str,
         )
     )
-    if executor == "ray" and not pending_steps(pipeline, steps, store=artifact_store, force=force):
+    pending = pending_steps(pipeline, steps, store=artifact_store, force=force)
+    if executor == "ray" and not pending:
         # every step is cached: reading the manifest needs no cluster, and starting an embedded
         # Ray costs ~10 s (benchmarks/bench_engine.py)
         ex, info = make_executor("local", progress=progress)
         info = {"address": "not started, every step is cached"}
     else:
         ex, info = make_executor(executor, address, progress, ray_init)
-        check_store_reach(artifact_store, steps, pending_steps(
-            pipeline, steps, store=artifact_store, force=force), info.get("nodes", 1))  # fmt: skip
+        check_store_reach(artifact_store, steps, pending, info.get("nodes", 1))
     log(f"[{pipeline}] preset={preset} executor={executor} cluster={info} run_dir={run_dir}")
     t0 = time.time()
     result = run_steps(
