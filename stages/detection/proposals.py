@@ -82,7 +82,9 @@ def selective_search(
     "narrower"), measured at the scale the search ran at; exact duplicates are removed keeping the
     first. ``resize_width`` rescales the image (aspect kept) before the search, since selective
     search is not scale invariant (R-CNN uses 500 for non-PASCAL images), and maps the boxes back.
-    ``max_boxes`` keeps only the best-ranked ones.
+    ``max_boxes`` keeps only the best-ranked ones. The ranking is reproducible only while no other
+    thread of the process draws from C ``rand()`` (OpenCV's own threads included): pipelines call
+    ``selective_search_isolated``.
     """
     if mode not in SELECTIVE_SEARCH_MODES:
         raise ValueError(f"unknown selective search mode {mode!r}; valid: {SELECTIVE_SEARCH_MODES}")

@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import cv2
 import numpy as np
 import pyarrow as pa
@@ -10,6 +14,7 @@ from stages.detection.proposals import (
     boxes_by_image,
     proposals_table,
     selective_search,
+    selective_search_isolated,
 )
 
 # Three solid rectangles on a mid-grey textured background, 200 x 150. VOC xyxy 1-based.
@@ -26,9 +31,12 @@ def image() -> np.ndarray:
     return img
 
 
+# Tests that compare rankings search in the single-threaded helper, as the pipeline does: OpenCV
+# ranks regions with C rand(), and in this process other threads (OpenCV's own, those Ray tests
+# left behind) can draw from it mid-search (a CI run once got a different top 7 here).
 @pytest.fixture(scope="module")
 def fast_boxes(image) -> np.ndarray:
-    return selective_search(image)
+    return selective_search_isolated(image)
 
 
 def assert_valid_proposals(boxes: np.ndarray, width: int = 200, height: int = 150) -> None:
@@ -48,21 +56,21 @@ def test_fast_mode_boxes_are_valid_and_find_every_rectangle(fast_boxes):
 
 
 def test_same_image_gives_identical_ranked_boxes(image, fast_boxes):
-    np.testing.assert_array_equal(selective_search(image), fast_boxes)
+    np.testing.assert_array_equal(selective_search_isolated(image), fast_boxes)
 
 
 def test_rcnn_mode_finds_every_rectangle(image):
-    boxes = selective_search(image, mode="rcnn")
+    boxes = selective_search_isolated(image, mode="rcnn")
     assert_valid_proposals(boxes)
     assert (box_iou_voc(RECTS_VOC, boxes).max(axis=1) >= 0.7).all()
-    np.testing.assert_array_equal(selective_search(image, mode="rcnn"), boxes)
+    np.testing.assert_array_equal(selective_search_isolated(image, mode="rcnn"), boxes)
 
 
 def test_min_width_and_max_boxes(image, fast_boxes):
     big = selective_search(image, min_width_px=50)
     assert (big[:, 2] - big[:, 0] + 1 >= 50).all() and (big[:, 3] - big[:, 1] + 1 >= 50).all()
     assert 0 < len(big) < len(fast_boxes)
-    np.testing.assert_array_equal(selective_search(image, max_boxes=7), fast_boxes[:7])
+    np.testing.assert_array_equal(selective_search_isolated(image, max_boxes=7), fast_boxes[:7])
 
 
 @pytest.mark.parametrize("resize_width", [100, 320])
@@ -124,19 +132,23 @@ def test_table_length_mismatch():
         proposals_table(["a", "b"], [np.zeros((1, 4))])
 
 
-def test_isolated_search_matches_in_process_search(image):
-    from stages.detection.proposals import selective_search_isolated
-
-    # in-process on one OpenCV thread, as the helper runs it: the ranking draws from C rand(),
-    # and with more threads in the process the draws can interleave by scheduling (a CI run on
-    # a doubly loaded machine once gave a different ranking here), which is why production
-    # searches run in the single-threaded helper
-    threads = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-    try:
-        direct = selective_search(image, mode="rcnn")
-    finally:
-        cv2.setNumThreads(threads)
+def test_isolated_search_matches_in_process_search(image, tmp_path):
+    # The in-process arm runs in a fresh interpreter on one OpenCV thread, as the helper does: in
+    # this process other threads may draw from C rand() mid-search (see the fixture above).
+    np.save(tmp_path / "image.npy", image)
+    code = (
+        "import sys, cv2, numpy as np\n"
+        "from stages.detection.proposals import selective_search\n"
+        "cv2.setNumThreads(1)\n"
+        "np.save(sys.argv[2], selective_search(np.load(sys.argv[1]), mode='rcnn'))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "image.npy"), str(tmp_path / "direct.npy")],
+        check=True,
+        env=env,
+    )
+    direct = np.load(tmp_path / "direct.npy")
     isolated = selective_search_isolated(image, mode="rcnn")
     np.testing.assert_array_equal(direct, isolated)
     np.testing.assert_array_equal(isolated, selective_search_isolated(image, mode="rcnn"))
