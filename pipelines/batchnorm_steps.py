@@ -14,12 +14,6 @@ import pyarrow.parquet as pq
 
 from cluster.space import Grid
 from pipelines.engine import StepContext
-from stages.training.bn_experiments import (
-    batch_size_trial,
-    is_final_record,
-    mnist_trial,
-    variant_trial,
-)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,6 +82,11 @@ CURVES_SCHEMA = pa.schema(
 CURVE_METRICS = ("test_acc", "train_loss", "p15", "p50", "p85")
 
 
+def is_final_record(rec: dict) -> bool:
+    """The trials' closing record (``final``), as it comes back in Tune's history."""
+    return rec.get("final") in (True, 1)  # Tune's history fills missing keys with NaN
+
+
 def write_curves(path: Path, experiment: str, trials: list[dict], variant_of) -> int:
     """Long-format curves of every trial's reports: (experiment, variant, seed, step, metric, value)."""
     rows = []
@@ -133,6 +132,8 @@ def run_mnist(ctx: StepContext, **params) -> None:
     data = str(ctx.input_dir("mnist_data") / "mnist.npz")
     space = {**params, "data_path": data, "bn": Grid((False, True)), "seed": Grid(params["seeds"])}
     del space["seeds"]
+    from stages.training.bn_experiments import mnist_trial  # torch: only where the step runs
+
     trials = _sweep(ctx, mnist_trial, space)
     write_curves(ctx.out_dir / "curves.parquet", "mnist", trials, _mnist_variant)
     ctx.write_json("finals.json", _finals(trials, _mnist_variant))
@@ -150,6 +151,8 @@ def run_variants(
         "variant": Grid(variants),
         "seed": Grid(seeds),
     }
+    from stages.training.bn_experiments import variant_trial
+
     trials = _sweep(ctx, variant_trial, space)
     write_curves(ctx.out_dir / "curves.parquet", "variants", trials, lambda c: c["variant"])
     finals = _finals(trials, lambda c: c["variant"])
@@ -197,6 +200,8 @@ def run_batch_size(
         "bn": Grid((False, True)),
         "seed": Grid(seeds),
     }
+    from stages.training.bn_experiments import batch_size_trial
+
     trials = _sweep(ctx, batch_size_trial, space)
     write_curves(ctx.out_dir / "curves.parquet", "batch_size", trials, _bs_variant)
     ctx.write_json("budget.json", {"budget": params["budget"], "ref_batch": params["ref_batch"]})

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.parquet as pq
-import torch
+
+if TYPE_CHECKING:  # torch loads in the steps that use it, not with the pipeline's definition
+    import torch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,6 +79,8 @@ def create_size(model: str, model_kwargs: dict) -> int:
 def _save_model(
     path: Path, state: dict, *, model: str, model_kwargs: dict, num_outputs: int
 ) -> None:
+    import torch
+
     torch.save(
         {
             "model": state,
@@ -86,6 +91,8 @@ def _save_model(
 
 
 def load_model(path: Path):
+    import torch
+
     saved = torch.load(path, map_location="cpu", weights_only=True)
     arch = saved["arch"]
     return _build_model(arch["model"], arch["model_kwargs"], arch["num_outputs"], saved["model"])
@@ -121,6 +128,8 @@ class WarpedWindows:
         return self._cache[i]
 
     def get(self, indices: np.ndarray) -> torch.Tensor:
+        import torch
+
         from stages.detection.warp import warp_regions
 
         crops = np.empty((len(indices), self.size, self.size, 3), np.float32)

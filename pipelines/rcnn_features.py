@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
+
+if TYPE_CHECKING:  # torch loads in the steps that use it, not with the pipeline's definition
+    import torch
 
 from pipelines.engine import StepContext
 from pipelines.rcnn_common import (
@@ -40,6 +43,8 @@ class FeatureWriter:
         amp: str = "none",
     ):
         # the actor holds a GPU when the cluster has one (Resources(gpus="auto"))
+        import torch
+
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         # BatchNorm folded into the convolutions: one pass fewer over every activation map
         self.model = load_model(Path(model_path)).fused_for_inference().to(self.device)
@@ -139,6 +144,8 @@ def image_features(
     keeps a CPU's activations in cache; warping as few boxes per call would repeat the image's
     conversion, which cost more than the forward pass at 16 boxes per call). ``amp="bf16"`` runs
     the CNN under bfloat16 autocast; the features come back as float32 either way."""
+    import torch
+
     from stages.detection.warp import warp_regions_tensor
 
     if amp not in ("none", "bf16"):

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from pipelines.engine import StepContext
 from pipelines.rcnn_common import (
@@ -197,6 +196,8 @@ def write_table2(ctx: StepContext, *, rows: list[str]) -> None:
 # ----------------------------------------------------------------------------------------------
 # region_features: §5 "full" / "fg" / "full+fg" features of object regions, classified per class
 def region_features(ctx: StepContext, *, padding: int, C: float) -> None:
+    import torch
+
     from data.errors import DatasetError
     from data.voc import load_image, load_instance_mask
     from stages.detection.regions import (

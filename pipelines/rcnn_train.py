@@ -4,9 +4,12 @@ run under Ray Train."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch loads in the steps that use it, not with the pipeline's definition
+    import torch
 
 from pipelines.engine import StepContext
 from pipelines.rcnn_common import (
@@ -28,6 +31,7 @@ def _image_folder_crops(root: str, size: int) -> tuple[torch.Tensor, np.ndarray,
     """An ImageFolder (``root/<class>/<image>``) as whole-image warps, mean-subtracted BGR like
     every crop of the pipeline. Held in memory: meant for modest sets; for ImageNet use
     ``pretrain.weights_path`` (e.g. ``torchvision``)."""
+    import torch
     from torchvision.datasets import ImageFolder
 
     from data.voc import load_image
@@ -51,6 +55,8 @@ def _crops_and_distractors(
 ) -> tuple[torch.Tensor, np.ndarray]:
     """Ground-truth object crops of the training split (label = class) plus random windows that
     overlap no object by more than 0.3 (label = N, "distractor")."""
+    import torch
+
     from data.voc import load_image
     from stages.detection.boxes import box_iou_voc
     from stages.detection.warp import warp_regions
@@ -175,6 +181,8 @@ def finetune(
     seed: int = 0,
     warp: str = "warp",
 ) -> None:
+    import torch
+
     from stages.training.rcnn import assign_labels, finetune_train_fn
 
     dataset_dir = ctx.input_dir("dataset")

@@ -272,10 +272,6 @@ def load_npz_arrays(path: str) -> tuple[Arrays, Arrays]:
 
 # ----------------------------------------------------------------------------------------------
 # sweep trainables: ``trial(config, report)``, called by Tune or in-process (plain dict configs)
-def is_final_record(rec: dict) -> bool:
-    return rec.get("final") in (True, 1)  # Tune's history fills missing keys with NaN
-
-
 def mnist_trial(config: dict, report: Callable[[dict], None]) -> None:
     """§4.1: one network (``bn`` or not) for one seed; reports every evaluation record, then a
     ``final`` record with Algorithm 2's accuracy (exact population statistics, and folded)."""
