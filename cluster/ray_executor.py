@@ -383,8 +383,8 @@ class RayExecutor:
                     num_samples=num_samples,
                     max_concurrent_trials=max_concurrent,
                     scheduler=sched,
-                    # A new trial actor is a new Python process importing Tune, torch and the
-                    # pipeline (≈ 3-5 s between trials on 2 cores, measured): reuse finished
+                    # A new trial actor is a new Python process importing Tune, the pipeline and
+                    # usually torch (≈ 3-5 s between trials on 2 cores, measured): reuse finished
                     # trials' actors. Every trial of one sweep asks for the same resources, and
                     # each trial seeds itself and pins its threads, so nothing it depends on
                     # carries over from the last trial that actor ran.

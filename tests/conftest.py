@@ -13,14 +13,16 @@ MIN_FREE_TMP_BYTES = 2 << 30
 
 
 def pytest_sessionstart(session):
-    tmp = tempfile.gettempdir()
-    free = shutil.disk_usage(tmp).free
-    if free < MIN_FREE_TMP_BYTES:
-        pytest.exit(
-            f"the tests need about {MIN_FREE_TMP_BYTES / 2**30:.0f} GiB free in {tmp} (temporary "
-            f"files and Ray's session directory /tmp/pl-ray); it has {free / 2**30:.1f} GiB",
-            returncode=3,
-        )
+    # pytest's temporary files go to the temp dir ($TMPDIR), Ray's sessions to /tmp/pl-ray
+    for tmp in dict.fromkeys((tempfile.gettempdir(), "/tmp")):
+        free = shutil.disk_usage(tmp).free
+        if free < MIN_FREE_TMP_BYTES:
+            pytest.exit(
+                f"the tests need about {MIN_FREE_TMP_BYTES / 2**30:.0f} GiB free in {tmp} "
+                f"(temporary files and Ray's session directory /tmp/pl-ray); it has "
+                f"{free / 2**30:.1f} GiB",
+                returncode=3,
+            )
 
 
 @pytest.fixture(scope="session")
