@@ -27,6 +27,13 @@ import time
 from pipelines import runner, sweep
 
 
+def _connect() -> float:
+    """Start Ray before timing (every arm pays the same connect); the CPUs it has."""
+    from cluster import runtime
+
+    return runtime.connect(include_dashboard=False, temp_dir="/tmp/pl-bench")["cpus"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="ci")
@@ -47,25 +54,19 @@ def main() -> None:
     )
     args = ap.parse_args()
     if args.tune_steps:
-        from cluster import runtime
-
-        cpus = runtime.connect(include_dashboard=False, temp_dir="/tmp/pl-bench")["cpus"]
+        cpus = _connect()
         with tempfile.TemporaryDirectory() as d:
             one_cpu_trials(args.tune_steps, d, cpus)
         return
     if args.warm_store:
-        from cluster import runtime
-
-        cpus = runtime.connect(include_dashboard=False, temp_dir="/tmp/pl-bench")["cpus"]
+        cpus = _connect()
         with tempfile.TemporaryDirectory() as d:
             parallel_ratio(args.preset, args.warm_store, d, cpus, args.c_values)
         return
     values = sweep.split_values(args.values)
     cpus = 1.0
-    if args.executor == "ray":  # start Ray before timing: both arms pay the same connect
-        from cluster import runtime
-
-        cpus = runtime.connect(include_dashboard=False, temp_dir="/tmp/pl-bench")["cpus"]
+    if args.executor == "ray":
+        cpus = _connect()
     quiet = dict(progress=False, log=lambda _: None)
     with tempfile.TemporaryDirectory() as d:
         plan = sweep.make_plan("rcnn", args.preset, {}, [f"svm.neg_iou={args.values}"], [])
@@ -165,6 +166,7 @@ def one_cpu_trials(steps: int, d: str, cpus: float) -> None:
     from cluster.resources import Resources
     from cluster.space import Grid
     from data.digits import load_digits
+    from pipelines import registry
 
     x, y = load_digits(28)
     perm = np.random.default_rng(0).permutation(len(y))
@@ -172,22 +174,12 @@ def one_cpu_trials(steps: int, d: str, cpus: float) -> None:
     data = f"{d}/mnist.npz"
     np.savez(data, x_train=x[tr], y_train=y[tr], x_test=x[te], y_test=y[te])
     n = 2 * int(cpus)
-    space = {
-        "data_path": data,
-        "bn": True,
-        "hidden": (100, 100, 100),
-        "init_std": 0.1,
-        "bn_kind": "ours",
-        "steps": steps,
-        "batch_size": 60,
-        "lr": 0.5,
-        "optimizer": "sgd",
-        "eval_every": steps,
-        "probe_size": 200,
-        "probe_unit": 0,
-        "population_batches": 10,
-        "seed": Grid(tuple(range(n))),
-    }
+    # the trial config the BN pipeline's `mnist` sweep step passes (ci preset), with N steps
+    spec = registry.get("batchnorm")
+    step = next(s for s in spec.steps(spec.build_config("ci")) if s.name == "mnist")
+    space = {**step.params, "steps": steps, "eval_every": steps, "data_path": data, "bn": True}
+    del space["seeds"]
+    space["seed"] = Grid(tuple(range(n)))
     ex = RayExecutor(progress=False)
 
     def run(name: str, max_concurrent: int | None) -> tuple[float, list[dict]]:
