@@ -1,7 +1,7 @@
 """R-CNN feature extraction and feature cache, measured side by side in one run.
 
 1. Extraction from an image (500×375, random boxes): the `features` step's own code
-   (`pipelines.rcnn_features.image_features`: 256 boxes warped per call, 16 crops per forward
+   (`pipelines.rcnn.features.image_features`: 256 boxes warped per call, 16 crops per forward
    pass on a CPU, BatchNorm folded into the convolutions) against a per-region loop (warp one
    box, one forward pass, the unfused network), in crops/s;
 2. the forward pass alone: crops/s at 1, 16 and 256 crops per pass, and the achieved FLOP/s
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipelines.rcnn_features import WARP_CHUNK, default_chunk, image_features
+from pipelines.rcnn.features import WARP_CHUNK, default_chunk, image_features
 from stages.detection.features import read_feature_shard, write_feature_shard
 from stages.detection.warp import warp_regions_tensor
 from stages.models.rcnn_backbones import FEATURE_LAYERS

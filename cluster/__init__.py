@@ -7,7 +7,8 @@ Generic executors that know nothing of papers or steps:
 - ``RayExecutor`` (``cluster.ray_executor``): the same methods on Ray primitives: tasks, Ray Data
   ``map_batches`` with an actor pool, Ray Train ``TorchTrainer``, Ray Tune ``Tuner``.
 
-Both offer ``run_task``, ``map``, ``infer``, ``train`` and ``sweep``; ``cluster.runtime`` connects to
+Both subclass ``Executor`` (``cluster.executor``), the one contract the engine relies on:
+``run_task``, ``map``, ``infer``, ``train`` and ``sweep``; ``cluster.runtime`` connects to
 an embedded or existing cluster and ``cluster.jobs`` wraps the Ray Jobs API.
 """
 

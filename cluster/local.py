@@ -1,4 +1,4 @@
-"""In-process executor: the same interface as ``RayExecutor`` with no Ray at all.
+"""In-process executor: the ``Executor`` contract (``cluster.executor``) with no Ray at all.
 
 Used by unit tests and for debugging a step with a plain Python debugger. Work runs sequentially in
 the calling process; resource requests are recorded but not enforced.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from cluster.executor import Executor, TrainResult
 from cluster.resources import Resources
 from cluster.space import expand
-
-
-@dataclass
-class TrainResult:
-    metrics: dict
-    checkpoint: dict | None
-    history: list[dict]
 
 
 def iter_batches(source: pa.Table | Sequence[str], batch_size: int) -> Iterable[pa.Table]:
@@ -45,7 +38,7 @@ def iter_batches(source: pa.Table | Sequence[str], batch_size: int) -> Iterable[
         yield pa.concat_tables(buffer).combine_chunks()
 
 
-class LocalExecutor:
+class LocalExecutor(Executor):
     name = "local"
     max_parallel_steps = 1
 

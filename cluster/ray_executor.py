@@ -18,7 +18,7 @@ import pyarrow as pa
 import ray
 from tqdm.auto import tqdm
 
-from cluster.local import TrainResult
+from cluster.executor import Executor, TrainResult
 from cluster.resources import Resources, limit_threads
 from cluster.space import Choice, Grid, Uniform
 
@@ -155,7 +155,7 @@ def _tune_space(space: dict) -> dict:
     return out
 
 
-class RayExecutor:
+class RayExecutor(Executor):
     name = "ray"
 
     def __init__(self, progress: bool = True, max_parallel_steps: int = 4):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pipelines import registry
 from pipelines.config import ConfigError, parse_set_args, valid_keys
+from pipelines.engine import select_steps
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,14 +109,7 @@ def _config_from_args(args):
     spec = registry.get(args.pipeline)
     overrides = parse_set_args(args.sets)
     cfg = spec.build_config(args.preset, overrides)
-    names = {s.name for s in spec.steps(cfg)}
-    if args.until and args.until not in names:
-        raise ConfigError(f"--until: unknown step {args.until!r}; steps: {', '.join(names)}")
-    if args.force and args.force not in names:
-        raise ConfigError(
-            f"--force: unknown step {args.force!r}; steps: "
-            f"{', '.join(s.name for s in spec.steps(cfg))}"
-        )
+    select_steps(spec.steps(cfg), until=args.until, force=args.force)
     return spec, overrides, cfg
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 from cluster.resources import Resources
 from data.store import Artifact, ArtifactStore
+from pipelines.config import ConfigError
 
 KINDS = ("task", "map", "infer", "train", "sweep")
 
@@ -230,15 +231,24 @@ def ancestors(steps: Sequence[Step], target: str) -> set[str]:
     return out
 
 
-def select_until(steps: Sequence[Step], until: str | None) -> list[Step]:
-    """The steps needed to produce ``until`` (all steps when None), in their original order."""
-    if until is None:
-        return list(steps)
+def select_steps(
+    steps: Sequence[Step], *, until: str | None = None, force: str | None = None
+) -> list[Step]:
+    """The steps needed to produce ``until`` (all steps when None), in their original order.
+
+    The one check of ``--until`` and ``--force`` (the CLI, ``runner.run`` and ``run_steps`` all come
+    here): an unknown name is a ``ConfigError`` listing the steps in pipeline order; ``force`` must
+    be among the selected steps."""
     names = [s.name for s in steps]
-    if until not in names:
-        raise ValueError(f"--until: unknown step {until!r}; steps: {', '.join(names)}")
-    keep = ancestors(steps, until)
-    return [s for s in steps if s.name in keep]
+    if until is not None and until not in names:
+        raise ConfigError(f"--until: unknown step {until!r}; steps: {', '.join(names)}")
+    if until is not None:
+        keep = ancestors(steps, until)
+        steps = [s for s in steps if s.name in keep]
+        names = [s.name for s in steps]
+    if force is not None and force not in names:
+        raise ConfigError(f"--force: unknown step {force!r}; steps: {', '.join(names)}")
+    return list(steps)
 
 
 def descendants(steps: Sequence[Step], root: str) -> set[str]:
@@ -300,10 +310,8 @@ def run_steps(
     log: Callable[[str], None] = print,
 ) -> RunResult:
     """Run ``steps`` (skipping completed keys) and return their manifest and merged metrics."""
+    select_steps(steps, force=force)
     order = topo_sort(steps)
-    by_name = {s.name: s for s in order}
-    if force is not None and force not in by_name:
-        raise ValueError(f"--force: unknown step {force!r}; steps: {', '.join(by_name)}")
     forced = descendants(order, force) if force else set()
     keys, artifacts = _keys_and_artifacts(pipeline, order, store)
 

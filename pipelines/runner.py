@@ -11,7 +11,7 @@ from typing import Any
 from data.store import ArtifactStore
 from pipelines import registry
 from pipelines.config import ConfigError, config_hash, to_dict
-from pipelines.engine import RunResult, pending_steps, run_steps, select_until
+from pipelines.engine import RunResult, pending_steps, run_steps, select_steps
 
 
 def run_dir_for(runs_root: str | Path, pipeline: str, preset: str, cfg) -> Path:
@@ -56,14 +56,7 @@ def run(
     pipeline = spec.name  # "module:ATTR" names resolve to the spec's own name
     preset = preset or spec.default_preset
     cfg = spec.build_config(preset, overrides)  # bad keys/values fail here, before Ray starts
-    try:
-        steps = select_until(spec.steps(cfg), until)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    if force is not None and force not in {s.name for s in steps}:
-        raise ConfigError(
-            f"--force: unknown step {force!r}; steps: {', '.join(s.name for s in steps)}"
-        )
+    steps = select_steps(spec.steps(cfg), until=until, force=force)
     artifact_store = ArtifactStore(store)
     artifact_store.check_writable()
     run_dir = run_dir_for(runs, pipeline, preset, cfg)

@@ -21,7 +21,7 @@ Ablation switches (§6.4, Figure 6), not in torchvision:
   t·k channels at the same resolution).
 
 ``stem_stride`` (2 in the paper) may be set to 1 for 32-px CIFAR-style inputs; that changes the
-total stride from 32 to 16 and is *not* the paper's architecture (see pipelines/mobilenet.py).
+total stride from 32 to 16 and is *not* the paper's architecture (see pipelines/mobilenet/config.py).
 """
 
 from __future__ import annotations

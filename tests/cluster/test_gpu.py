@@ -56,7 +56,7 @@ def test_features_step_code_on_cuda_in_bf16_matches_cpu_float32():
     """features.amp=bf16 on a GPU: the step's own path (warp on the CPU, CNN on the device)."""
     import numpy as np
 
-    from pipelines.rcnn_features import default_chunk, image_features
+    from pipelines.rcnn.features import default_chunk, image_features
 
     torch.manual_seed(0)
     model = create("rcnn_small", input_size=64).eval().fused_for_inference()

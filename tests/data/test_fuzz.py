@@ -83,7 +83,7 @@ def test_voc_parser_on_arbitrary_bytes(tmp_path: Path, data: bytes):
 
 # ---- --set -------------------------------------------------------------------------------------
 def _rcnn_config():
-    from pipelines.rcnn import RCNNConfig
+    from pipelines.rcnn.config import RCNNConfig
 
     return RCNNConfig()
 

@@ -191,7 +191,7 @@ def test_images_without_a_size_are_not_bounds_checked(tmp_path):
 def test_proposals_step_checks_boxes_against_the_images_table(tmp_path):
     """`extract_proposals` passes the dataset's image sizes: a 0-based file fails in the step,
     naming file, image and box, and nothing is written."""
-    from pipelines.rcnn_data import IMAGES_SCHEMA, extract_proposals
+    from pipelines.rcnn.data import IMAGES_SCHEMA, extract_proposals
 
     dataset = tmp_path / "dataset"
     dataset.mkdir()

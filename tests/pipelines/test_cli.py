@@ -10,7 +10,7 @@ import pytest
 
 from pipelines import cli
 from pipelines.config import ConfigError, apply_overrides, parse_set_args, valid_keys
-from pipelines.rcnn import RCNNConfig
+from pipelines.rcnn.config import RCNNConfig
 
 
 def run_cli(capsys, *argv):

@@ -12,7 +12,7 @@ from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
 from data.voc import load_image
-from pipelines.rcnn_common import _save_model, load_model
+from pipelines.rcnn.common import _save_model, load_model
 from stages.detection.warp import IMAGENET_MEAN_BGR, warp_regions, warp_regions_tensor
 from stages.models import create, names
 from stages.models.rcnn_backbones import RCNNBackbone

@@ -46,7 +46,7 @@ def _cache(directory, shards: int) -> list[str]:
 _MEASURE = """
 import json, sys, tracemalloc
 import pyarrow as pa
-from pipelines.rcnn_detect import _train_class_svm
+from pipelines.rcnn.detect import _train_class_svm
 paths = json.loads(sys.argv[1])
 _train_class_svm(0, shards=paths[:1], scale=1.0, neg_iou=0.3, C=0.001, pos_weight=2.0,
                  bias_value=10.0, mode="hnm")  # warm-up: lazy imports are not the workload's

@@ -1,0 +1,98 @@
+"""The executor contract: what the engine in ``pipelines/`` may ask of an executor.
+
+``LocalExecutor`` (``cluster.local``, in-process, no Ray) and ``RayExecutor``
+(``cluster.ray_executor``) both declare ``Executor`` as their base and keep its signatures exactly
+(``tests/cluster/test_executors.py`` compares them). A new executor (say, one that submits to a
+batch scheduler) subclasses it and fills in the five methods.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import pyarrow as pa
+
+from cluster.resources import Resources
+
+
+@dataclass
+class TrainResult:
+    metrics: dict  # the last report
+    checkpoint: dict | None  # the last checkpoint's contents, loaded
+    history: list[dict]  # every report, in order
+
+
+@runtime_checkable
+class Executor(Protocol):
+    name: str  # "local", "ray"
+    max_parallel_steps: int  # independent steps the engine may run at once
+    progress: bool  # progress bars on
+
+    def run_task(self, fn: Callable, *args, resources: Resources = Resources(), **kwargs) -> Any:
+        """``fn(*args, **kwargs)`` as one unit of work with ``resources``; its return value."""
+        ...
+
+    def map(
+        self,
+        fn: Callable,
+        items: Sequence,
+        *,
+        resources: Resources = Resources(),
+        desc: str = "map",
+    ) -> list:
+        """``[fn(item) for item in items]``, each item its own unit of work; results in order."""
+        ...
+
+    def infer(
+        self,
+        source: pa.Table | Sequence[str],
+        predictor: type,
+        predictor_kwargs: dict,
+        output_dir: str | Path,
+        *,
+        batch_size: int,
+        resources: Resources = Resources(),
+        num_actors: int = 1,
+        desc: str = "infer",
+    ) -> None:
+        """``predictor(**predictor_kwargs)`` (built once per actor) over batches of ``source`` (a
+        table or Parquet files); the returned tables written as Parquet files in ``output_dir``."""
+        ...
+
+    def train(
+        self,
+        train_fn: Callable,
+        config: dict,
+        *,
+        num_workers: int = 1,
+        resources_per_worker: Resources = Resources(),
+        storage_path: str,
+        name: str,
+        max_failures: int = 0,
+    ) -> TrainResult:
+        """``train_fn(ctx, config)`` on ``num_workers`` data-parallel workers; a rerun with the
+        same ``(storage_path, name)`` resumes from the last checkpoint."""
+        ...
+
+    def sweep(
+        self,
+        trainable: Callable,
+        space: dict,
+        *,
+        metric: str,
+        mode: str,
+        num_samples: int = 1,
+        max_concurrent: int | None = None,
+        resources_per_trial: Resources = Resources(),
+        storage_path: str,
+        name: str,
+        resume: bool = False,
+        scheduler: str | None = None,
+        seed: int = 0,
+    ) -> list[dict]:
+        """``trainable(config, report)`` for every config of ``space``; one dict per trial with
+        ``config``, ``metrics`` (last report), ``history`` and ``error`` (None or a message)."""
+        ...

@@ -1,0 +1,174 @@
+"""The generalization step list: ``steps(cfg)`` turns the config into steps (names, adaptors, params
+that enter the keys, resources)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from cluster.resources import Resources
+from pipelines.engine import Step
+from pipelines.generalization.config import (
+    EXPERIMENTS,
+    GeneralizationConfig,
+)
+from pipelines.generalization.data import make_dataset, make_randomized
+from pipelines.generalization.experiments import (
+    run_expressivity,
+    run_min_norm,
+    sweep_corruption,
+    sweep_randomization,
+    sweep_regularizers,
+)
+
+
+def _models(section_models: tuple[str, ...], cfg: GeneralizationConfig) -> tuple[str, ...]:
+    return section_models or cfg.train.models
+
+
+def steps(cfg: GeneralizationConfig) -> list[Step]:
+    d, t = cfg.data, cfg.train
+    want = set(cfg.experiments)
+    train_params = {
+        f.name: getattr(t, f.name)
+        for f in dataclasses.fields(t)
+        if f.name not in ("models", "seeds", "cpus_per_trial", "gpu")
+    }
+    trial = Resources(cpus=t.cpus_per_trial, gpus="auto" if t.gpu else 0)
+    nets = [e for e in ("randomization", "corruption", "regularizers") if e in want]
+    out: list[Step] = []
+    if nets:
+        variants = []
+        if "randomization" in want:
+            variants += list(cfg.randomization.conditions)
+        if "regularizers" in want:
+            variants += list(cfg.regularizers.labels)
+        if "corruption" in want:
+            variants += [f"corrupt:{p:g}" for p in cfg.corruption.ps]
+        out += [
+            Step(
+                "dataset",
+                make_dataset,
+                params=dict(
+                    source=d.source,
+                    root=d.root if d.source != "synthetic" else "",
+                    num_train=d.num_train,
+                    num_test=d.num_test,
+                    seed=d.seed,
+                ),
+                description="read CIFAR-10/MNIST (or generate the CIFAR-format set); 32x32 NHWC",
+            ),
+            Step(
+                "randomize",
+                make_randomized,
+                inputs=("dataset",),
+                params=dict(
+                    variants=tuple(dict.fromkeys(variants)),
+                    seeds=t.seeds,
+                    seed=cfg.randomization.seed,
+                ),
+                description="§2 corruptions drawn once per seed, saved as arrays",
+            ),
+        ]
+        common = dict(train=train_params, seeds=t.seeds)
+        if "randomization" in want:
+            out.append(
+                Step(
+                    "randomization",
+                    sweep_randomization,
+                    kind="sweep",
+                    inputs=("dataset", "randomize"),
+                    params=dict(
+                        common,
+                        models=_models(cfg.randomization.models, cfg),
+                        conditions=cfg.randomization.conditions,
+                    ),
+                    resources=trial,
+                    description="Tune: conditions x models x seeds until 100% train accuracy",
+                )
+            )
+        if "corruption" in want:
+            out.append(
+                Step(
+                    "corruption",
+                    sweep_corruption,
+                    kind="sweep",
+                    inputs=("dataset", "randomize"),
+                    params=dict(
+                        common, models=_models(cfg.corruption.models, cfg), ps=cfg.corruption.ps
+                    ),
+                    resources=trial,
+                    description="Tune: label corruption p x models (Figure 1b/1c)",
+                )
+            )
+        if "regularizers" in want:
+            r = cfg.regularizers
+            out.append(
+                Step(
+                    "regularizers",
+                    sweep_regularizers,
+                    kind="sweep",
+                    inputs=("dataset", "randomize"),
+                    params=dict(
+                        common,
+                        models=_models(r.models, cfg),
+                        weight_decays=r.weight_decays,
+                        random_crops=r.random_crops,
+                        dropouts=r.dropouts,
+                        labels=r.labels,
+                    ),
+                    resources=trial,
+                    description="Tune: weight decay x random crop x dropout (Table 1)",
+                )
+            )
+    if "expressivity" in want:
+        e = cfg.expressivity
+        out.append(
+            Step(
+                "expressivity",
+                run_expressivity,
+                params=dict(ns=e.ns, ds=e.ds, digits_n=e.digits_n, seed=e.seed),
+                description="Theorem 1: 2n+d weights fit n points exactly",
+            )
+        )
+    if "min_norm" in want:
+        m = cfg.min_norm
+        out.append(
+            Step(
+                "min_norm",
+                run_min_norm,
+                params=dict(
+                    source=m.source,
+                    root=m.root if m.source == "mnist" else "",
+                    num_train=m.num_train,
+                    num_test=m.num_test,
+                    kernels=m.kernels,
+                    ps=m.ps,
+                    seed=m.seed,
+                ),
+                resources=Resources(cpus=1, memory_mb=0),
+                description="§5: exact kernel interpolation, test error and norm vs label noise p",
+            )
+        )
+    from pipelines.generalization.report import write_report
+
+    out.append(
+        Step(
+            "report",
+            write_report,
+            inputs=tuple(s.name for s in out if s.name not in ("dataset", "randomize")),
+            params=dict(experiments=tuple(e for e in EXPERIMENTS if e in want)),
+            publish=(
+                "report.md",
+                "sweep.parquet",
+                "curves.parquet",
+                "min_norm.parquet",
+                "expressivity.parquet",
+                "fig1a_loss.png",
+                "fig1b_convergence.png",
+                "fig1c_test_error.png",
+                "capacity.png",
+            ),
+            description="sweep.parquet, curves.parquet, figures and report.md",
+        )
+    )
+    return out

@@ -1,0 +1,277 @@
+"""R-CNN `features` step: warp every gt box and proposal, CNN features into the Parquet cache
+(Ray Data actor pool), and the readers of that cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+if TYPE_CHECKING:  # torch loads in the steps that use it, not with the pipeline's definition
+    import torch
+
+from pipelines.engine import StepContext
+from pipelines.rcnn.common import (
+    _classes,
+    _objects_by_image,
+    _proposals,
+    _splits,
+    load_model,
+    read_images,
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# features: warp every gt box and proposal, CNN features, Parquet cache (one shard per batch)
+class FeatureWriter:
+    """Ray Data actor: holds the CNN; per batch of image rows writes one shard per layer."""
+
+    def __init__(
+        self,
+        model_path: str,
+        dataset_dir: str,
+        proposals_dir: str,
+        out_dir: str,
+        layers: tuple[str, ...],
+        padding: int,
+        chunk: int,
+        dtype: str,
+        warp: str = "warp",
+        amp: str = "none",
+    ):
+        # the actor holds a GPU when the cluster has one (Resources(gpus="auto"))
+        import torch
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # BatchNorm folded into the convolutions: one pass fewer over every activation map
+        self.model = load_model(Path(model_path)).fused_for_inference().to(self.device)
+        self.dataset_dir, self.out_dir = Path(dataset_dir), Path(out_dir)
+        self.classes = _classes(self.dataset_dir)
+        self.proposals = _proposals(Path(proposals_dir))
+        self.objects = {
+            s: _objects_by_image(self.dataset_dir, s, self.classes)
+            for s in _splits(self.dataset_dir)
+        }
+        self.layers, self.padding, self.dtype = layers, padding, dtype
+        self.chunk = chunk or default_chunk(self.device, amp)
+        self.warp, self.amp = warp, amp
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """One shard per split present in ``batch`` (the SVMs stream only training shards,
+        detection only test ones, so a shard never mixes splits); one manifest row per shard."""
+        rows = batch.to_pylist()
+        shards = []
+        for split in dict.fromkeys(r["split"] for r in rows):  # splits in order of appearance
+            part = [r for r in rows if r["split"] == split]
+            shard, n = self._write_shard(part)
+            shards.append({"shard": shard, "split": split, "rows": n})
+        return pa.Table.from_pylist(shards, schema=MANIFEST_SCHEMA)
+
+    def _write_shard(self, rows: list[dict]) -> tuple[str, int]:
+        from data.voc import load_image
+        from stages.detection.boxes import box_iou_voc
+        from stages.detection.features import write_feature_shard
+
+        cols = {k: [] for k in ("image_ids", "box_index", "is_gt", "boxes", "gt_class", "max_iou")}
+        feats = {layer: [] for layer in self.layers}
+        for r in rows:
+            image_id = r["image_id"]
+            obj = self.objects[r["split"]][image_id]
+            props = self.proposals.get(image_id, np.zeros((0, 4), np.float32))
+            boxes = np.concatenate([obj["boxes"], props]).astype(np.float32)
+            n_gt = len(obj["boxes"])
+            max_iou = np.zeros((len(boxes), len(self.classes)), np.float32)
+            if n_gt:  # per class: max IoU with that class's gt, difficult included (features.py)
+                iou = box_iou_voc(boxes, obj["boxes"])
+                for c in np.unique(obj["cls"]):
+                    max_iou[:, c] = iou[:, obj["cls"] == c].max(1)
+            image = load_image(r["path"], (r["width"], r["height"]))
+            out = image_features(
+                self.model,
+                image,
+                boxes,
+                layers=self.layers,
+                padding=self.padding,
+                mode=self.warp,
+                chunk=self.chunk,
+                device=self.device,
+                amp=self.amp,
+            )
+            for layer in self.layers:
+                feats[layer].append(out[layer])
+            cols["image_ids"] += [image_id] * len(boxes)
+            cols["box_index"].append(np.arange(len(boxes), dtype=np.int32))
+            cols["is_gt"].append(np.arange(len(boxes)) < n_gt)
+            cols["boxes"].append(boxes)
+            cols["gt_class"].append(np.concatenate([obj["cls"], -np.ones(len(props), np.int64)]))
+            cols["max_iou"].append(max_iou)
+        shard = f"{rows[0]['image_id']}.parquet"  # image ids are unique: so are shard names
+        arrays = {k: (v if k == "image_ids" else np.concatenate(v)) for k, v in cols.items()}
+        for layer in self.layers:
+            (self.out_dir / layer).mkdir(parents=True, exist_ok=True)
+            write_feature_shard(
+                self.out_dir / layer / shard,
+                **arrays,
+                features=np.concatenate(feats[layer]),
+                dtype=self.dtype,
+            )
+        return shard, len(arrays["image_ids"])
+
+
+MANIFEST_SCHEMA = pa.schema([("shard", pa.string()), ("split", pa.string()), ("rows", pa.int64())])
+
+
+WARP_CHUNK = 256  # boxes warped per call: each call converts the whole image to float once
+
+
+def image_features(
+    model,
+    image: np.ndarray,
+    boxes: np.ndarray,
+    *,
+    layers: tuple[str, ...],
+    padding: int,
+    mode: str,
+    chunk: int,
+    device: torch.device,
+    amp: str = "none",
+) -> dict[str, np.ndarray]:
+    """``{layer: float32 (N, D)}`` for ``(N, 4)`` boxes of one BGR image: boxes are warped
+    ``WARP_CHUNK`` at a time and the crops go through the CNN ``chunk`` at a time (a small chunk
+    keeps a CPU's activations in cache; warping as few boxes per call would repeat the image's
+    conversion, which cost more than the forward pass at 16 boxes per call). ``amp="bf16"`` runs
+    the CNN under bfloat16 autocast; the features come back as float32 either way."""
+    import torch
+
+    from stages.detection.warp import warp_regions_tensor
+
+    if amp not in ("none", "bf16"):
+        raise ValueError(f"amp must be 'none' or 'bf16', got {amp!r}")
+    out: dict[str, list[np.ndarray]] = {layer: [] for layer in layers}
+    per_warp = max(chunk, WARP_CHUNK)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
+    with torch.inference_mode(), autocast:
+        for s in range(0, len(boxes), per_warp):
+            crops = warp_regions_tensor(
+                image,
+                boxes[s : s + per_warp],
+                size=model.input_size,
+                padding=padding,
+                mode=mode,
+            )
+            for t in range(0, len(crops), chunk):
+                feats = model.features_all(crops[t : t + chunk].to(device, non_blocking=True))
+                for layer in layers:
+                    out[layer].append(feats[layer].float().cpu().numpy())
+    return {
+        layer: np.concatenate(v) if v else np.zeros((0, model.feature_dims[layer]), np.float32)
+        for layer, v in out.items()
+    }
+
+
+def default_chunk(device: torch.device, amp: str = "none") -> int:
+    """Crops per forward pass when ``features.chunk`` is 0: small on a CPU, where a chunk's
+    activations must stay in cache, large on a GPU, which needs the parallelism. In bf16 a CPU
+    does best at 64 (half the bytes per activation; AlexNet's fc6/fc7 GEMMs need the rows:
+    1.4x faster at 64 than at 16, `rcnn_small` 1.5x; benchmarks/bench_features.py)."""
+    if device.type == "cuda":
+        return 256
+    return 64 if amp == "bf16" else 16
+
+
+def extract_features(
+    ctx: StepContext,
+    *,
+    layers: tuple[str, ...],
+    padding: int,
+    images_per_shard: int,
+    dtype: str,
+    num_actors: int,
+    chunk: int,
+    warp: str = "warp",
+    amp: str = "none",
+) -> None:
+    dataset_dir = ctx.input_dir("dataset")
+    table = pa.Table.from_pylist(
+        [
+            {k: r[k] for k in ("image_id", "path", "split", "width", "height")}
+            for r in read_images(dataset_dir)
+        ]
+    )
+    kwargs = dict(
+        model_path=str(ctx.input_dir("finetune") / "model.pt"),
+        dataset_dir=str(dataset_dir),
+        proposals_dir=str(ctx.input_dir("proposals")),
+        out_dir=str(ctx.out_dir),
+        layers=layers,
+        padding=padding,
+        chunk=chunk,
+        dtype=dtype,
+        warp=warp,
+        amp=amp,
+    )
+    # one inference pass over both splits (one actor pool to start, not one per split); rows
+    # sorted by split, and FeatureWriter splits any batch that straddles two
+    out = ctx.infer(
+        table.sort_by("split"),
+        FeatureWriter,
+        kwargs,
+        batch_size=images_per_shard,
+        num_actors=num_actors,
+        subdir="_manifest",
+    )
+    manifest = pq.read_table(out, schema=MANIFEST_SCHEMA)
+    pq.write_table(manifest, ctx.out_dir / "shards.parquet")
+    _rm_tree(out)
+    ctx.write_json(
+        "metrics.json",
+        {
+            "feature_rows": int(pa.compute.sum(manifest["rows"]).as_py()),
+            "feature_shards": manifest.num_rows,
+        },
+    )
+
+
+def _rm_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def feature_shards(features_dir: Path, layer: str, split: str) -> list[Path]:
+    manifest = pq.read_table(features_dir / "shards.parquet").to_pylist()
+    return sorted(features_dir / layer / m["shard"] for m in manifest if m["split"] == split)
+
+
+class Pool5Head:
+    """fc6/fc7 recomputed from cached pool5 with the fine-tuned net's weights, as R-CNN's code
+    did (it cached pool5 only: ≈200 GB for VOC07 trainval instead of several times that).
+    Matches ``RCNNBackbone.features`` in eval mode (ReLU after fc6 and fc7; dropout is off)."""
+
+    def __init__(self, net, layer: str):
+        self.layer = layer
+        self.w6, self.b6 = net.fc6.weight.detach().numpy(), net.fc6.bias.detach().numpy()
+        self.w7, self.b7 = net.fc7.weight.detach().numpy(), net.fc7.bias.detach().numpy()
+
+    def __call__(self, pool5: np.ndarray) -> np.ndarray:
+        if self.layer == "pool5":
+            return pool5
+        h = np.maximum(pool5 @ self.w6.T + self.b6, 0)  # (N, fc6)
+        return h if self.layer == "fc6" else np.maximum(h @ self.w7.T + self.b7, 0)
+
+
+def _identity(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+def layer_source(ctx: StepContext, layer: str, split: str):
+    """(shard paths, transform) giving ``layer`` features of ``split``: the cached layer itself,
+    or pool5 through ``Pool5Head`` when the cache holds pool5 only (features.cache=pool5)."""
+    features_dir = ctx.input_dir("features")
+    if (features_dir / layer).is_dir():
+        return [str(p) for p in feature_shards(features_dir, layer, split)], _identity
+    net = load_model(ctx.input_dir("finetune") / "model.pt")
+    return [str(p) for p in feature_shards(features_dir, "pool5", split)], Pool5Head(net, layer)

@@ -1,0 +1,413 @@
+"""R-CNN's step graph: ``steps(cfg)`` turns the config into the dataset and proposal steps, then
+one of the two graphs built from the step factories (``_Builder``): the detector of the paper's main
+result or the Table 2 study."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+from cluster.resources import Resources
+from pipelines.engine import Step
+
+# the adaptor modules under aliases: the step factories below have arguments named `detect`, ...
+from pipelines.rcnn import detect as rcnn_detect
+from pipelines.rcnn import features as rcnn_features
+from pipelines.rcnn import report as rcnn_report
+from pipelines.rcnn import train as rcnn_train
+from pipelines.rcnn.config import CNNConfig, RCNNConfig
+from pipelines.rcnn.data import extract_proposals, make_dataset, report_proposals
+
+
+# ----------------------------------------------------------------------------------------------
+def _warp_param(c: CNNConfig) -> dict:
+    # only when not the default, so that keys of runs made before the option existed stay valid
+    return {} if c.warp == "warp" else {"warp": c.warp}
+
+
+class _Builder:
+    """Step factories for the detector; variants (Table 2) reuse them with other names/inputs."""
+
+    def __init__(self, cfg: RCNNConfig, test_split: str):
+        self.cfg, self.test_split = cfg, test_split
+
+    def pretrain(self, name: str = "pretrain", cnn: CNNConfig | None = None) -> Step:
+        c, pt = cnn or self.cfg.cnn, self.cfg.pretrain
+        params = dict(
+            model=c.model,
+            model_kwargs=c.model_kwargs(),
+            padding=c.padding,
+            weights_path=pt.weights_path,
+            epochs=pt.epochs,
+            batch_size=pt.batch_size,
+            lr=pt.lr,
+            backgrounds_per_image=pt.backgrounds_per_image,
+            seed=pt.seed,
+            **_warp_param(c),
+            **({"image_folder": pt.image_folder} if pt.image_folder else {}),
+        )
+        return Step(
+            name,
+            functools.partial(rcnn_train.pretrain, num_workers=pt.num_workers),
+            kind="train",
+            inputs=("dataset",),
+            resources=Resources(cpus=pt.cpus_per_worker, gpus="auto"),
+            params=params,
+            # 2: torchvision weights get their input preprocessing folded into conv1 (a model.pt
+            # made from them before is wrong); runs without weights_path keep their keys
+            version="2" if pt.weights_path else "1",
+            stage="pretrain",
+            description="supervised pretraining (image-level labels)",
+        )
+
+    def finetune(
+        self, name: str = "finetune", pretrain: str = "pretrain", enabled: bool | None = None
+    ) -> Step:
+        c, ft = self.cfg.cnn, self.cfg.finetune
+        enabled = ft.enabled if enabled is None else enabled
+        params = dict(
+            enabled=True,
+            padding=c.padding,
+            iterations=ft.iterations,
+            batch_size=ft.batch_size,
+            lr=ft.lr,
+            lr_step=ft.lr_step,
+            seed=ft.seed,
+            **_warp_param(c),
+        )
+        return Step(
+            name,
+            functools.partial(rcnn_train.finetune, num_workers=ft.num_workers),
+            kind="train",
+            inputs=("dataset", "proposals", f"pretrain={pretrain}"),
+            resources=Resources(cpus=ft.cpus_per_worker, gpus="auto"),
+            stage="finetune",
+            params=params if enabled else dict(enabled=False),
+            description="(N+1)-way fine-tuning on warped proposals, 32 fg + 96 bg",
+        )
+
+    def features(
+        self,
+        name: str = "features",
+        finetune: str = "finetune",
+        layers: tuple[str, ...] | None = None,
+    ) -> Step:
+        f, s, b = self.cfg.features, self.cfg.svm, self.cfg.bbox
+        if f.cache == "pool5":
+            layers = ("pool5",)
+        layers = layers or tuple(sorted({s.layer, "pool5"} if b.enabled else {s.layer}))
+        fn = functools.partial(
+            rcnn_features.extract_features,
+            images_per_shard=f.images_per_shard,
+            num_actors=f.num_actors,
+            chunk=f.chunk,
+        )
+        return Step(
+            name,
+            fn,
+            kind="infer",
+            stage="features",
+            inputs=("dataset", "proposals", f"finetune={finetune}"),
+            resources=Resources(cpus=1, gpus="auto"),
+            params=dict(
+                layers=layers,
+                padding=self.cfg.cnn.padding,
+                dtype=f.dtype,
+                **_warp_param(self.cfg.cnn),
+                # only when set, so that keys of runs made before the option existed stay valid
+                **({"amp": f.amp} if f.amp != "none" else {}),
+            ),
+            description="CNN features of every box → Parquet feature cache",
+        )
+
+    def svm(
+        self,
+        name: str = "svm",
+        features: str = "features",
+        layer: str | None = None,
+        finetune: str = "finetune",
+    ) -> Step:
+        s = self.cfg.svm
+        params = dict(
+            layer=layer or s.layer,
+            neg_iou=s.neg_iou,
+            C=s.C,
+            pos_weight=s.pos_weight,
+            bias_value=s.bias_value,
+            mode=s.mode,
+            norm_sample_rows=s.norm_sample_rows,
+            seed=s.seed,
+        )
+        inputs: tuple[str, ...] = ("dataset", f"features={features}")
+        if s.scorer == "softmax":  # no SVM training: fc8 of the fine-tuned net scores
+            params = dict(layer=layer or s.layer, scorer="softmax")
+        if s.scorer == "softmax" or self.cfg.features.cache == "pool5":
+            inputs += (f"finetune={finetune}",)  # its fc6/fc7/fc8 weights are needed
+        return Step(
+            name,
+            rcnn_detect.train_svms,
+            kind="map",
+            stage="svm",
+            inputs=inputs,
+            params=params,
+            description="per-class linear SVMs with hard negative mining",
+        )
+
+    def bbox(self, name: str = "bbox_regression", features: str = "features") -> Step:
+        b, s = self.cfg.bbox, self.cfg.svm
+        return Step(
+            name,
+            rcnn_detect.train_box_regressors,
+            kind="map",
+            stage="bbox_regression",
+            inputs=("dataset", f"features={features}"),
+            params=dict(
+                alpha=b.alpha, min_iou=b.min_iou, norm_sample_rows=s.norm_sample_rows, seed=s.seed
+            ),
+            version="2",  # a proposal trains only the class of the gt it overlaps most (App. C)
+            description="per-class ridge regression of box corrections",
+        )
+
+    def detect(
+        self,
+        name: str = "detect",
+        features: str = "features",
+        svm: str = "svm",
+        bbox: str | None = None,
+        layer: str | None = None,
+        finetune: str = "finetune",
+    ) -> Step:
+        det = self.cfg.detect
+        inputs = ("dataset", f"features={features}", f"svm={svm}")
+        if bbox:
+            inputs += (f"bbox_regression={bbox}",)
+        if self.cfg.features.cache == "pool5":  # fc6/fc7 recomputed from pool5
+            inputs += (f"finetune={finetune}",)
+        return Step(
+            name,
+            rcnn_detect.detect,
+            kind="map",
+            stage="detect",
+            inputs=inputs,
+            params=dict(
+                layer=layer or self.cfg.svm.layer,
+                use_bbox_regression=bool(bbox),
+                top_k=det.top_k,
+                nms_iou=det.nms_iou,
+            ),
+            description="score proposals, top-k, bbox regression, per-class NMS",
+        )
+
+    def evaluate(self, name: str = "evaluate", detect: str = "detect") -> Step:
+        return Step(
+            name,
+            rcnn_detect.evaluate,
+            kind="task",
+            stage="evaluate",
+            inputs=("dataset", f"detect={detect}"),
+            params=dict(test_split=self.test_split),
+            description="VOC devkit AP",
+        )
+
+
+def detector_steps(cfg: RCNNConfig, test_split: str) -> list[Step]:
+    """The detector of the paper's main result: fc7 SVMs (+ bbox regression)."""
+    b = _Builder(cfg, test_split)
+    bbox = cfg.bbox.enabled
+    return [
+        b.pretrain(),
+        b.finetune(),
+        b.features(),
+        b.svm(),
+        *([b.bbox()] if bbox else []),
+        b.detect(bbox="bbox_regression" if bbox else None),
+        b.evaluate(),
+        Step(
+            "region_features",
+            rcnn_report.region_features,
+            kind="task",
+            inputs=("dataset", "finetune"),
+            params=dict(padding=cfg.cnn.padding, C=1.0),
+            description="§5: full / fg / full+fg region features, per-class accuracy",
+        ),
+        Step(
+            "report",
+            rcnn_report.write_report,
+            kind="task",
+            inputs=("dataset", "detect", "evaluate", "proposal_report", "region_features"),
+            params=dict(layer=cfg.svm.layer, finetuned=cfg.finetune.enabled, bbox_regression=bbox),
+            publish=(
+                "report.md",
+                "detections.parquet",
+                "precision_recall.png",
+                "detections.png",
+                "proposal_recall.png",
+            ),
+            description="report.md with tables and figures",
+        ),
+    ]
+
+
+TABLE2_LAYERS = ("pool5", "fc6", "fc7")
+
+
+def table2_steps(cfg: RCNNConfig, test_split: str) -> list[Step]:
+    """Table 2 of the paper on this dataset: pool5/fc6/fc7 without and with fine-tuning, fc7 +
+    bbox regression (and O-Net rows when the net is AlexNet). Proposals, pretraining and each
+    feature cache are computed once and shared by every row."""
+    b = _Builder(cfg, test_split)
+    out = [
+        b.pretrain(),
+        b.finetune("finetune", enabled=True),
+        b.finetune("finetune-none", enabled=False),
+    ]
+    rows: list[tuple[str, str]] = []  # (row label, evaluate step)
+    for ft, label in (("none", "no fine-tuning"), ("ft", "fine-tuned")):
+        feats = f"features-{ft}"
+        out.append(b.features(feats, "finetune" if ft == "ft" else "finetune-none", TABLE2_LAYERS))
+        tuned = "finetune" if ft == "ft" else "finetune-none"
+        for layer in TABLE2_LAYERS:
+            tag = f"{layer}-{ft}"
+            out += [
+                b.svm(f"svm-{tag}", feats, layer, finetune=tuned),
+                b.detect(f"detect-{tag}", feats, f"svm-{tag}", layer=layer, finetune=tuned),
+                b.evaluate(f"evaluate-{tag}", f"detect-{tag}"),
+            ]
+            rows.append((f"T-Net {layer}, {label}", f"evaluate-{tag}"))
+    out += [
+        b.bbox("bbox_regression-ft", "features-ft"),
+        b.detect("detect-fc7-ft-bb", "features-ft", "svm-fc7-ft", "bbox_regression-ft", "fc7"),
+        b.evaluate("evaluate-fc7-ft-bb", "detect-fc7-ft-bb"),
+    ]
+    rows.append(("T-Net fc7, fine-tuned + bbox reg", "evaluate-fc7-ft-bb"))
+    onet, star = None, ""
+    if cfg.table2_onet and cfg.cnn.model == "rcnn_alexnet":  # O-Net = VGG16 (§3.3)
+        onet = CNNConfig(model="rcnn_vgg16", input_size=224, padding=cfg.cnn.padding)
+    elif cfg.table2_onet and cfg.cnn.model == "rcnn_small":
+        # VGG16 is far too slow for a CPU preset: the bigger net is rcnn_small at twice the widths
+        # (marked O-Net* in the table)
+        widths = tuple(2 * w for w in cfg.cnn.small_widths)
+        onet = dataclasses.replace(cfg.cnn, small_widths=widths)
+        star = "*"
+    if onet is not None:
+        out += [
+            b.pretrain("pretrain-onet", onet),
+            b.finetune("finetune-onet", "pretrain-onet", enabled=True),
+            b.features("features-onet", "finetune-onet", ("fc7", "pool5")),
+            b.svm("svm-fc7-onet", "features-onet", "fc7", finetune="finetune-onet"),
+            b.detect(
+                "detect-fc7-onet",
+                "features-onet",
+                "svm-fc7-onet",
+                layer="fc7",
+                finetune="finetune-onet",
+            ),
+            b.evaluate("evaluate-fc7-onet", "detect-fc7-onet"),
+            b.bbox("bbox_regression-onet", "features-onet"),
+            b.detect(
+                "detect-fc7-onet-bb",
+                "features-onet",
+                "svm-fc7-onet",
+                "bbox_regression-onet",
+                "fc7",
+                finetune="finetune-onet",
+            ),
+            b.evaluate("evaluate-fc7-onet-bb", "detect-fc7-onet-bb"),
+        ]
+        rows += [
+            (f"O-Net{star} fc7, fine-tuned", "evaluate-fc7-onet"),
+            (f"O-Net{star} fc7, fine-tuned + bbox reg", "evaluate-fc7-onet-bb"),
+        ]
+    out.append(
+        Step(
+            "table2",
+            functools.partial(rcnn_report.write_table2, rows=[r for r, _ in rows]),
+            kind="task",
+            inputs=tuple(f"row{i}={e}" for i, (_, e) in enumerate(rows)),
+            publish=("table2.md", "table2.json"),
+            description="one table: mAP per row, next to the paper's",
+        )
+    )
+    return out
+
+
+def steps(cfg: RCNNConfig) -> list[Step]:
+    d, p, r = cfg.data, cfg.proposals, cfg.report
+    if d.source == "synthetic":  # fields that don't change the generated set's bytes stay out
+        data_params = dict(
+            source=d.source,
+            root="",
+            train_split="trainval",
+            test_split="test",
+            max_images=d.max_images,
+            download=False,
+            num_train=d.num_train,
+            num_test=d.num_test,
+            width_px=d.width_px,
+            height_px=d.height_px,
+            max_objects=d.max_objects,
+            seed=d.seed,
+        )
+    else:
+        data_params = dict(
+            source=d.source,
+            root=d.root,
+            train_split=d.train_split,
+            test_split=d.test_split,
+            max_images=d.max_images,
+            download=d.download,
+            num_train=0,
+            num_test=0,
+            width_px=0,
+            height_px=0,
+            max_objects=0,
+            seed=0,
+        )
+    proposal_params = dict(
+        method=p.method,
+        mode=p.mode,
+        base_k=p.base_k,
+        inc_k=p.inc_k,
+        sigma=p.sigma,
+        min_width_px=p.min_width_px,
+        resize_width_px=p.resize_width_px,
+        max_per_image=p.max_per_image,
+        precomputed_path=p.precomputed_path,
+    )
+    if p.method == "precomputed":
+        proposal_params.update(mode="", base_k=0, inc_k=0, sigma=0.0, resize_width_px=0)
+    return [
+        Step(
+            "dataset",
+            make_dataset,
+            kind="task",
+            params=data_params,
+            description="read (or generate) the VOC-format dataset; index tables",
+        ),
+        # shard size changes scheduling, not results: kept out of the hashed params
+        Step(
+            "proposals",
+            functools.partial(extract_proposals, images_per_task=p.images_per_task),
+            kind="map",
+            inputs=("dataset",),
+            params=proposal_params,
+            resources=Resources(cpus=1),
+            description="selective search, one task per image shard",
+        ),
+        Step(
+            "proposal_report",
+            report_proposals,
+            kind="task",
+            inputs=("dataset", "proposals"),
+            params=dict(
+                test_split=data_params["test_split"],
+                recall_top_ns=r.recall_top_ns,
+                recall_ious=r.recall_ious,
+            ),
+            publish=("proposal_recall.png", "recall.parquet", "proposal_report.md"),
+            description="recall vs number of proposals, timing",
+        ),
+        *(table2_steps if cfg.study == "table2" else detector_steps)(
+            cfg, data_params["test_split"]
+        ),
+    ]

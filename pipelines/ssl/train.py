@@ -1,0 +1,79 @@
+"""The SSL training steps: a method's runs under Ray Train, and the scalar-λ Tune sweep."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import numpy as np
+
+from cluster.space import Grid
+from pipelines.engine import StepContext
+
+
+def train_method(
+    ctx: StepContext, *, settings: dict, runs: list, val_per_class: int, num_workers: int
+) -> None:
+    """Every (labelled size, seed) run of one method in one Ray Train job; rows → ``runs.pt``."""
+    import torch
+
+    from stages.ssl.train import ssl_train_fn
+
+    config = {
+        "settings": settings,
+        "runs": runs,
+        "val_per_class": val_per_class,
+        "data_path": str(ctx.input_dir("dataset") / "data.npz"),
+    }
+    result = ctx.train(ssl_train_fn, config, num_workers=num_workers)
+    torch.save(result.checkpoint["results"], ctx.out_dir / "runs.pt")
+
+
+def scalar_trial(config: dict, report, *, data_path: str, settings: dict, val_per_class: int):
+    """Tune trainable: one scalar-λ run in-process; reports its numeric results."""
+    import torch
+
+    from stages.ssl.train import TrainSettings, train_run
+    from stages.training.context import LocalTrainContext
+
+    with np.load(data_path) as f:
+        data = {k: f[k] for k in f.files}
+    s = TrainSettings(**{**settings, "scalar_weight": float(config["scalar_weight"])})
+    row = train_run(  # the trial's GPU where Tune gave it one (the step asks for gpus="auto")
+        LocalTrainContext(device="cuda" if torch.cuda.is_available() else "cpu"),
+        data,
+        s,
+        labels_per_class=int(config["labels_per_class"]),
+        val_per_class=val_per_class,
+        seed=int(config["seed"]),
+    )
+    report({k: v for k, v in row.items() if isinstance(v, int | float | str)})
+
+
+def sweep_scalar(
+    ctx: StepContext,
+    *,
+    settings: dict,
+    labels_per_class: tuple[int, ...],
+    seeds: tuple[int, ...],
+    grid: tuple[float, ...],
+    val_per_class: int,
+) -> None:
+    """Tune over labelled size × seed × λ; the report picks λ per size on validation accuracy."""
+    trainable = functools.partial(
+        scalar_trial,
+        data_path=str(ctx.input_dir("dataset") / "data.npz"),
+        settings=settings,
+        val_per_class=val_per_class,
+    )
+    space = {
+        "labels_per_class": Grid(tuple(labels_per_class)),
+        "seed": Grid(tuple(seeds)),
+        "scalar_weight": Grid(tuple(grid)),
+    }
+    trials = ctx.sweep(trainable, space, metric="val_accuracy", mode="max")
+    failed = [t for t in trials if t["error"]]
+    if failed:
+        raise RuntimeError(f"{len(failed)} scalar-λ trials failed; first: {failed[0]['error']}")
+    rows = [{**t["metrics"], **{k: t["config"][k] for k in space}} for t in trials]
+    (ctx.out_dir / "trials.json").write_text(json.dumps(rows, indent=1, default=float))
