@@ -2,13 +2,20 @@
 
 Token authentication stays on (DESIGN): an embedded instance creates and uses a token; attaching to
 a cluster uses ``RAY_AUTH_TOKEN`` / ``RAY_AUTH_TOKEN_PATH`` / ``~/.ray/auth_token``.
+
+An embedded instance listens on loopback only: its node IP is 127.0.0.1, which makes Ray bind every
+process of the node there (GCS, raylet, dashboard and its agent, runtime-env agent, workers and
+the three Prometheus metrics endpoints). Attaching by address changes nothing about the cluster.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import logging
 import os
 import socket
+from collections.abc import Iterator
 
 import ray
 
@@ -63,15 +70,18 @@ def connect(
                         "env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
                     },
                 )
-            ray.init(
-                num_cpus=num_cpus or os.cpu_count(),
-                num_gpus=num_gpus,
-                object_store_memory=EMBEDDED_OBJECT_STORE_BYTES,
-                include_dashboard=include_dashboard,
-                dashboard_host="127.0.0.1",  # never expose an embedded dashboard beyond loopback
-                **init,
-                **common,
-            )
+            with _loopback_node():
+                ray.init(
+                    num_cpus=num_cpus or os.cpu_count(),
+                    num_gpus=num_gpus,
+                    object_store_memory=EMBEDDED_OBJECT_STORE_BYTES,
+                    include_dashboard=include_dashboard,
+                    dashboard_host="127.0.0.1",  # never expose an embedded dashboard beyond loopback
+                    _node_ip_address="127.0.0.1",
+                    **init,
+                    **common,
+                )
+            _require_loopback_node()
         quiet_data()
     res = ray.cluster_resources()
     return {
@@ -80,6 +90,55 @@ def connect(
         "gpus": res.get("GPU", 0.0),
         "nodes": len([n for n in ray.nodes() if n.get("Alive")]),
     }
+
+
+# Ray starts the autoscaler's and the dashboard's Prometheus endpoints on these fixed ports (44217,
+# 44227) unless its processes find them in the environment; a second instance on the machine then
+# loses both endpoints (the port is taken), so each embedded instance gets free ones.
+METRICS_PORT_VARS = ("AUTOSCALER_METRIC_PORT", "DASHBOARD_METRIC_PORT")
+
+
+@contextlib.contextmanager
+def _loopback_node() -> Iterator[None]:
+    """While an embedded instance starts: node IP 127.0.0.1, so that Ray binds it to loopback.
+
+    Ray 2.60 has no option for this on Linux: ``ray.init(_node_ip_address="127.0.0.1")`` is
+    replaced by the address that routes off the machine (``resolve_ip_for_localhost``), and with a
+    routable node IP the GCS, raylet, agents and workers bind ``[::]``/``0.0.0.0`` and the metrics
+    endpoints ``0.0.0.0``. Ray's own local-only mode (what it uses on macOS and Windows, switched by
+    ``ray_constants.ENABLE_RAY_CLUSTER``) resolves the node IP to loopback instead, and with a
+    loopback node IP each of those processes binds 127.0.0.1 (Ray checks ``is_localhost(node_ip)``).
+    The flag is read only while the IP of a process not yet connected is resolved, so it is
+    switched for the start-up alone; Ray passes the node IP to every process it starts.
+    """
+    from ray._private import ray_constants
+
+    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
+    saved_env = {name: os.environ.get(name) for name in METRICS_PORT_VARS}
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    for name in METRICS_PORT_VARS:  # read by the monitor and dashboard processes ray.init starts
+        os.environ.setdefault(name, str(_free_port()))
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _require_loopback_node() -> None:
+    """Fail closed if a Ray upgrade stops honouring the loopback node IP."""
+    ip = ray.util.get_node_ip_address()
+    if not ipaddress.ip_address(ip).is_loopback:
+        ray.shutdown()
+        raise RuntimeError(
+            f"the embedded Ray node got IP {ip}, not 127.0.0.1, so its processes would listen on "
+            "every interface; cluster/runtime.py's _loopback_node no longer works with this Ray "
+            "version"
+        )
 
 
 def _free_port() -> int:
