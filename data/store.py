@@ -2,8 +2,11 @@
 
 Every step output lives in its own directory ``<root>/<pipeline>/<step>/<key>/`` where ``key`` is a
 hash of everything the output depends on (see ``pipelines.engine.step_key``). A directory counts as
-complete only when it holds ``_COMPLETE.json``, written last and listing the size and SHA-256 of every
-file; an artifact whose files no longer match its marker is treated as missing, never trusted.
+complete only when it holds ``_COMPLETE.json``, written last and listing the size, mtime and SHA-256
+of every file; an artifact whose files no longer match its marker is treated as missing, never
+trusted. Checking costs no read of the data: on a local store a file whose size and mtime are those
+recorded is taken as written (a file whose mtime changed is hashed again), on an object store the
+size is compared; ``verify`` (``paperline verify``) hashes every byte on demand.
 
 Writes are atomic: a step writes into a private staging directory and the finished directory is
 renamed into place (local filesystems) or uploaded with the marker last (object stores reached through
@@ -35,9 +38,6 @@ MARKER = "_COMPLETE.json"
 # host); on the holder's own host a dead pid is detected at once. Holders refresh every LOCK_BEAT_S.
 LOCK_STALE_S = 60.0
 LOCK_BEAT_S = 5.0
-# Files above this size are checked by size only when the store is opened; hashing a multi-GB
-# feature cache on every run would cost more than recomputing small steps (benchmarks/engine).
-FULL_HASH_LIMIT_BYTES = 256 << 20
 
 
 def _sha256(path: Path) -> str:
@@ -53,7 +53,9 @@ def _file_index(directory: Path) -> dict[str, dict]:
     for path in sorted(directory.rglob("*")):
         if path.is_file() and path.name != MARKER:
             rel = path.relative_to(directory).as_posix()
-            index[rel] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+            st = path.stat()
+            # hashed here, where the bytes were just written (the worker of a task step)
+            index[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256(path)}
     return index
 
 
@@ -199,10 +201,51 @@ class ArtifactStore:
         for (rel, meta), info in zip(files.items(), infos, strict=True):
             if info.type != pafs.FileType.File or info.size != meta["size"]:
                 return None
-            if self.is_local and meta["size"] <= FULL_HASH_LIMIT_BYTES:
+            if self.is_local and info.mtime_ns != meta.get("mtime_ns"):
+                # touched since it was written (or a marker from before mtimes were recorded):
+                # its bytes decide
                 if _sha256(Path(base) / rel) != meta["sha256"]:
                     return None
         return marker
+
+    def verify(self, artifact: Artifact) -> list[str]:
+        """Every file of a complete artifact hashed in full against its marker (any store, any
+        size): the problems found, empty when it is intact."""
+        base = f"{self.root}/{artifact.relpath}"
+        try:
+            with self.fs.open_input_stream(f"{base}/{MARKER}") as f:
+                marker = json.loads(f.read())
+        except (OSError, FileNotFoundError, json.JSONDecodeError) as e:
+            return [f"{artifact.relpath}: no readable {MARKER} ({e})"]
+        problems = []
+        for rel, meta in marker.get("files", {}).items():
+            h, size = hashlib.sha256(), 0
+            try:
+                with self.fs.open_input_stream(f"{base}/{rel}") as f:
+                    while chunk := f.read(1 << 20):
+                        h.update(chunk)
+                        size += len(chunk)
+            except (OSError, FileNotFoundError):
+                problems.append(f"{artifact.relpath}/{rel}: missing")
+                continue
+            if size != meta["size"] or h.hexdigest() != meta["sha256"]:
+                problems.append(
+                    f"{artifact.relpath}/{rel}: {size} bytes, sha256 {h.hexdigest()[:12]}…; "
+                    f"marker says {meta['size']} bytes, {meta['sha256'][:12]}…"
+                )
+        return problems
+
+    def artifacts(self) -> list[Artifact]:
+        """Every artifact with a completion marker (``<pipeline>/<step>/<key>/``)."""
+        sel = pafs.FileSelector(self.root, recursive=True, allow_not_found=True)
+        out = []
+        for info in self.fs.get_file_info(sel):
+            rel = info.path[len(self.root) :].lstrip("/")
+            parts = rel.split("/")
+            if parts[-1] == MARKER and len(parts) == 4 and not parts[0].startswith(("_", ".")):
+                if not any(p.startswith(".") for p in parts):
+                    out.append(Artifact(self.uri, "/".join(parts[:3])))
+        return sorted(out, key=lambda a: a.relpath)
 
     def is_complete(self, artifact: Artifact) -> bool:
         return self.marker(artifact) is not None

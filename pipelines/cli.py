@@ -102,6 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="summarise a run directory")
     p.add_argument("run_dir")
+
+    p = sub.add_parser(
+        "verify", help="hash every file of a store's (or a run's) artifacts against its marker"
+    )
+    p.add_argument("target", help="an artifact store (path or URI) or a run directory")
+
+    p = sub.add_parser(
+        "claims", help="the paper claims tested by runs, with intervals and verdicts"
+    )
+    p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR",
+                   help="run directories (default: every run under --out with a claims.json)")  # fmt: skip
+    p.add_argument("--out", default="runs", help="root of run directories (default ./runs)")
+    p.add_argument("--json", action="store_true", help="a JSON list of claim rows")
     return parser
 
 
@@ -270,6 +283,35 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    """Full SHA-256 check on demand (runs themselves check sizes and mtimes only)."""
+    from data.store import Artifact, ArtifactStore
+
+    target = Path(args.target)
+    if (target / "manifest.json").is_file() and (target / "config.json").is_file():
+        config = json.loads((target / "config.json").read_text())
+        store = ArtifactStore(config["store"])
+        arts = [
+            Artifact(store.uri, m.get("artifact") or f"{config['pipeline']}/{m['step']}/{m['key']}")
+            for m in json.loads((target / "manifest.json").read_text())
+            if m.get("status") != "failed"
+        ]
+        arts = list(dict.fromkeys(arts))
+    else:
+        store = ArtifactStore(args.target)
+        arts = store.artifacts()
+        if not arts:
+            raise ConfigError(f"{args.target}: no run directory and no artifacts in it as a store")
+    problems = [p for a in arts for p in store.verify(a)]
+    for p in problems:
+        print(f"BAD {p}")
+    print(
+        f"verified {len(arts)} artifacts in {store.uri}: "
+        + (f"{len(problems)} problems" if problems else "every file matches its marker")
+    )
+    return 1 if problems else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -283,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_submit(args)
         if args.command == "jobs":
             return cmd_jobs(args)
+        if args.command == "verify":
+            return cmd_verify(args)
         return cmd_report(args)
     except ConfigError as e:
         print(f"paperline: error: {e}", file=sys.stderr)

@@ -31,6 +31,7 @@ from typing import Any
 from cluster.resources import Resources
 from data.store import Artifact, ArtifactStore
 from pipelines.config import ConfigError
+from pipelines.fingerprint import code_fingerprint
 
 KINDS = ("task", "map", "infer", "train", "sweep")
 
@@ -70,10 +71,13 @@ class Step:
 
 
 def step_key(step: Step, input_keys: Mapping[str, str]) -> str:
+    """hash(what is computed, the code that computes it, the config values it uses, its inputs'
+    keys): the same key means the same result (README "How it works")."""
     blob = json.dumps(
         {
             "step": step.identity,
             "version": step.version,
+            "code": code_fingerprint(step.fn),
             "params": dict(step.params),
             "inputs": dict(input_keys),
         },
@@ -158,6 +162,18 @@ class StepContext:
             name=f"{self.step}-{self.key}",
             **kwargs,
         )
+
+
+def _copy(src, dst) -> None:
+    """``shutil.copy2`` unless ``dst`` already is that copy (same size and mtime: copy2 keeps the
+    mtime), so a cached rerun does not read the published files again."""
+    try:
+        a, b = Path(src).stat(), Path(dst).stat()
+        if (a.st_size, a.st_mtime_ns) == (b.st_size, b.st_mtime_ns):
+            return
+    except FileNotFoundError:
+        pass
+    shutil.copy2(src, dst)
 
 
 def _json_default(obj):
@@ -345,6 +361,7 @@ def run_steps(
             "kind": s.kind,
             "key": keys[s.name],
             "version": s.version,
+            "code": code_fingerprint(s.fn),
             "params": dict(s.params),
             "inputs": {a: keys[i] for a, i in s.input_pairs()},
         }
@@ -383,6 +400,8 @@ def run_steps(
                 "step": s.name,
                 "kind": s.kind,
                 "key": keys[s.name],
+                "artifact": artifacts[s.name].relpath,
+                "code": code_fingerprint(s.fn),
                 "status": "cached",
                 "wall_s": 0.0,
                 "resources": s.resources.to_dict(),
@@ -422,6 +441,8 @@ def run_steps(
                     "step": s.name,
                     "kind": s.kind,
                     "key": keys[s.name],
+                    "artifact": artifacts[s.name].relpath,
+                    "code": code_fingerprint(s.fn),
                     "wall_s": wall,
                     "resources": s.resources.to_dict(),
                 }
@@ -455,9 +476,11 @@ def run_steps(
                 if store.is_local:
                     src = art.local_dir() / name
                     if src.is_dir():
-                        shutil.copytree(src, run_dir / name, dirs_exist_ok=True)
+                        shutil.copytree(
+                            src, run_dir / name, dirs_exist_ok=True, copy_function=_copy
+                        )
                     elif src.exists():
-                        shutil.copy2(src, run_dir / name)
+                        _copy(src, run_dir / name)
                 else:
                     art.copy_out(name, run_dir / name)
     if run_dir is not None:

@@ -230,9 +230,10 @@ def test_corrupted_artifact_is_recomputed_not_trusted(tmp_path, counter):
     assert "numbers" in run(tmp_path).computed()
 
 
-def test_keys_depend_on_params_version_and_inputs():
+def test_keys_depend_on_code_params_version_and_inputs():
     s = Step("a", fn=print, params={"x": 1})
-    assert step_key(s, {}) == step_key(Step("a", fn=len, params={"x": 1}), {})
+    assert step_key(s, {}) == step_key(Step("a", fn=print, params={"x": 1}), {})
+    assert step_key(s, {}) != step_key(Step("a", fn=len, params={"x": 1}), {})  # other code
     assert step_key(s, {}) != step_key(Step("a", fn=print, params={"x": 2}), {})
     assert step_key(s, {}) != step_key(Step("a", fn=print, params={"x": 1}, version="2"), {})
     assert step_key(s, {"b": "k1"}) != step_key(s, {"b": "k2"})
@@ -352,3 +353,44 @@ def test_variants_share_artifacts_by_stage_and_alias(tmp_path, counter):
     assert result.computed() == ["squares-plus1", "total-plus1"]
     assert read(result.artifacts["total-plus1"], "metrics.json") == {"total": 35}
     assert counts(counter)["squares"] == 2
+
+
+def test_the_cache_check_reads_no_data_unless_a_file_was_touched(tmp_path, counter, monkeypatch):
+    """Issue 18: a cached rerun checks sizes and mtimes; only a touched file is hashed again, and
+    `verify` hashes everything (it catches a same-size edit whose mtime was put back)."""
+    import os
+
+    import data.store as store_mod
+
+    first = run(tmp_path)
+    hashed: list[str] = []
+    real = store_mod._sha256
+    monkeypatch.setattr(store_mod, "_sha256", lambda p: hashed.append(Path(p).name) or real(p))
+    assert run(tmp_path).computed() == []
+    assert hashed == []  # nothing read
+    squares = first.artifacts["squares"].local_dir() / "squares.json"
+    os.utime(squares)  # touched, same bytes: hashed once, still trusted
+    assert run(tmp_path).computed() == [] and hashed == ["squares.json"]
+    store = ArtifactStore(tmp_path / "store")
+    recorded = store.marker(first.artifacts["squares"])["files"]["squares.json"]["mtime_ns"]
+    squares.write_text(squares.read_text().replace("16", "17"))  # same size
+    os.utime(squares, ns=(recorded, recorded))  # and the recorded mtime
+    assert store.is_complete(first.artifacts["squares"])  # the cheap check cannot see it ...
+    problems = store.verify(first.artifacts["squares"])  # ... the full one does
+    assert len(problems) == 1 and "squares.json" in problems[0]
+    assert store.verify(first.artifacts["numbers"]) == []
+    assert {a.relpath for a in store.artifacts()} == {a.relpath for a in first.artifacts.values()}
+
+
+def test_paperline_verify_on_a_store_and_a_run_directory(tmp_path, counter, capsys):
+    from pipelines import cli
+
+    first = run(tmp_path)
+    assert cli.main(["verify", str(tmp_path / "store")]) == 0
+    assert f"verified {len(first.artifacts)} artifacts" in capsys.readouterr().out
+    assert cli.main(["verify", str(tmp_path / "run")]) == 2  # toy runs write no config.json
+    squares = first.artifacts["squares"].local_dir() / "squares.json"
+    squares.write_text(squares.read_text().replace("16", "17"))
+    assert cli.main(["verify", str(tmp_path / "store")]) == 1
+    out = capsys.readouterr().out
+    assert "BAD toy/squares/" in out and "1 problems" in out
