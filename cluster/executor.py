@@ -17,6 +17,54 @@ import pyarrow as pa
 
 from cluster.resources import Resources
 
+# A bar appears once its step has run this long: short steps keep to their start/end lines.
+BAR_DELAY_S = 5.0
+
+
+def progress_bar(total: int | None, desc: str, unit: str, *, enabled: bool = True):
+    """The one progress display of a long unit of work (map items, inference rows, training
+    iterations, sweep trials), with rate and ETA when ``total`` is known. On a pipe (``| tee``)
+    it redraws every 30 s, on its own line: concurrent bars there would move the cursor with
+    escape codes."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    tty = sys.stderr.isatty()
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        disable=not enabled,
+        delay=BAR_DELAY_S,
+        mininterval=0.5 if tty else 30.0,
+        dynamic_ncols=tty,
+        **({} if tty else {"position": 0}),
+    )
+
+
+def train_position(metrics: dict, config: dict) -> tuple[float, float | None] | None:
+    """How far a training run is, from one of its reports: ``(done, total)`` for the first of
+    iteration/epoch/step that the report counts (total from the config's plural key, e.g.
+    ``iterations``), None when the report counts none of them."""
+    for unit in TRAIN_UNITS:
+        if isinstance(metrics.get(unit), int | float):
+            total = config.get(f"{unit}s")
+            return int(metrics[unit]), int(total) if isinstance(total, int | float) else None
+    return None
+
+
+TRAIN_UNITS = ("iteration", "epoch", "step")
+
+
+def train_total(config: dict) -> tuple[str, int | None]:
+    """The bar's unit and total before the first report: the first of ``iterations``/``epochs``/
+    ``steps`` the training config sets (the unit its reports count, ``train_position``)."""
+    for unit in TRAIN_UNITS:
+        if isinstance(config.get(f"{unit}s"), int | float):
+            return unit, int(config[f"{unit}s"])
+    return "report", None
+
 
 @dataclass
 class TrainResult:

@@ -32,22 +32,41 @@ WORKING_DIR_EXCLUDES = [
 
 
 def find_token() -> str | None:
+    return token_and_source()[0]
+
+
+def token_and_source() -> tuple[str | None, str]:
+    """The token and where it came from (for the error when a cluster refuses it)."""
     if os.environ.get("RAY_AUTH_TOKEN"):
-        return os.environ["RAY_AUTH_TOKEN"].strip()
+        return os.environ["RAY_AUTH_TOKEN"].strip(), "RAY_AUTH_TOKEN"
     for candidate in (os.environ.get("RAY_AUTH_TOKEN_PATH"), "~/.ray/auth_token"):
         if candidate:
             path = Path(candidate).expanduser()
             if path.is_file():
-                return path.read_text().strip()
-    return None
+                return path.read_text().strip(), str(path)
+    return None, ""
+
+
+class TokenRefused(RuntimeError):
+    """The cluster refused our token, or wanted one and got none: one line saying which token
+    was sent and from where (issue 22: a raw AuthenticationError traceback, and a token silently
+    read from another instance's ~/.ray/auth_token)."""
 
 
 def client(address: str):
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    token = find_token()
+    token, source = token_and_source()
     headers = {"Authorization": f"Bearer {token}"} if token else None
-    return JobSubmissionClient(address, headers=headers)
+    try:
+        return JobSubmissionClient(address, headers=headers)
+    except AuthenticationError:
+        sent = f"the token from {source}" if token else "no token (RAY_AUTH_TOKEN is not set)"
+        raise TokenRefused(
+            f"{address} refused {sent}: export RAY_AUTH_TOKEN=<the head's token> (the value the "
+            "head was started with) and RAY_AUTH_MODE=token"
+        ) from None
 
 
 def submit(
@@ -61,9 +80,17 @@ def submit(
     runtime_env = {"working_dir": str(working_dir), "excludes": WORKING_DIR_EXCLUDES}
     if env_vars:
         runtime_env["env_vars"] = env_vars
-    return client(address).submit_job(
-        entrypoint=entrypoint, runtime_env=runtime_env, metadata=metadata
-    )
+    c = client(address)
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            return c.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, metadata=metadata)
+        except RuntimeError as e:
+            # a head that has just started answers HTTP before its job agent is up (measured:
+            # "No available agent to submit job" seconds after `/api/version` answered)
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def status(address: str, job_id: str) -> str:

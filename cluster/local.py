@@ -1,7 +1,9 @@
 """In-process executor: the ``Executor`` contract (``cluster.executor``) with no Ray at all.
 
 Used by unit tests and for debugging a step with a plain Python debugger. Work runs sequentially in
-the calling process; resource requests are recorded but not enforced.
+the calling process; resource requests are recorded but not enforced, except threads: every unit
+of work runs with ``resources.threads()`` torch/OpenCV threads, as on Ray, so that an artifact's
+bytes do not depend on the executor (issue 22).
 """
 
 from __future__ import annotations
@@ -13,10 +15,9 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm.auto import tqdm
 
-from cluster.executor import Executor, TrainResult
-from cluster.resources import Resources
+from cluster.executor import Executor, TrainResult, progress_bar, train_position, train_total
+from cluster.resources import Resources, pinned_threads
 from cluster.space import expand
 
 
@@ -46,7 +47,8 @@ class LocalExecutor(Executor):
         self.progress = progress
 
     def run_task(self, fn: Callable, *args, resources: Resources = Resources(), **kwargs) -> Any:
-        return fn(*args, **kwargs)
+        with pinned_threads(resources.threads()):
+            return fn(*args, **kwargs)
 
     def map(
         self,
@@ -56,11 +58,12 @@ class LocalExecutor(Executor):
         resources: Resources = Resources(),
         desc: str = "map",
     ) -> list:
-        bar = tqdm(total=len(items), desc=desc, unit="item", disable=not self.progress)
+        bar = progress_bar(len(items), desc, "item", enabled=self.progress)
         out = []
-        for item in items:
-            out.append(fn(item))
-            bar.update(1)
+        with pinned_threads(resources.threads()):
+            for item in items:
+                out.append(fn(item))
+                bar.update(1)
         bar.close()
         return out
 
@@ -78,11 +81,20 @@ class LocalExecutor(Executor):
     ) -> None:
         """Run ``predictor(**kwargs)(batch: pa.Table) -> pa.Table`` over ``source`` and write the
         results as Parquet files in ``output_dir``."""
+        with pinned_threads(resources.threads()):
+            self._infer(source, predictor, predictor_kwargs, output_dir, batch_size, desc)
+
+    def _infer(self, source, predictor, predictor_kwargs, output_dir, batch_size, desc) -> None:
         model = predictor(**predictor_kwargs)
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         writer = None
-        bar = tqdm(desc=desc, unit="row", disable=not self.progress)
+        rows = (
+            source.num_rows
+            if isinstance(source, pa.Table)
+            else sum(pq.ParquetFile(p).metadata.num_rows for p in source)
+        )
+        bar = progress_bar(rows, desc, "row", enabled=self.progress)
         for batch in iter_batches(source, batch_size):
             result = model(batch)
             if writer is None:
@@ -107,7 +119,21 @@ class LocalExecutor(Executor):
         from stages.training.context import LocalTrainContext
 
         ctx = LocalTrainContext(checkpoint_dir=Path(storage_path) / name / "local")
-        train_fn(ctx, config)
+        unit, total = train_total(config)
+        bar = progress_bar(total, name.rsplit("-", 1)[0], unit, enabled=self.progress)
+        report = ctx.report
+
+        def report_and_show(metrics: dict, checkpoint: dict | None = None) -> None:
+            report(metrics, checkpoint)
+            position = train_position(metrics, config)
+            if position is not None:
+                bar.total = position[1] if position[1] is not None else bar.total
+                bar.update(position[0] - bar.n)
+
+        ctx.report = report_and_show  # type: ignore[method-assign]
+        with pinned_threads(resources_per_worker.threads()):
+            train_fn(ctx, config)
+        bar.close()
         metrics = ctx.history[-1] if ctx.history else {}
         checkpoint = ctx.last_checkpoint or ctx.load_checkpoint()
         return TrainResult(metrics=metrics, checkpoint=checkpoint, history=ctx.history)
@@ -143,14 +169,18 @@ class LocalExecutor(Executor):
                         finished[_trial_id(r["config"])] = r
         journal.write_text("".join(json.dumps(r, default=str) + "\n" for r in finished.values()))
         results = []
-        for config in expand(space, num_samples, seed):
+        configs = expand(space, num_samples, seed)
+        bar = progress_bar(len(configs), "trials", "trial", enabled=self.progress)
+        for config in configs:
+            bar.update(len(results) - bar.n)
             if _trial_id(config) in finished:
                 results.append(finished[_trial_id(config)])
                 continue
             history: list[dict] = []
             error = None
             try:
-                trainable(config, history.append)
+                with pinned_threads(resources_per_trial.threads()):
+                    trainable(config, history.append)
             except Exception as e:  # a failed trial is a result, as under Tune
                 error = f"{type(e).__name__}: {e}"
             result = {
@@ -162,6 +192,8 @@ class LocalExecutor(Executor):
             results.append(result)
             with open(journal, "a") as f:
                 f.write(json.dumps(result, default=str) + "\n")
+        bar.update(len(results) - bar.n)
+        bar.close()
         return results
 
 

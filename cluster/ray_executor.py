@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
@@ -16,11 +17,10 @@ from typing import Any
 
 import pyarrow as pa
 import ray
-from tqdm.auto import tqdm
 
-from cluster.executor import Executor, TrainResult
+from cluster.executor import Executor, TrainResult, progress_bar, train_position, train_total
 from cluster.resources import Resources, limit_threads
-from cluster.space import Choice, Grid, Uniform
+from cluster.space import Choice, Grid, Uniform, expand
 
 _LIBRARY_IMPORT = threading.Lock()
 _TUNE_RUN = threading.Lock()
@@ -55,6 +55,45 @@ def _schedulable_cpus() -> float:
     return max(1.0, float(int(max(free)))) if free else 0.0
 
 
+def original_error(error: BaseException) -> BaseException:
+    """The exception user code raised, out of Ray's wrappings: a task's ``RayTaskError`` (whose
+    message repeats the remote traceback), Ray Data's ``UserCodeException``, Ray Train's
+    ``WorkerGroupError``/``ControllerError``. Users see ``DatasetError: <path>: <problem>`` in one
+    line, as in-process (issue 22); the remote traceback stays on ``remote_traceback``."""
+    from ray.exceptions import RayTaskError, UserCodeException
+
+    seen = 0
+    remote = ""
+    while seen < 10:  # wrappings nest (a Train worker's task error inside a worker-group error)
+        seen += 1
+        if isinstance(error, RayTaskError) and error.cause is not None:
+            remote = remote or str(error)
+            error = error.cause
+        elif isinstance(error, UserCodeException) and error.__cause__ is not None:
+            error = error.__cause__
+        elif getattr(error, "worker_failures", None):  # ray.train WorkerGroupError
+            remote = remote or str(error)
+            error = next(iter(error.worker_failures.values()))
+        elif getattr(error, "controller_failure", None) is not None:  # ray.train ControllerError
+            error = error.controller_failure
+        else:
+            break
+    if remote and not getattr(error, "remote_traceback", ""):
+        try:
+            error.remote_traceback = remote  # type: ignore[attr-defined]
+        except AttributeError:  # pragma: no cover - exceptions with __slots__
+            pass
+    return error
+
+
+def _get(refs):
+    """``ray.get`` raising the remote code's own exception (``original_error``)."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        raise original_error(e) from None
+
+
 def _call(fn: Callable, threads: int, *args, **kwargs):
     limit_threads(threads)
     return fn(*args, **kwargs)
@@ -65,22 +104,83 @@ def _remote_call(fn: Callable, threads: int, args: tuple, kwargs: dict):
     return _call(fn, threads, *args, **kwargs)
 
 
+@ray.remote(num_cpus=0)
+class _Progress:
+    """Where remote work counts what it has done, for the driver's progress bar (``_RemoteBar``):
+    Ray Data's and Train's own displays are off (``runtime.quiet_data``, ``log_to_driver``)."""
+
+    def __init__(self):
+        self.done, self.total = 0, None
+
+    def add(self, n: float) -> None:
+        self.done += n
+
+    def set(self, done: float, total: float | None) -> None:
+        self.done, self.total = done, total if total is not None else self.total
+
+    def get(self) -> tuple[float, float | None]:
+        return self.done, self.total
+
+
+class _RemoteBar:
+    """A driver-side bar fed by a ``_Progress`` actor, polled every second while the work runs."""
+
+    def __init__(self, total: float | None, desc: str, unit: str, enabled: bool):
+        self.enabled = enabled
+        self.actor = _Progress.remote() if enabled else None
+        self.bar = progress_bar(total, desc, unit, enabled=enabled)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(1.0):
+            self._update()
+
+    def _update(self) -> None:
+        try:
+            done, total = ray.get(self.actor.get.remote(), timeout=5)
+        except Exception:  # noqa: BLE001 - a display, never a reason to fail the step
+            return
+        if total is not None and self.bar.total != total:
+            self.bar.total = total
+        self.bar.update(done - self.bar.n)
+
+    def __enter__(self) -> _RemoteBar:
+        if self.enabled:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self._stop.set()
+            self._thread.join()
+            self._update()
+            ray.kill(self.actor)
+        self.bar.close()
+
+
 class _PredictorActor:
     """Ray Data actor: builds the model once in ``__init__`` and applies it to each batch."""
 
-    def __init__(self, factory: type, kwargs: dict, threads: int):
+    def __init__(self, factory: type, kwargs: dict, threads: int, progress=None):
         limit_threads(threads)
         self.model = factory(**kwargs)
+        self.progress = progress
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return self.model(batch)
+        out = self.model(batch)
+        if self.progress is not None:
+            self.progress.add.remote(batch.num_rows)
+        return out
 
 
 class RayTrainContext:
     """``stages.training.context.TrainContext`` on Ray Train (V2 API)."""
 
-    def __init__(self):
+    def __init__(self, progress=None, config: dict | None = None):
         import ray.train.torch as rt
+
+        self._progress, self._config = progress, config or {}
 
         ctx = ray.train.get_context()
         self.world_size = ctx.get_world_size()
@@ -103,6 +203,9 @@ class RayTrainContext:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
             else:
                 ray.train.report(metrics)
+        position = train_position(metrics, self._config)
+        if self._progress is not None and self.rank == 0 and position is not None:
+            self._progress.set.remote(*position)
 
     def load_checkpoint(self) -> dict | None:
         from stages.training.context import load_checkpoint_file
@@ -114,9 +217,9 @@ class RayTrainContext:
             return load_checkpoint_file(Path(d) / "checkpoint.pt")
 
 
-def _train_loop(train_fn: Callable, threads: int, config: dict) -> None:
+def _train_loop(train_fn: Callable, threads: int, progress, config: dict) -> None:
     limit_threads(threads)
-    train_fn(RayTrainContext(), config)
+    train_fn(RayTrainContext(progress, config), config)
 
 
 def _named_trial(trainable: Callable, threads: int, name: str) -> Callable[[dict], None]:
@@ -136,12 +239,21 @@ def _tune_trial(trainable: Callable, threads: int, config: dict) -> None:
     from ray import tune
 
     limit_threads(threads)
-    trainable(config, tune.report)
+    trainable(config.get(_TRIAL, config), tune.report)
 
 
-def _tune_space(space: dict) -> dict:
+_TRIAL = "__paperline_trial__"  # one grid value per pre-drawn trial config (see _tune_space)
+
+
+def _tune_space(space: dict, num_samples: int, seed: int) -> tuple[dict, int]:
+    """Tune's param space and num_samples for ``space``. A space with sampled dimensions is drawn
+    here, with ``cluster.space.expand`` and the sweep's seed, exactly as the in-process executor
+    draws it, and given to Tune as a grid of whole configs: Tune's own sampling ignored the seed,
+    so the same sweep drew other trials on Ray (issue 18)."""
     from ray import tune
 
+    if any(isinstance(v, Uniform | Choice) for v in space.values()):
+        return {_TRIAL: tune.grid_search(expand(space, num_samples, seed))}, 1
     out = {}
     for key, value in space.items():
         if isinstance(value, Grid):
@@ -152,7 +264,37 @@ def _tune_space(space: dict) -> dict:
             out[key] = tune.choice(list(value.values))
         else:
             out[key] = value
-    return out
+    return out, num_samples
+
+
+def _trial_bar(total: int, enabled: bool):
+    """A Tune callback (it runs on the driver) counting finished trials on one bar."""
+    from ray import tune
+
+    class TrialBar(tune.Callback):
+        def __init__(self):
+            self.bar = progress_bar(total, "trials", "trial", enabled=enabled)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.bar.update(1)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.bar.update(1)
+
+        def on_experiment_end(self, trials, **info):
+            self.bar.close()
+
+    return TrialBar()
+
+
+def trust_store() -> bool:
+    """Whether Tune state may be unpickled from an object-store path (``--trust-store``)."""
+    return os.environ.get("PAPERLINE_TRUST_STORE", "") not in ("", "0", "false")
+
+
+def _one_line(error: BaseException) -> str:
+    """``Type: message`` as the in-process executor reports a failed trial."""
+    return f"{type(error).__name__}: {error}"
 
 
 class RayExecutor(Executor):
@@ -181,7 +323,7 @@ class RayExecutor(Executor):
         ref = _remote_call.options(**self._options(resources)).remote(
             fn, resources.threads(), args, kwargs
         )
-        return ray.get(ref)
+        return _get(ref)
 
     def map(
         self,
@@ -194,13 +336,13 @@ class RayExecutor(Executor):
         """One Ray task per item (retried by Ray if its worker or node dies); results in order."""
         remote = _remote_call.options(**self._options(resources), max_retries=3)
         refs = [remote.remote(fn, resources.threads(), (item,), {}) for item in items]
-        bar = tqdm(total=len(refs), desc=desc, unit="item", disable=not self.progress)
+        bar = progress_bar(len(refs), desc, "item", enabled=self.progress)
         pending = list(refs)
         while pending:  # no ray.get in a loop: wait for whichever finishes next
             done, pending = ray.wait(pending, num_returns=1)
             bar.update(len(done))
         bar.close()
-        return ray.get(refs)
+        return _get(refs)
 
     def infer(
         self,
@@ -216,19 +358,25 @@ class RayExecutor(Executor):
     ) -> None:
         """Ray Data ``map_batches`` with an actor pool; each actor holds one model (GPU if asked)."""
         if isinstance(source, pa.Table):
+            rows = source.num_rows
             # one block per batch, so every actor of the pool gets work (a single block would
             # feed a single actor)
             blocks = [source.slice(i, batch_size) for i in range(0, source.num_rows, batch_size)]
             ds = ray.data.from_arrow(blocks or [source])
         else:
+            import pyarrow.parquet as pq
+
+            rows = sum(pq.ParquetFile(p).metadata.num_rows for p in source)  # footers only
             ds = ray.data.read_parquet(list(source))
         opts = self._options(resources)
+        remote_bar = _RemoteBar(rows, desc, "row", self.progress)
         ds = ds.map_batches(
             _PredictorActor,
             fn_constructor_kwargs={
                 "factory": predictor,
                 "kwargs": predictor_kwargs,
                 "threads": resources.threads(),
+                "progress": remote_bar.actor,
             },
             batch_size=batch_size,
             batch_format="pyarrow",
@@ -236,7 +384,11 @@ class RayExecutor(Executor):
             num_cpus=opts["num_cpus"],
             num_gpus=opts["num_gpus"],
         )
-        ds.write_parquet(str(output_dir))
+        try:
+            with remote_bar:
+                ds.write_parquet(str(output_dir))
+        except Exception as e:  # noqa: BLE001 - re-raised as the predictor's own error
+            raise original_error(e) from None
 
     def train(
         self,
@@ -252,15 +404,23 @@ class RayExecutor(Executor):
         """Ray Train ``TorchTrainer``. Resume = the same (name, storage_path): a rerun after a crash
         starts from the last reported checkpoint (Train V2 has no ``Trainer.restore``)."""
         _import_train_and_tune()
-        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
         cap = _schedulable_cpus()
         if 0 < cap < resources_per_worker.cpus:  # a request above it would wait for ever
-            resources_per_worker = dataclasses.replace(resources_per_worker, cpus=cap)
+            # fewer CPUs, the same threads: the thread count is part of the step's key (a sweep's
+            # trial once fine-tuned on 1 thread and a plain run on 2, 5 mAP points apart)
+            resources_per_worker = dataclasses.replace(
+                resources_per_worker, cpus=cap, torch_threads=resources_per_worker.threads()
+            )
         gpus = resources_per_worker.resolve_gpus(self.cluster_gpus())
+        unit, total = train_total(config)
+        remote_bar = _RemoteBar(total, name.rsplit("-", 1)[0], unit, self.progress)
         trainer = TorchTrainer(
-            functools.partial(_train_loop, train_fn, resources_per_worker.threads()),
+            functools.partial(
+                _train_loop, train_fn, resources_per_worker.threads(), remote_bar.actor
+            ),
             train_loop_config=config,
             scaling_config=ScalingConfig(
                 num_workers=num_workers,
@@ -274,9 +434,15 @@ class RayExecutor(Executor):
                 name=name,
                 storage_path=storage_path,
                 failure_config=FailureConfig(max_failures=max_failures),
+                # resuming needs the last one; every older checkpoint only filled the store
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
             ),
         )
-        result = trainer.fit()
+        try:
+            with remote_bar:
+                result = trainer.fit()
+        except Exception as e:  # noqa: BLE001 - re-raised as the training function's own error
+            raise original_error(e) from None
         checkpoint = None
         if result.checkpoint is not None:
             from stages.training.context import load_checkpoint_file
@@ -349,8 +515,6 @@ class RayExecutor(Executor):
         scheduler: str | None,
         seed: int,
     ) -> list[dict]:
-        import os
-
         _import_train_and_tune()
         from ray import tune
 
@@ -365,6 +529,14 @@ class RayExecutor(Executor):
         )
         path = f"{storage_path.rstrip('/')}/{name}"
         if resume and tune.Tuner.can_restore(path):
+            if "://" in path and not path.startswith("file://") and not trust_store():
+                # Tuner.restore unpickles the experiment state: from an object store anyone
+                # with write access to the bucket could run code on this driver (issue 18)
+                raise PermissionError(
+                    f"{path}: an interrupted Tune experiment is on an object store; resuming it "
+                    "unpickles its state. Pass --trust-store (or PAPERLINE_TRUST_STORE=1) if you "
+                    "trust everyone who can write there, or --force STEP to start it afresh"
+                )
             tuner = tune.Tuner.restore(
                 path, trainable=fn, resume_unfinished=True, resume_errored=True
             )
@@ -374,13 +546,14 @@ class RayExecutor(Executor):
                 sched = tune.schedulers.ASHAScheduler()
             elif scheduler:
                 raise ValueError(f"unknown scheduler {scheduler!r}; valid: asha")
+            param_space, samples = _tune_space(space, num_samples, seed)
             tuner = tune.Tuner(
                 fn,
-                param_space=_tune_space(space),
+                param_space=param_space,
                 tune_config=tune.TuneConfig(
                     metric=metric,
                     mode=mode,
-                    num_samples=num_samples,
+                    num_samples=samples,
                     max_concurrent_trials=max_concurrent,
                     scheduler=sched,
                     # A new trial actor is a new Python process importing Tune, the pipeline and
@@ -390,7 +563,12 @@ class RayExecutor(Executor):
                     # carries over from the last trial that actor ran.
                     reuse_actors=True,
                 ),
-                run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=0),
+                run_config=tune.RunConfig(
+                    name=name,
+                    storage_path=storage_path,
+                    verbose=0,
+                    callbacks=[_trial_bar(len(expand(space, num_samples, seed)), self.progress)],
+                ),
             )
         grid = tuner.fit()
         results = []
@@ -400,10 +578,10 @@ class RayExecutor(Executor):
             )
             results.append(
                 {
-                    "config": r.config,
+                    "config": r.config.get(_TRIAL, r.config),
                     "metrics": dict(r.metrics or {}),
                     "history": history,
-                    "error": str(r.error) if r.error else None,
+                    "error": _one_line(original_error(r.error)) if r.error else None,
                 }
             )
         return results

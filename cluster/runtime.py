@@ -16,12 +16,26 @@ import logging
 import os
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import ray
 
 # Small machines: Ray's default object store (30% of RAM) starves torch; large arrays go through the
 # store's Parquet files, not the object store, so 2 GiB is plenty for the embedded case.
 EMBEDDED_OBJECT_STORE_BYTES = 2 << 30
+
+
+def _code_runtime_env() -> dict:
+    """Attaching to a cluster ships this checkout's code, as ``paperline submit`` does: the
+    workers then run the code whose fingerprint is in the step keys, not whatever copy a node
+    has installed (issue 18). Not inside a submitted job (its runtime_env already carries the
+    code) nor with ``PAPERLINE_SHIP_CODE=0``."""
+    from cluster.jobs import WORKING_DIR_EXCLUDES
+
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ or os.environ.get("PAPERLINE_SHIP_CODE") == "0":
+        return {}
+    repo = Path(__file__).resolve().parent.parent
+    return {"runtime_env": {"working_dir": str(repo), "excludes": WORKING_DIR_EXCLUDES}}
 
 
 def connect(
@@ -31,19 +45,28 @@ def connect(
     num_gpus: int | None = None,
     temp_dir: str | None = None,
     include_dashboard: bool | None = None,
+    verbose: bool | None = None,
 ) -> dict:
-    """Start or attach to Ray once per process; returns a short description of the cluster."""
+    """Start or attach to Ray once per process; returns a short description of the cluster.
+
+    Quiet unless ``verbose`` (default: ``PAPERLINE_VERBOSE``, set by ``paperline -v``): workers'
+    output stays in Ray's log files and the driver shows only the engine's step lines and
+    progress bars (issue 22: Train's per-report lines, the Train controller's GetTimeoutError
+    tracebacks, core-worker errors and idle workers' exit crash dumps drowned them). A remote
+    error still reaches the user: its exception is re-raised on the driver (``original_error``)."""
     address = address or os.environ.get("RAY_ADDRESS")
+    if verbose is None:
+        verbose = is_verbose()
     if not ray.is_initialized():
         # workers log at WARNING: Ray Train's per-report INFO lines drown the progress output
         common = dict(
             configure_logging=True,
-            logging_level=logging.WARNING,
-            log_to_driver=True,
+            logging_level=logging.WARNING if verbose else logging.ERROR,
+            log_to_driver=verbose,
             logging_config=ray.LoggingConfig(log_level="WARNING"),
         )
         if address:
-            ray.init(address=address, **common)
+            ray.init(address=address, **_code_runtime_env(), **common)
         else:
             if include_dashboard is None:
                 include_dashboard = os.environ.get("PAPERLINE_DASHBOARD", "1") != "0"
@@ -54,6 +77,13 @@ def connect(
             # a training step waits for CPUs like any task (concurrent steps of a small machine
             # queue), instead of failing after Train's default 60 s worker-group start timeout
             os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "1800")
+            if not verbose:
+                # "Token authentication is enabled", on every run: what DESIGN asks for, so not a
+                # warning here. (RAY_AUTH_MODE=token would say it explicitly, but then Ray does
+                # not create the token of a new local cluster and the GCS refuses the driver.)
+                logging.getLogger(
+                    "ray._private.authentication.authentication_token_setup"
+                ).setLevel(logging.ERROR)
             # "local": always a new embedded instance. With no address, ray.init would attach to
             # the cluster a `ray start` on this host last recorded (/tmp/ray/ray_current_cluster)
             # and then fail on num_cpus; attaching is what --address auto is for.
@@ -82,7 +112,9 @@ def connect(
                     **common,
                 )
             _require_loopback_node()
-        quiet_data()
+    # also where Ray was already initialised: a Tune trial (`paperline sweep`) runs its pipeline's
+    # Ray Data steps from the trial's process, whose DataContext showed the bars (issue 22)
+    quiet_data(verbose)
     res = ray.cluster_resources()
     return {
         "address": address or "embedded",
@@ -147,12 +179,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def quiet_data() -> None:
+def is_verbose() -> bool:
+    return os.environ.get("PAPERLINE_VERBOSE", "") not in ("", "0", "false")
+
+
+def quiet_data(verbose: bool = False) -> None:
+    """Ray Data without its own progress bars and start/finish lines (the engine draws one bar
+    per step); ``verbose`` brings them back."""
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
+    ctx.enable_progress_bars = verbose
+    ctx.print_on_execution_start = verbose
+    # "Data sink Parquet finished. N rows" counted the rows of one block, not the dataset's
+    logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
+    # "Progress bars disabled. To enable, set ...": what quiet asks for (-v enables them)
+    logging.getLogger("ray.data._internal.progress").setLevel(
+        logging.NOTSET if verbose else logging.ERROR
+    )
+    dataset_log = logging.getLogger("ray.data.dataset")
+    for f in [f for f in dataset_log.filters if isinstance(f, _NoCpuWarning)]:
+        dataset_log.removeFilter(f)
+    if not verbose:
+        dataset_log.addFilter(_NoCpuWarning())
+
+
+class _NoCpuWarning(logging.Filter):
+    """Drops Ray Data's "no available CPUs ... The Dataset job will hang" warning, which it gives
+    whenever an inference step starts while concurrent steps hold every CPU. Here that is a
+    queue, not a hang: those steps finish and release them, and a `paperline sweep` trial holds
+    0.05 CPU (``pipelines.sweep.run_sweep``), never a whole one, so trials cannot starve it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Dataset job will hang" not in record.getMessage()
 
 
 def shutdown() -> None:

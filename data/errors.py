@@ -14,3 +14,7 @@ class DatasetError(ValueError):
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
+
+    def __reduce__(self):  # two arguments: Ray pickles it back to the driver (issue 22: before,
+        # the driver got "UnserializableException: Failed to deserialize exception")
+        return (type(self), (self.path, self.problem))

@@ -59,6 +59,19 @@ def _file_index(directory: Path) -> dict[str, dict]:
     return index
 
 
+# Remote artifacts downloaded by this process (relpaths), for tests that count them.
+DOWNLOADS: list[str] = []
+
+
+def node_cache_dir() -> Path:
+    """Where this node keeps copies of a remote store's artifacts: ``$PAPERLINE_CACHE_DIR``, else
+    ``<tmp>/paperline-cache``. Each copy is named after its artifact's completion marker, filled
+    once per node and artifact version, and never changed once in place."""
+    return Path(
+        os.environ.get("PAPERLINE_CACHE_DIR") or Path(tempfile.gettempdir()) / "paperline-cache"
+    )
+
+
 def _is_local(uri: str) -> bool:
     return "://" not in uri or uri.startswith("file://")
 
@@ -89,15 +102,27 @@ class Artifact:
             return store.local_root / self.relpath
         base = f"{store.root}/{self.relpath}"
         with store.fs.open_input_stream(f"{base}/{MARKER}") as f:
-            version = hashlib.sha256(f.read()).hexdigest()[:16]
-        cache = Path(tempfile.gettempdir()) / "paperline-cache" / self.relpath / version
+            marker_bytes = f.read()
+        version = hashlib.sha256(marker_bytes).hexdigest()[:16]
+        cache = node_cache_dir() / self.relpath / version
         if not (cache / MARKER).exists():
             tmp = cache.with_name(f".{cache.name}.{uuid.uuid4().hex[:8]}")
             tmp.mkdir(parents=True)
-            pafs.copy_files(base, str(tmp), source_filesystem=store.fs)
             try:
+                pafs.copy_files(base, str(tmp), source_filesystem=store.fs)
+                # the copy is checked against the marker it was named after before anyone
+                # trusts it (a partial download or a republish mid-copy never becomes the copy)
+                marker = json.loads(marker_bytes)
+                for rel, meta in marker.get("files", {}).items():
+                    if _sha256(tmp / rel) != meta["sha256"]:
+                        raise OSError(f"{self.uri}/{rel}: downloaded bytes differ from the marker")
+                (tmp / MARKER).write_bytes(marker_bytes)
+                DOWNLOADS.append(self.relpath)
                 os.rename(tmp, cache)  # atomic; fails if another reader published it first
             except OSError:
+                if not (cache / MARKER).exists():
+                    raise
+            finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         return cache
 
@@ -121,6 +146,10 @@ class Artifact:
         elif info.type == pafs.FileType.File:
             pafs.copy_files(src, str(dest), source_filesystem=store.fs)
 
+    def file(self, name: str = "") -> ArtifactFile:
+        """A reference to one file of the artifact, for remote work to resolve on its node."""
+        return ArtifactFile(self, name)
+
     def path(self, name: str) -> Path:
         """Local path of one file of the artifact."""
         return self.local_dir() / name
@@ -128,6 +157,31 @@ class Artifact:
     def read_json(self, name: str):
         with open(self.path(name)) as f:
             return json.load(f)
+
+
+@dataclass(frozen=True)
+class ArtifactFile:
+    """A reference to one file (or folder) of an artifact, resolved where it is used: remote work
+    (map tasks, Tune trials, Train workers) gets this, not a path of the driver's disk, and
+    ``os.fspath(ref)`` / ``str(ref)`` / ``Path(ref)`` give a path on the node that runs it — the
+    store's own path on a mounted filesystem, else this node's verified copy (issue 18).
+    Picklable: it holds two strings and a name."""
+
+    artifact: Artifact
+    name: str = ""  # relative to the artifact's directory; "" = the directory itself
+
+    def path(self) -> Path:
+        base = self.artifact.local_dir()
+        return base / self.name if self.name else base
+
+    def __fspath__(self) -> str:
+        return str(self.path())
+
+    def __str__(self) -> str:
+        return str(self.path())
+
+    def __truediv__(self, name: str) -> ArtifactFile:
+        return ArtifactFile(self.artifact, f"{self.name}/{name}" if self.name else name)
 
 
 def filesystem_from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -186,6 +240,69 @@ class ArtifactStore:
         that a recomputation starts from scratch instead of resuming from it."""
         with contextlib.suppress(FileNotFoundError, OSError):
             self.fs.delete_dir(f"{self.root}/_work/{pipeline}/{name}")
+
+    # -- cleaning up -----------------------------------------------------------------------------
+    def gc(self, dry_run: bool = False) -> dict[str, list[str]]:
+        """Remove what no run will read again (``paperline gc``): staging and moved-aside
+        directories of steps that are not being computed now, stale locks, Train checkpoints and
+        Tune experiments under ``_work/`` whose artifact is complete, and this node's downloaded
+        copies that a republished artifact superseded. Returns what was (or would be) removed."""
+        removed: dict[str, list[str]] = {"staging": [], "locks": [], "work": [], "cache": []}
+        entries = self.fs.get_file_info(
+            pafs.FileSelector(self.root, recursive=True, allow_not_found=True)
+        )
+        complete_keys = set()
+        for info in entries:
+            rel = info.path[len(self.root) :].lstrip("/")
+            parts = rel.split("/")
+            if parts[-1] == MARKER and len(parts) == 4 and not parts[0].startswith(("_", ".")):
+                complete_keys.add(parts[2])
+        for info in entries:
+            rel = info.path[len(self.root) :].lstrip("/")
+            parts = rel.split("/")
+            name = parts[-1]
+            if len(parts) == 3 and name.endswith(".lock"):
+                if self._lock_is_stale(info.path, self._lock_owner(info.path)):
+                    removed["locks"].append(rel)
+            elif len(parts) == 3 and name.startswith(".") and (".tmp-" in name or ".old-" in name):
+                key = name[1:].split(".", 1)[0]
+                lock = f"{self.root}/{'/'.join(parts[:2])}/{key}.lock"
+                if self.fs.get_file_info(lock).type == pafs.FileType.NotFound or (
+                    self._lock_is_stale(lock, self._lock_owner(lock))
+                ):
+                    removed["staging"].append(rel)
+            elif len(parts) == 3 and parts[0] == "_work" and info.type == pafs.FileType.Directory:
+                if name.rsplit("-", 1)[-1] in complete_keys:  # "<step>-<key>": nothing to resume
+                    removed["work"].append(rel)
+        if not dry_run:
+            for kind in ("locks", "staging", "work"):
+                for rel in removed[kind]:
+                    path = f"{self.root}/{rel}"
+                    with contextlib.suppress(OSError, FileNotFoundError):
+                        if kind == "locks":
+                            self.fs.delete_file(path)
+                        else:
+                            self.fs.delete_dir(path)
+        if not self.is_local:
+            removed["cache"] = self._gc_cache(dry_run)
+        return removed
+
+    def _gc_cache(self, dry_run: bool) -> list[str]:
+        """This node's copies of this store's artifacts whose marker is no longer the store's."""
+        out = []
+        cache_root = node_cache_dir()
+        for art in self.artifacts():
+            local = cache_root / art.relpath
+            if not local.is_dir():
+                continue
+            current = art.read_bytes(MARKER)
+            version = hashlib.sha256(current).hexdigest()[:16] if current else None
+            for copy in local.iterdir():
+                if copy.name != version:
+                    out.append(str(copy))
+                    if not dry_run:
+                        shutil.rmtree(copy, ignore_errors=True)
+        return out
 
     # -- completion ------------------------------------------------------------------------------
     def marker(self, artifact: Artifact) -> dict | None:

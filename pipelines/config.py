@@ -7,6 +7,8 @@ annotation, so a typo or a wrong type fails before any work starts, with the val
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import hashlib
 import json
@@ -38,6 +40,42 @@ def valid_keys(cfg) -> list[str]:
         else:
             keys.append(name)
     return keys
+
+
+def describe_keys(cfg) -> list[tuple[str, str, str]]:
+    """``(key, type, value)`` for every dotted key of ``cfg`` (``paperline list PIPELINE``)."""
+    out = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out += [(f"{f.name}.{k}", t, v) for k, t, v in describe_keys(value)]
+        else:
+            hint = _hints(type(cfg))[f.name]
+            kind = getattr(hint, "__name__", None) if get_origin(hint) is None else None
+            out.append((f.name, kind or str(hint).replace("typing.", ""), repr(value)))
+    return out
+
+
+def unknown_key(full: str, root) -> ConfigError:
+    """An unknown ``--set`` key: the closest keys (``svm.c`` → ``svm.C``) and the keys of its
+    section, not all ≈ 70 keys on one line (issue 22)."""
+    import difflib
+
+    keys = valid_keys(root)
+    lower = {k.lower(): k for k in keys}
+    close = [lower[full.lower()]] if full.lower() in lower else []
+    close = close or difflib.get_close_matches(full, keys, n=3, cutoff=0.6)
+    section = full.partition(".")[0]
+    same = [k for k in keys if k.startswith(section + ".")]
+    msg = f"unknown key {full!r}"
+    if close:
+        msg += f" (did you mean {' or '.join(close)}?)"
+    if same:
+        msg += f"; keys of {section}: {', '.join(k.partition('.')[2] for k in same)}"
+    else:
+        sections = list(dict.fromkeys(k.partition(".")[0] for k in keys))
+        msg += f"; sections: {', '.join(sections)}"
+    return ConfigError(msg + " (`paperline list PIPELINE` shows every key)")
 
 
 _TRUE = {"true", "1", "yes", "on"}
@@ -116,7 +154,7 @@ def apply_overrides(cfg, overrides: Mapping[str, Any], _prefix: str = "", _root=
         full = _prefix + key
         head, _, rest = key.partition(".")
         if head not in fields:
-            raise ConfigError(f"unknown key {full!r}; valid keys: {', '.join(valid_keys(root))}")
+            raise unknown_key(full, root)
         sub = getattr(cfg, head)
         if dataclasses.is_dataclass(sub):
             if not rest:
@@ -125,7 +163,7 @@ def apply_overrides(cfg, overrides: Mapping[str, Any], _prefix: str = "", _root=
                 )
             grouped.setdefault(head, {})[rest] = value
         elif rest:
-            raise ConfigError(f"unknown key {full!r}; valid keys: {', '.join(valid_keys(root))}")
+            raise unknown_key(full, root)
         else:
             changes[head] = _coerce(value, hints[head], full)
     for head, sub_overrides in grouped.items():
@@ -162,3 +200,24 @@ def check(condition: bool, message: str) -> None:
     """Range check for ``__post_init__``: raises ValueError with the field and expectation."""
     if not condition:
         raise ValueError(message)
+
+
+# Dataset paths: a pipeline's steps(cfg) checks that its real data is there (exit 2 naming the key,
+# before Ray starts, issue 20). `paperline submit` validates a config on the client for a cluster
+# whose nodes hold the data, so there only the keys are checked, not the local disk.
+_LOCAL_DATA = contextvars.ContextVar("paperline_local_data", default=True)
+
+
+def data_paths_are_local() -> bool:
+    """Whether steps(cfg) should check dataset paths on this machine's disk."""
+    return _LOCAL_DATA.get()
+
+
+@contextlib.contextmanager
+def remote_data_paths():
+    """Within this block steps(cfg) checks dataset keys but not their paths (``paperline submit``)."""
+    token = _LOCAL_DATA.set(False)
+    try:
+        yield
+    finally:
+        _LOCAL_DATA.reset(token)

@@ -16,6 +16,7 @@ inputs, transitively) change. Independent steps run concurrently when the execut
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import hashlib
 import json
 import shutil
@@ -72,7 +73,12 @@ class Step:
 
 def step_key(step: Step, input_keys: Mapping[str, str]) -> str:
     """hash(what is computed, the code that computes it, the config values it uses, its inputs'
-    keys): the same key means the same result (README "How it works")."""
+    keys, its torch threads): the same key means the same bytes on a CPU (README "How it works").
+
+    Threads are in the key because float reductions split across threads round differently (R-CNN
+    pretraining on 1 vs 2 threads: accuracy 0.726 vs 0.830, issue 22); every executor pins each
+    unit of work to ``resources.threads()``, whatever CPUs it was granted. The CPU request itself,
+    the executor and the placement are scheduling and stay out."""
     blob = json.dumps(
         {
             "step": step.identity,
@@ -80,6 +86,7 @@ def step_key(step: Step, input_keys: Mapping[str, str]) -> str:
             "code": code_fingerprint(step.fn),
             "params": dict(step.params),
             "inputs": dict(input_keys),
+            "threads": step.resources.threads(),
         },
         sort_keys=True,
         default=repr,
@@ -101,7 +108,14 @@ class StepContext:
     executor: Any = None  # None inside a `task` step (it already runs as one unit of work)
 
     def input_dir(self, name: str) -> Path:
+        """A local path of input ``name``: for the step's own process. Remote work gets
+        ``input_file`` references instead (a driver path does not exist on another node)."""
         return self.inputs[name].local_dir()
+
+    def input_file(self, name: str, file: str = ""):
+        """A reference to one file of input ``name`` that remote work resolves on its own node
+        (``os.fspath`` / ``str`` / ``Path`` of it): ``data.store.ArtifactFile``."""
+        return self.inputs[name].file(file)
 
     def write_json(self, name: str, obj: Any) -> Path:
         path = self.out_dir / name
@@ -196,6 +210,9 @@ def _execute_in_writer(
     with store.writer(artifact, info) as out_dir:
         ctx.out_dir = out_dir
         fn(ctx, **params)
+        # in the completion marker: a later run that finds the artifact cached reports how long
+        # it took to compute and where (`paperline report`, issue 22)
+        info.update(compute_s=time.time() - started, node=socket.gethostname())
     return {"node": socket.gethostname(), "start_unix_s": started, "end_unix_s": time.time()}
 
 
@@ -207,6 +224,54 @@ class StepFailed(RuntimeError):
 
     def __reduce__(self):  # picklable and copyable (Ray and Tune copy exceptions across processes)
         return (StepFailed, (self.step, self.error))
+
+
+def _computed_by(marker: dict | None) -> dict:
+    """What a cached step's manifest entry says about the run that computed it (its marker)."""
+    if not marker:
+        return {}
+    out = {"computed_unix_s": marker.get("created_unix_s")}
+    if marker.get("compute_s") is not None:
+        out["computed_s"] = marker["compute_s"]
+    if marker.get("run_dir"):
+        out["computed_by"] = marker["run_dir"]
+    return out
+
+
+HISTORY = "history.jsonl"
+
+
+def append_history(run_dir: Path, entries: list[dict], started: float, *, executor: str) -> None:
+    """One line per invocation in ``<run_dir>/history.jsonl`` (issue 22: a cached rerun used to
+    leave only its own "cached 0.0" rows). Appended with ``O_APPEND``: concurrent invocations
+    of one config (sweep trials, two shells) each add a whole line."""
+    line = json.dumps(
+        {
+            "started_unix_s": started,
+            "wall_s": time.time() - started,
+            "host": socket.gethostname(),
+            "executor": executor,
+            "status": "failed" if any(e["status"] == "failed" for e in entries) else "ok",
+            "steps": [
+                {k: e[k] for k in ("step", "status", "wall_s", "key") if k in e}
+                | ({"error": e["error"]} if e.get("error") else {})
+                for e in entries
+            ],
+        }
+    )
+    with open(run_dir / HISTORY, "a") as f:
+        f.write(line + "\n")
+
+
+def read_history(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / HISTORY
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):  # a line cut by a crash
+            out.append(json.loads(line))
+    return out
 
 
 def topo_sort(steps: Sequence[Step]) -> list[Step]:
@@ -332,6 +397,7 @@ def run_steps(
     keys, artifacts = _keys_and_artifacts(pipeline, order, store)
 
     manifest: dict[str, dict] = {}
+    run_started = time.time()
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -364,13 +430,18 @@ def run_steps(
             "code": code_fingerprint(s.fn),
             "params": dict(s.params),
             "inputs": {a: keys[i] for a, i in s.input_pairs()},
+            "run_dir": str(run_dir) if run_dir is not None else "",
         }
         # Concurrent runs sharing the store (sweep trials) compute an artifact once: the first
         # takes its lock, the others wait for it and then find it complete.
         with store.lock(artifacts[s.name]) as waited_s:
             if s.name not in forced and store.is_complete(artifacts[s.name]):
                 log(f"[{pipeline}] {s.name}: computed by another run ({waited_s:.1f} s wait)")
-                return {"status": "cached", "waited_s": waited_s}
+                return {
+                    "status": "cached",
+                    "waited_s": waited_s,
+                    **_computed_by(store.marker(artifacts[s.name])),
+                }
             if s.name in forced:  # --force means from scratch: a finished Train run or Tune
                 # experiment under the same key would otherwise be resumed, i.e. not rerun
                 store.clear_work(pipeline, f"{s.name}-{keys[s.name]}")
@@ -393,7 +464,7 @@ def run_steps(
 
     done: set[str] = set()
 
-    def mark_cached(s: Step) -> None:
+    def mark_cached(s: Step, marker: dict | None = None) -> None:
         done.add(s.name)
         record(
             {
@@ -405,13 +476,15 @@ def run_steps(
                 "status": "cached",
                 "wall_s": 0.0,
                 "resources": s.resources.to_dict(),
+                **_computed_by(marker),
             }
         )
         log(f"[{pipeline}] {s.name}: cached ({keys[s.name]})")
 
+    markers = {s.name: None if s.name in forced else store.marker(artifacts[s.name]) for s in order}
     for s in order:
-        if s.name not in forced and store.is_complete(artifacts[s.name]):
-            mark_cached(s)
+        if markers[s.name] is not None:
+            mark_cached(s, markers[s.name])
 
     failure: StepFailed | None = None
     running: dict[cf.Future, Step] = {}
@@ -426,7 +499,7 @@ def run_steps(
                     if same & started:
                         continue  # the same artifact is being computed under another name
                     if same:  # computed under another name in this run
-                        mark_cached(s)
+                        mark_cached(s, store.marker(artifacts[s.name]))
                         continue
                     fut = pool.submit(execute, s)
                     fut.t0 = time.time()  # type: ignore[attr-defined]
@@ -455,11 +528,15 @@ def run_steps(
                     entry.update(
                         status="failed",
                         error=f"{type(e).__name__}: {e}",
-                        traceback=traceback.format_exc(),
+                        # a remote error's own traceback (cluster.ray_executor.original_error)
+                        traceback=getattr(e, "remote_traceback", "") or traceback.format_exc(),
                     )
                     if failure is None:
                         failure = StepFailed(s.name, e)
                 record(entry)
+    if run_dir is not None:
+        append_history(run_dir, [manifest[s.name] for s in order if s.name in manifest],
+                       run_started, executor=getattr(executor, "name", "?"))  # fmt: skip
     if failure is not None:
         raise failure
 

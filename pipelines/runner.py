@@ -111,11 +111,18 @@ def check_store_reach(store: ArtifactStore, steps, pending: list[str], nodes: in
 
 
 def summary_table(manifest: list[dict], total_s: float | None = None) -> str:
+    """One row per step; a cached step also says what computing it took, and when (from its
+    artifact's marker), so a cached rerun's report keeps the computing run's timings."""
     lines = [f"{'step':<20} {'kind':<6} {'status':<9} {'wall_s':>8}  key"]
     for m in manifest:
-        lines.append(
-            f"{m['step']:<20} {m['kind']:<6} {m['status']:<9} {m['wall_s']:>8.1f}  {m['key']}"
-        )
+        row = f"{m['step']:<20} {m['kind']:<6} {m['status']:<9} {m['wall_s']:>8.1f}  {m['key']}"
+        if m["status"] == "cached" and m.get("computed_s") is not None:
+            when = m.get("computed_unix_s")
+            stamp = time.strftime(", %Y-%m-%d %H:%M", time.localtime(when)) if when else ""
+            row += f"  (computed in {m['computed_s']:.1f} s{stamp})"
+        elif m["status"] == "failed" and m.get("error"):
+            row += f"  {m['error'].splitlines()[0][:100]}"
+        lines.append(row)
     if total_s is not None:
         lines.append(f"total {total_s:.1f} s")
     return "\n".join(lines)

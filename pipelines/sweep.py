@@ -282,7 +282,8 @@ def run_sweep(
             default=str,
         )
     )
-    ex, info = runner.make_executor(executor, address, progress=False, ray_init=ray_init)
+    # progress on: one bar of finished trials (each trial's own run draws none, `run_trial`)
+    ex, info = runner.make_executor(executor, address, progress=True, ray_init=ray_init)
     if trial_resources is None:
         # On Ray a trial is a small driver: its steps are Ray tasks with their own CPU requests,
         # so the trial itself holds almost nothing (a trial holding a whole CPU would starve its

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 
@@ -10,6 +11,9 @@ import pytest
 # The suite writes ≈1.6 GiB of temporary files (VGG16-sized state dicts, pipeline stores) plus
 # Ray's session logs; on a nearly full disk it fails in dozens of unrelated places instead.
 MIN_FREE_TMP_BYTES = 2 << 30
+# one per test session (short: Ray's Unix sockets break past 107 bytes), removed at its end, so
+# that concurrent sessions never remove each other's
+RAY_TEMP_DIR = f"/tmp/pl-ray-{os.getpid()}"
 
 
 def pytest_sessionstart(session):
@@ -32,9 +36,10 @@ def ray_session():
     from cluster import runtime
 
     # short temp dir: Ray's Unix sockets break past 107 bytes (DESIGN)
-    info = runtime.connect(num_cpus=2, include_dashboard=True, temp_dir="/tmp/pl-ray")
+    info = runtime.connect(num_cpus=2, include_dashboard=True, temp_dir=RAY_TEMP_DIR)
     yield info
     ray.shutdown()
+    shutil.rmtree(RAY_TEMP_DIR, ignore_errors=True)  # session logs: hundreds of MB (issue 22)
 
 
 @pytest.fixture

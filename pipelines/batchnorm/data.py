@@ -51,5 +51,8 @@ def make_cifar(ctx: StepContext, *, root: str, n_train: int, n_test: int, seed: 
     ctx.write_json("meta.json", {"source": source, "root": where, **sizes})
 
 
-def cifar_root(dataset_dir: Path) -> str:
-    return str(dataset_dir / json.loads((dataset_dir / "meta.json").read_text())["root"])
+def cifar_root(ctx: StepContext, name: str):
+    """The CIFAR directory of input ``name``: the user's path, or a reference into the artifact
+    (a generated set) that each trial resolves on its own node."""
+    root = json.loads((ctx.input_dir(name) / "meta.json").read_text())["root"]
+    return root if Path(root).is_absolute() else ctx.input_file(name, root)

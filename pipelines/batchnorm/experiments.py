@@ -85,7 +85,7 @@ def _mnist_variant(c: dict) -> str:
 
 
 def run_mnist(ctx: StepContext, **params) -> None:
-    data = str(ctx.input_dir("mnist_data") / "mnist.npz")
+    data = ctx.input_file("mnist_data", "mnist.npz")  # resolved by each trial
     space = {**params, "data_path": data, "bn": Grid((False, True)), "seed": Grid(params["seeds"])}
     del space["seeds"]
     from stages.training.bn_experiments import mnist_trial  # torch: only where the step runs
@@ -98,7 +98,7 @@ def run_mnist(ctx: StepContext, **params) -> None:
 def run_variants(
     ctx: StepContext, variants: tuple[str, ...], seeds: tuple[int, ...], **params
 ) -> None:
-    root = cifar_root(ctx.input_dir("cifar_data"))
+    root = cifar_root(ctx, "cifar_data")
     settings = {v: variant_settings(v, params) for v in variants}
     space = {
         **params,
@@ -138,7 +138,7 @@ def _bs_variant(c: dict) -> str:
 def run_batch_size(
     ctx: StepContext, sizes: tuple[int, ...], seeds: tuple[int, ...], **params
 ) -> None:
-    data = str(ctx.input_dir("mnist_data") / "mnist.npz")
+    data = ctx.input_file("mnist_data", "mnist.npz")  # resolved by each trial
     space = {
         **params,
         "data_path": data,
@@ -157,7 +157,7 @@ def run_batch_size(
 def run_multi_worker(ctx: StepContext, num_workers: int, **params) -> None:
     from stages.training.bn_experiments import train_data_parallel
 
-    data = str(ctx.input_dir("mnist_data") / "mnist.npz")
+    data = ctx.input_file("mnist_data", "mnist.npz")  # resolved by each trial
     config = {**params, "data_path": data, "sync": [False, True]}
     history = ctx.train(train_data_parallel, config, num_workers=num_workers).history
     rows, finals, seed = [], [], params["seed"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 from cluster.resources import Resources
 from pipelines.batchnorm.config import (
     BatchNormConfig,
+    require_data,
 )
 from pipelines.batchnorm.data import make_cifar, make_mnist
 from pipelines.batchnorm.experiments import (
@@ -21,6 +22,7 @@ def steps(cfg: BatchNormConfig) -> list[Step]:
     from pipelines.batchnorm.report import write_report
 
     d, m, v, b, w = cfg.data, cfg.mnist, cfg.variants, cfg.batch_size, cfg.multi_worker
+    require_data(cfg)  # exit 2 naming data.root / data.cifar_root before anything runs
     # two trials at once on 2 cores; resources are not in the keys (results don't depend on them)
     trial = Resources(cpus=1, gpus="auto" if cfg.gpus == "auto" else 0)
     # fields that don't change a dataset's bytes stay out of its key
@@ -66,7 +68,8 @@ def steps(cfg: BatchNormConfig) -> list[Step]:
                 kind="sweep",
                 inputs=("cifar_data",),
                 params={f: getattr(v, f) for f in _VARIANT_FIELDS},
-                version="2",  # He-initialised convolutions
+                # 2: He-initialised convolutions; 3: all 11 modules of the small Inception
+                version="3",
                 resources=trial,
                 description="§4.2 / Figs. 2-3: BN variants on a small Inception-style net",
             )
@@ -121,9 +124,11 @@ def steps(cfg: BatchNormConfig) -> list[Step]:
         Step(
             "report",
             write_report,
-            inputs=(*experiments, "mnist_data"),
-            params=dict(experiments=tuple(experiments)),
-            version="3",  # best accuracy and steps-to-target for every experiment
+            inputs=(*experiments, "mnist_data", *(("cifar_data",) if v.enabled else ())),
+            params=dict(experiments=tuple(experiments), variants_max_test=v.max_test),
+            # 4: first line names toy data; per-seed targets and drift (issue 20); 5: claims;
+            # 6: Figure 2's target line in its legend (issue 22)
+            version="6",
             publish=REPORT_FILES,
             description="metrics.json, curves.parquet, report.md with Figures 1-3",
         )
@@ -141,4 +146,5 @@ _VARIANT_FIELDS = (
 )  # fmt: skip
 REPORT_FILES = (
     "report.md", "metrics.json", "curves.parquet", "figure1.png", "figure2.png", "batch_size.png",
+    "claims.json",
 )  # fmt: skip

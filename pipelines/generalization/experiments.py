@@ -24,11 +24,12 @@ def _sweep(ctx: StepContext, experiment: str, grids: dict, train: dict, seeds: t
     """Run ``run_trial`` over ``grids`` × seeds under Tune; write rows.parquet and curves.parquet."""
     from stages.training.fit_labels import run_trial
 
-    clean_dir, meta = clean_set(ctx)
+    _, meta = clean_set(ctx)
     space = {
         **train,
-        "clean_dir": str(clean_dir),
-        "variants_dir": str(ctx.input_dir("randomize")),
+        # references each trial resolves on its node, not the driver's paths (issue 18)
+        "clean_dir": ctx.input_file("dataset"),
+        "variants_dir": ctx.input_file("randomize"),
         "num_classes": meta["num_classes"],
         "in_channels": meta["in_channels"],
         "weight_decay": 0.0,
@@ -137,11 +138,11 @@ def run_expressivity(ctx: StepContext, *, ns: tuple, ds: tuple, digits_n: int, s
 
 def run_min_norm(
     ctx: StepContext, *, source: str, root: str, num_train: int, num_test: int,
-    kernels: tuple, ps: tuple, seed: int,
+    kernels: tuple, ps: tuple, seed: int, svc_C: float = 0.0,
 ) -> None:  # fmt: skip
     from threadpoolctl import threadpool_limits
 
-    from stages.generalization.min_norm import corruption_curve
+    from stages.generalization.min_norm import corruption_curve, svc_baseline
 
     if source == "digits":
         x, y = _digits_flat(10**9)
@@ -166,4 +167,6 @@ def run_min_norm(
         rows = corruption_curve(
             xtr, ytr, xte, yte, kernels=kernels, ps=ps, num_classes=10, seed=seed
         )
+        if svc_C:  # the published baseline on the same clean training subset (issue 20)
+            ctx.write_json("svc.json", svc_baseline(xtr, ytr, xte, yte, C=svc_C))
     pq.write_table(pa.Table.from_pylist(rows), ctx.out_dir / "min_norm.parquet")

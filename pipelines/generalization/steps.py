@@ -10,6 +10,7 @@ from pipelines.engine import Step
 from pipelines.generalization.config import (
     EXPERIMENTS,
     GeneralizationConfig,
+    require_data,
 )
 from pipelines.generalization.data import make_dataset, make_randomized
 from pipelines.generalization.experiments import (
@@ -25,8 +26,20 @@ def _models(section_models: tuple[str, ...], cfg: GeneralizationConfig) -> tuple
     return section_models or cfg.train.models
 
 
+def _toy(cfg: GeneralizationConfig) -> str:
+    """What of this run is not the paper's data, for the report's first line ("" = nothing)."""
+    want = set(cfg.experiments)
+    toy = []
+    if want & {"randomization", "corruption", "regularizers"} and cfg.data.source == "synthetic":
+        toy.append("§2 trains on a generated CIFAR-10-format set")
+    if "min_norm" in want and cfg.min_norm.source == "digits":
+        toy.append("§5 interpolates scikit-learn's 8×8 digits (not MNIST)")
+    return "; ".join(toy)
+
+
 def steps(cfg: GeneralizationConfig) -> list[Step]:
     d, t = cfg.data, cfg.train
+    require_data(cfg)  # exit 2 naming data.root / min_norm.root before anything runs
     want = set(cfg.experiments)
     train_params = {
         f.name: getattr(t, f.name)
@@ -144,7 +157,10 @@ def steps(cfg: GeneralizationConfig) -> list[Step]:
                     kernels=m.kernels,
                     ps=m.ps,
                     seed=m.seed,
+                    **({"svc_C": m.svc_C} if m.svc_C else {}),
                 ),
+                # 2: one kernel and factorisation for every p; n and seconds per row; 3: cond(K)
+                version="3",
                 resources=Resources(cpus=1, memory_mb=0),
                 description="§5: exact kernel interpolation, test error and norm vs label noise p",
             )
@@ -155,10 +171,14 @@ def steps(cfg: GeneralizationConfig) -> list[Step]:
         Step(
             "report",
             write_report,
-            inputs=tuple(s.name for s in out if s.name not in ("dataset", "randomize")),
-            params=dict(experiments=tuple(e for e in EXPERIMENTS if e in want)),
+            inputs=("dataset", *(s.name for s in out if s.name not in ("dataset", "randomize"))),
+            params=dict(experiments=tuple(e for e in EXPERIMENTS if e in want), toy_data=_toy(cfg)),
+            # 2: first line names generated / toy data; n and seconds of §5 (issue 20); 3: claims
+            # with intervals, cond(K) of §5 (issue 21)
+            version="3",
             publish=(
                 "report.md",
+                "claims.json",
                 "sweep.parquet",
                 "curves.parquet",
                 "min_norm.parquet",

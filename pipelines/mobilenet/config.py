@@ -4,8 +4,10 @@ the named presets (small deltas of them). Imports nothing of the steps."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
-from pipelines.config import ConfigError, check
+from data.fashion_mnist import DEFAULT_ROOT as FASHION_MNIST_ROOT
+from pipelines.config import ConfigError, check, data_paths_are_local
 
 MIN_TRAIN = 5  # a generated set spreads its training images over data_batch_1..5.bin
 
@@ -14,6 +16,9 @@ MIN_TRAIN = 5  # a generated set spreads its training images over data_batch_1..
 # Config: defaults are the paper's setting; presets are small deltas.
 @dataclass(frozen=True)
 class DataConfig:
+    # "cifar10": CIFAR-10 binary (32 px RGB); "mnist": MNIST-format IDX files (Fashion-MNIST with
+    # --preset real: 28 px grey, one input channel, the stem conv takes in_channels=1)
+    source: Literal["cifar10", "mnist"] = "cifar10"
     root: str = ""  # CIFAR-10 binary directory; "" = generate a CIFAR-10-format set (small presets)
     num_train: int = 0  # generated set size, or the first N of the real set (0 = all)
     num_test: int = 0
@@ -35,7 +40,18 @@ class DataConfig:
 
 
 def require_data(d: DataConfig) -> None:
-    """The run-time half of DataConfig's check: no root and no generated set size."""
+    """The run-time half of DataConfig's check: no root and no generated set size; IDX files
+    (data.source=mnist) must be at data.root (`make data` installs Fashion-MNIST)."""
+    from data.fashion_mnist import INSTALL_HINT, problem
+
+    if d.source == "mnist":
+        if not d.root:
+            raise ConfigError(
+                f"data.root is not set: data.source=mnist reads IDX files; {INSTALL_HINT}"
+            )
+        if data_paths_are_local() and (why := problem(d.root)):
+            raise ConfigError(f"data.root: {why}; {INSTALL_HINT}")
+        return
     if not d.root and d.num_train == 0:
         raise ConfigError(
             "data.root is not set and data.num_train/num_test are 0: set data.root to a CIFAR-10 "
@@ -207,6 +223,30 @@ PRESETS = {
     },
     # §6.1 settings on CIFAR-10 upsized to 96…224 px (set data.root), GPU workers
     "paper": {},
+    # real Fashion-MNIST (`make data`): grey 28 px in through a 1-channel stem (stride 1, as the
+    # small presets), the first 5,000 training and 5,000 test images, 3 epochs; width × resolution
+    # (14 / 28 px) with MobileNetV1 beside it and the Fig. 6 ablations, 3 seeds each
+    "real": {
+        **_SMALL_CPU,
+        "data.source": "mnist",
+        "data.root": FASHION_MNIST_ROOT,
+        "data.num_train": 5000,
+        "data.num_test": 5000,
+        "optim.epochs": 3,
+        "train.width": 0.35,
+        "train.resolution": 28,
+        "sweep.widths": (0.35, 1.0),
+        "sweep.resolutions": (14, 28),
+        "sweep.v1_widths": (0.5,),
+        "sweep.seeds": (0, 1, 2),
+        "ablations.width": 0.35,
+        "ablations.resolution": 28,
+        "ablations.seeds": (0, 1, 2),
+        "complexity.widths": (0.35, 1.0, 1.4),
+        "complexity.resolutions": (224,),
+        "complexity.latency_widths": (1.0,),
+        "complexity.latency_resolutions": (224,),
+    },
 }
 
 

@@ -90,13 +90,20 @@ def measure_complexity(
 # ----------------------------------------------------------------------------------------------
 # train (Ray Train) and the two sweeps (Ray Tune): one loop, stages/training/classify.py
 def train_config(
-    root: str, optim: dict, model: dict, epochs: int = 0, max_train: int = 0, max_test: int = 0
+    root: str,
+    optim: dict,
+    model: dict,
+    epochs: int = 0,
+    max_train: int = 0,
+    max_test: int = 0,
+    fmt: str = "cifar10",
 ) -> dict:
     """The classify-loop config shared by every training step (without model/resolution/seed);
     ``max_train`` / ``max_test``: the first N images of each split (0 = all)."""
     o = dict(optim)
     return {
         "dataset_root": root,
+        "dataset_format": fmt,
         "max_train": max_train,
         "max_test": max_test,
         "optimizer": o["optimizer"],
@@ -112,7 +119,8 @@ def train_config(
         "batch_size": o["batch_size"],
         "augment": o["augment"],
         "num_classes": 10,
-        "model_kwargs": dict(model),
+        # grey IDX images go in as one channel: only the stem conv's kernels change (3×3×1)
+        "model_kwargs": {**model, **({"in_channels": 1} if fmt == "mnist" else {})},
     }
 
 
@@ -131,7 +139,15 @@ def train_reference(
     from stages.training.classify import train_classifier
 
     data = dataset_info(ctx)
-    cfg = train_config(data["root"], optim, model, 0, data["num_train"], data["num_test"])
+    cfg = train_config(
+        data["root"],
+        optim,
+        model,
+        0,
+        data["num_train"],
+        data["num_test"],
+        data.get("format", "cifar10"),
+    )
     cfg.update(model="mobilenetv2", resolution=resolution, checkpoint=checkpoint)
     cfg["model_kwargs"]["width_mult"] = width
     before = torch.get_num_threads()
@@ -162,7 +178,8 @@ def parse_point(point: str) -> tuple[str, float, int]:
 def model_for(variant: str, width: float, model: dict) -> tuple[str, dict]:
     """Registry name and kwargs of a sweep variant (MobileNetV1 or a MobileNetV2 ablation)."""
     if variant == "mobilenetv1":
-        return "mobilenetv1", {"width_mult": width, "stem_stride": model["stem_stride"]}
+        grey = {"in_channels": model["in_channels"]} if "in_channels" in model else {}
+        return "mobilenetv1", {"width_mult": width, "stem_stride": model["stem_stride"], **grey}
     return "mobilenetv2", {**model, **ABLATION_VARIANTS[variant], "width_mult": width}
 
 
@@ -200,7 +217,11 @@ def run_sweep(
     from stages.models.registry import create
 
     data = dataset_info(ctx)
-    base = train_config(data["root"], optim, model, epochs, data["num_train"], data["num_test"])
+    fmt = data.get("format", "cifar10")
+    base = train_config(
+        data["root"], optim, model, epochs, data["num_train"], data["num_test"], fmt
+    )
+    model = base["model_kwargs"]  # with in_channels=1 for grey IDX images
     trainable = functools.partial(
         sweep_trial, base=base, model=model, threads=ctx.resources.threads()
     )
@@ -227,7 +248,9 @@ def run_sweep(
                 "seed": int(r["config"]["seed"]),
                 "accuracy": m.get("accuracy"),
                 "epochs": m.get("epoch"),
-                "madds": count_madds(net, res),  # the trained model: 10 classes, small-input stem
+                "madds": count_madds(
+                    net, res, kwargs.get("in_channels", 3)
+                ),  # as trained: 10 classes
                 "params": count_params(net),
                 "error": r["error"],
                 "history": [h.get("accuracy") for h in r["history"] if "accuracy" in h],

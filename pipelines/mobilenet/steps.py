@@ -30,7 +30,13 @@ def steps(cfg: MobileNetConfig) -> list[Step]:
         Step(
             "dataset",
             make_dataset,
-            params=dict(root=d.root, num_train=d.num_train, num_test=d.num_test, seed=d.seed),
+            params=dict(
+                root=d.root,
+                num_train=d.num_train,
+                num_test=d.num_test,
+                seed=d.seed,
+                **({"source": d.source} if d.source != "cifar10" else {}),
+            ),
             # 2: with a root, num_train/num_test select the first N images (were ignored)
             version="2" if d.root else "1",
             description="generate the CIFAR-10-format set, or check the one at data.root",
@@ -88,6 +94,8 @@ def steps(cfg: MobileNetConfig) -> list[Step]:
             "report",
             write_report,
             inputs=("dataset", "complexity", "train", "width_sweep", "ablations"),
+            # 2: first line names generated data; grey IDX input (issue 20); 3: claims (issue 21)
+            version="3",
             params=dict(
                 stem_stride=cfg.model.stem_stride,
                 optimizer=cfg.optim.optimizer,
@@ -97,6 +105,7 @@ def steps(cfg: MobileNetConfig) -> list[Step]:
             ),
             publish=(
                 "report.md",
+                "claims.json",
                 "sweep.parquet",
                 "figure5_accuracy_vs_madds.png",
                 "figure6_ablations.png",

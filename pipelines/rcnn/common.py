@@ -15,11 +15,16 @@ if TYPE_CHECKING:  # torch loads in the steps that use it, not with the pipeline
 
 # ----------------------------------------------------------------------------------------------
 # shared helpers
-def read_images(dataset_dir: Path, split: str | None = None) -> list[dict]:
-    """Rows of the dataset artifact's ``images.parquet`` (of one split), paths made absolute."""
+def read_images(dataset_dir: Path, split: str | None = None, ref=None) -> list[dict]:
+    """Rows of the dataset artifact's ``images.parquet`` (of one split), paths made absolute; with
+    ``ref`` (the artifact's ``ArtifactFile``), images inside the artifact become references that
+    remote work (map tasks, Train workers) resolves on its own node (issue 18)."""
     rows = pq.read_table(dataset_dir / "images.parquet").to_pylist()
     for r in rows:
-        r["path"] = str(dataset_dir / r["path"])  # joining an absolute path keeps it
+        if ref is not None and not Path(r["path"]).is_absolute():
+            r["path"] = ref / r["path"]
+        else:
+            r["path"] = str(dataset_dir / r["path"])  # joining an absolute path keeps it
     return [r for r in rows if split is None or r["split"] == split]
 
 

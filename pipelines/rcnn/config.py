@@ -19,6 +19,14 @@ class DataConfig:
     test_split: str = "test"
     max_images: int = 0  # per split, 0 = all; a slice for quick looks at a real dataset
     download: bool = False  # fetch VOC2007 via torchvision into data.root (needs internet)
+    # object classes of a data.root set (issue 20): ("auto",) = the names its split annotations
+    # use (the devkit's order when they are all VOC classes, else sorted); ("voc",) = the 20 VOC
+    # classes (the paper's, VOC2007); or an explicit list. A name outside an explicit list or
+    # "voc" is an error naming the annotation file; metrics cover exactly these classes.
+    classes: tuple[str, ...] = ("auto",)
+    # > 0: no test split file needed; this fraction of train_split's images (drawn with data.seed)
+    # becomes the test split "holdout" and data.test_split is not read
+    holdout_fraction: float = 0.0
     # generated set (source=synthetic): VOC-format shapes over natural-image backgrounds
     num_train: int = 40
     num_test: int = 20
@@ -38,6 +46,22 @@ class DataConfig:
             f"data.width_px/height_px must be >= 64, got {self.width_px}x{self.height_px}",
         )
         check(self.max_objects >= 1, f"data.max_objects must be >= 1, got {self.max_objects}")
+        check(len(self.classes) >= 1, "data.classes: expected auto, voc or a list of class names")
+        check(
+            len(self.classes) == 1 or not {"auto", "voc"} & set(self.classes),
+            f"data.classes: auto and voc stand alone, got {','.join(self.classes)}",
+        )
+        dup = sorted({c for c in self.classes if self.classes.count(c) > 1})
+        check(not dup, f"data.classes: {', '.join(dup)} listed more than once")
+        check(  # as ssl/generalization: a key the source does not read is refused (issue 22)
+            not self.root or self.source == "voc",
+            f"data.root is only read by data.source=voc; data.source={self.source} would ignore "
+            f"{self.root!r} (set data.source=voc to read it)",
+        )
+        check(
+            0 <= self.holdout_fraction < 1,
+            f"data.holdout_fraction must be in [0, 1), got {self.holdout_fraction}",
+        )
 
 
 @dataclass(frozen=True)
@@ -122,9 +146,14 @@ class PretrainConfig:
     batch_size: int = 128
     lr: float = 0.01
     backgrounds_per_image: int = 4
-    num_workers: int = 1  # Ray Train workers (DDP)
-    # CPUs (= torch threads) each worker holds on Ray; capped at the largest node's CPUs
+    num_workers: int = 1  # Ray Train workers (DDP); in the key: a gradient averaged over 2
+    # workers' half batches rounds differently from one worker's whole batch
+    # CPUs each worker holds on Ray (scheduling only, not in the key; capped at the largest
+    # node's free CPUs)
     cpus_per_worker: float = 1
+    # torch threads per worker: in the key, since float reductions split over threads round
+    # differently (issue 22: 1 vs 2 threads moved tiny's mAP by 5 points)
+    threads: int = 1
     seed: int = 0
 
     def __post_init__(self):
@@ -132,6 +161,7 @@ class PretrainConfig:
         check(self.lr > 0, f"pretrain.lr must be > 0, got {self.lr}")
         check(self.num_workers >= 1, "pretrain.num_workers must be >= 1")
         check(self.cpus_per_worker >= 1, "pretrain.cpus_per_worker must be >= 1")
+        check(self.threads >= 1, f"pretrain.threads must be >= 1, got {self.threads}")
 
 
 @dataclass(frozen=True)
@@ -143,11 +173,13 @@ class FinetuneConfig:
     lr_step: int = 20_000  # ÷10 every 20k iterations (code)
     num_workers: int = 1
     cpus_per_worker: float = 1  # as pretrain.cpus_per_worker
+    threads: int = 1  # as pretrain.threads
     seed: int = 0
 
     def __post_init__(self):
         check(self.iterations >= 1 and self.lr_step >= 1, "finetune.iterations/lr_step >= 1")
         check(self.cpus_per_worker >= 1, "finetune.cpus_per_worker must be >= 1")
+        check(self.threads >= 1, f"finetune.threads must be >= 1, got {self.threads}")
         check(self.lr > 0, f"finetune.lr must be > 0, got {self.lr}")
         check(self.batch_size >= 4, "finetune.batch_size must be >= 4")
         check(self.num_workers >= 1, "finetune.num_workers must be >= 1")
@@ -188,6 +220,9 @@ class SVMConfig:
     mode: Literal["hnm", "all"] = "hnm"  # hard negative mining (App. B) or all negatives
     # "softmax": score with the fine-tuned net's (N+1)-way softmax instead (App. B comparison)
     scorer: Literal["svm", "softmax"] = "svm"
+    # other classes' gt boxes are negatives too, as R-CNN's sample_negative_features (it tests
+    # only the overlap; the paper says "proposals"); false = proposals only (issue 21)
+    gt_negatives: bool = True
     norm_sample_rows: int = 40_000  # rows sampled to measure the mean feature norm (code)
     seed: int = 0
 
@@ -211,9 +246,13 @@ class BBoxConfig:
 class DetectConfig:
     top_k: int = 100  # per class per image before NMS (code)
     nms_iou: float = 0.3  # §2.2 greedy NMS threshold
+    # rcnn_test.m: at most ceil(100000/2500) = 40 boxes per image of the test set per class before
+    # NMS (the per-class score threshold that keeps the set's best 40·N); 0 = no cap
+    max_per_set_per_image: int = 40
 
     def __post_init__(self):
         check(self.top_k >= 1 and 0 < self.nms_iou <= 1, "detect.top_k >= 1, nms_iou in (0, 1]")
+        check(self.max_per_set_per_image >= 0, "detect.max_per_set_per_image must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -250,6 +289,8 @@ _SMALL_CPU = {  # the small CNN and short schedules that fit a 2-core CPU
     # ~2x slower than in-process (benchmarks/bench_engine.py)
     "pretrain.cpus_per_worker": 2,
     "finetune.cpus_per_worker": 2,
+    "pretrain.threads": 2,
+    "finetune.threads": 2,
 }
 PRESETS = {
     # generated VOC-format set; a few minutes on 2 cores (`make demo`)
@@ -278,5 +319,5 @@ PRESETS = {
         "study": "table2",
     },
     # real VOC2007 at --set data.root=...; AlexNet as in the paper, on a GPU cluster
-    "voc2007": {"data.source": "voc", "features.cache": "pool5"},
+    "voc2007": {"data.source": "voc", "data.classes": ("voc",), "features.cache": "pool5"},
 }

@@ -12,8 +12,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from data.errors import DatasetError
 from pipelines.engine import StepContext
 from pipelines.rcnn.common import read_images
+
+HOLDOUT_SPLIT = "holdout"  # the test split's name under data.holdout_fraction
 
 # ----------------------------------------------------------------------------------------------
 # dataset: the index tables every later step reads
@@ -46,7 +49,16 @@ def make_dataset(
     height_px: int,
     max_objects: int,
     seed: int,
+    classes: tuple[str, ...] = ("voc",),
+    holdout_fraction: float = 0.0,
 ) -> None:
+    """Index tables of a VOC-format set: ``images.parquet``, ``objects.parquet``,
+    ``classes.json`` (the classes every later step and metric covers) and ``splits.json``.
+
+    ``classes``: ``("auto",)`` = the names the annotations use, ``("voc",)`` = the 20 VOC
+    classes, or an explicit list (a name outside it is a DatasetError naming the file).
+    ``holdout_fraction`` > 0: a seeded fraction of ``train_split`` becomes the test split
+    ``"holdout"`` (for sets without a test split file); ``test_split`` is then not read."""
     from data import voc
     from data.synthetic_voc import SHAPE_CLASSES, generate_voc
 
@@ -59,20 +71,50 @@ def make_dataset(
             image_size=(width_px, height_px),
             max_objects=max_objects,
         )
-        voc_root, classes = ctx.out_dir / "voc", SHAPE_CLASSES
+        voc_root, wanted = ctx.out_dir / "voc", SHAPE_CLASSES
     else:
         if not root:
             raise ValueError("data.root: set it to a VOC directory (…/VOCdevkit/VOC2007)")
-        voc_root, classes = Path(root).expanduser().resolve(), voc.VOC_CLASSES
+        voc_root = Path(root).expanduser().resolve()
+        wanted = {"voc": voc.VOC_CLASSES, "auto": None}.get(classes[0], classes)
         if download and not (voc_root / "Annotations").exists():
             _download_voc2007(voc_root)
-    # Both split files are checked (non-empty, disjoint) before any annotation is parsed. The
-    # check covers the whole splits, not the data.max_images slices: overlapping splits are a
-    # config mistake whatever the slice, and a slice of a non-empty split is never empty.
-    voc.read_train_test_ids(voc_root, train_split, test_split)
+    by_split = {}
+    if holdout_fraction > 0:
+        ids = voc.read_split_ids(voc_root, train_split)
+        n_test = max(1, round(holdout_fraction * len(ids)))
+        if n_test >= len(ids):
+            raise DatasetError(
+                voc_root / "ImageSets" / "Main" / f"{train_split}.txt",
+                f"data.holdout_fraction={holdout_fraction} of {len(ids)} image(s) leaves no "
+                "training image; expected a larger split or a smaller fraction",
+            )
+        held = set(np.random.default_rng(seed).choice(len(ids), n_test, replace=False).tolist())
+        images = voc.read_voc(voc_root, train_split, classes=wanted)
+        test_split = HOLDOUT_SPLIT
+        by_split[train_split] = [im for i, im in enumerate(images) if i not in held]
+        by_split[test_split] = [im for i, im in enumerate(images) if i in held]
+    else:
+        # Both split files are checked (non-empty, disjoint) before any annotation is parsed.
+        # The check covers the whole splits, not the data.max_images slices: overlapping splits
+        # are a config mistake whatever the slice, and a slice of a non-empty split is never empty.
+        voc.read_train_test_ids(voc_root, train_split, test_split)
+        for split in (train_split, test_split):
+            by_split[split] = voc.read_voc(voc_root, split, classes=wanted)
+    if wanted is None:  # data.classes=auto: the classes the set's annotations name
+        names = {o.name for ims in by_split.values() for im in ims for o in im.objects}
+        if not names:
+            raise DatasetError(
+                voc_root / "Annotations",
+                f"no <object> in any annotation of {train_split!r} / {test_split!r}; "
+                "expected at least one object (or set data.classes to a list)",
+            )
+        vocab = [c for c in voc.VOC_CLASSES if c in names]  # devkit order for VOC names
+        wanted = vocab if len(vocab) == len(names) else sorted(names)
+    classes = tuple(wanted)
     image_rows, tables = [], []
     for split in (train_split, test_split):
-        images = voc.read_voc(voc_root, split, classes=classes)
+        images = by_split[split]
         if max_images:
             images = images[:max_images]
         for im in images:
@@ -95,6 +137,8 @@ def make_dataset(
     pq.write_table(pa.concat_tables(tables), ctx.out_dir / "objects.parquet")
     ctx.write_json("classes.json", list(classes))
     ctx.write_json("splits.json", {"train": train_split, "test": test_split})
+    if holdout_fraction > 0:
+        ctx.write_json("holdout.json", {"fraction": holdout_fraction, "seed": seed})
 
 
 def _download_voc2007(root: Path) -> None:  # pragma: no cover - needs internet
@@ -168,9 +212,10 @@ def extract_proposals(
     images_per_task: int,
 ) -> None:
     from data.proposals import read_precomputed_proposals
+    from stages.detection.boxes import dedupe_boxes
     from stages.detection.proposals import proposals_table
 
-    images = read_images(ctx.input_dir("dataset"))
+    images = read_images(ctx.input_dir("dataset"), ref=ctx.input_file("dataset"))
     ids = [r["image_id"] for r in images]
     if method == "precomputed":
         if not precomputed_path:
@@ -181,7 +226,9 @@ def extract_proposals(
         # every box of the file is checked, not only the max_per_image kept: a box at 0 anywhere
         # means a 0-based file, whose kept boxes would be off by one pixel.
         by_id = read_precomputed_proposals(precomputed_path, image_ids=ids, image_sizes=sizes)
-        boxes = [by_id[i][: max_per_image or None] for i in ids]
+        # exact duplicates removed, best-ranked copy kept, as R-CNN's BoxRemoveDuplicates does
+        # for its own proposals (a file may repeat a box; issue 21)
+        boxes = [by_id[i][dedupe_boxes(by_id[i])][: max_per_image or None] for i in ids]
         seconds = [0.0] * len(ids)
     else:
         shards = [images[i : i + images_per_task] for i in range(0, len(images), images_per_task)]
@@ -231,11 +278,15 @@ def report_proposals(
     proposals = boxes_by_image(pq.read_table(prop_dir / "proposals.parquet"))
     timing = pq.read_table(prop_dir / "timing.parquet").to_pydict()
     gt = gt_boxes_by_image(dataset_dir, test_split)
+    # only the counts an image can have: with 300 kept (proposals.max_per_image), recall "at
+    # 500/1000/2000" repeated recall at 300 and drew a flat line to 2000 (issue 22)
+    kept = max((len(proposals.get(k, ())) for k in gt), default=0)
+    top_ns = tuple(n for n in recall_top_ns if n < kept) + ((kept,) if kept else ())
     rows = proposal_recall(
         gt,
         {k: proposals.get(k, np.zeros((0, 4))) for k in gt},
         iou_thresholds=recall_ious,
-        top_ns=recall_top_ns,
+        top_ns=top_ns,
     )
     mabo = mean_best_overlap(gt, proposals)
     pq.write_table(pa.Table.from_pylist(rows), ctx.out_dir / "recall.parquet")
@@ -246,7 +297,8 @@ def report_proposals(
         ax.plot(*zip(*pts, strict=True), marker="o", label=f"IoU ≥ {iou}")
     ax.set(
         xscale="log",
-        xlabel="proposals kept per image",
+        xlim=(min(top_ns, default=1) / 1.3, max(top_ns, default=1) * 1.3),
+        xlabel=f"top proposals per image (all kept: up to {kept})",
         ylabel="recall of ground truth",
         ylim=(0, 1.02),
         title=f"Selective search recall ({test_split})",
@@ -284,7 +336,7 @@ def report_proposals(
         "| proposals kept | " + " | ".join(f"recall @ IoU {t:g}" for t in ious) + " |",
         "|---:|" + "---:|" * len(ious),
     ]
-    for n in [*recall_top_ns, None]:
+    for n in [*top_ns, None]:
         vals = [next(r["recall"] for r in rows if r["top_n"] == n and r["iou"] == t) for t in ious]
         label = "all" if n is None else str(n)
         lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")

@@ -33,6 +33,7 @@ def _train_class_svm(
     pos_weight: float,
     bias_value: float,
     mode: str,
+    gt_negatives: bool = False,
     transform=_identity,
 ) -> dict:
     from stages.detection.features import iter_feature_shards
@@ -53,7 +54,7 @@ def _train_class_svm(
     def negatives():  # streamed shard by shard: memory stays bounded by the mining cache
         image_number = 0
         for s in iter_feature_shards(shards, cols):
-            neg = negative_mask(s["max_iou"][:, class_index], s["is_gt"], neg_iou)
+            neg = negative_mask(s["max_iou"][:, class_index], s["is_gt"], neg_iou, gt_negatives)
             ids = s["image_ids"]
             for image_id in dict.fromkeys(ids):
                 rows = np.nonzero((ids == image_id) & neg)[0]
@@ -84,6 +85,7 @@ def train_svms(
     pos_weight: float = 2.0,
     bias_value: float = 10.0,
     mode: str = "hnm",
+    gt_negatives: bool = False,
     norm_sample_rows: int = 40_000,
     seed: int = 0,
 ) -> None:
@@ -118,6 +120,7 @@ def train_svms(
         pos_weight=pos_weight,
         bias_value=bias_value,
         mode=mode,
+        gt_negatives=gt_negatives,
     )
     results = ctx.map(fn, list(range(len(classes))), desc="svm per class")
     np.savez(
@@ -156,8 +159,10 @@ def _train_class_regressor(
     for s in iter_feature_shards(shards, cols):
         # overlapping this class's gt by > min_iou is necessary, not sufficient: App. C assigns a
         # proposal to the one gt box it overlaps most, of any class, and only that box's class
-        # regressor trains on it (a rider's box near both the person and the horse goes to one)
-        keep = (~s["is_gt"]) & (s["max_iou"][:, class_index] > min_iou)
+        # regressor trains on it (a rider's box near both the person and the horse goes to one).
+        # Ground-truth rows train too (IoU 1 with themselves, target tx = ty = tw = th = 0), as in
+        # rcnn_train_bbox_regressor.m, which keeps every row of the roidb with overlap >= 0.6
+        keep = s["max_iou"][:, class_index] > min_iou
         for r in np.nonzero(keep)[0]:
             obj = gt[s["image_ids"][r]]
             iou = box_iou_voc(s["boxes"][r : r + 1], obj["boxes"])[0]
@@ -188,7 +193,7 @@ def train_box_regressors(
     features_dir, dataset_dir = ctx.input_dir("features"), ctx.input_dir("dataset")
     classes = _classes(dataset_dir)
     train_split, _ = _splits(dataset_dir)
-    shards = [str(p) for p in feature_shards(features_dir, "pool5", train_split)]
+    shards = feature_shards(features_dir, "pool5", train_split, ctx.input_file("features"))
     scale = feature_norm_scale(sample_rows_for_norm(shards, norm_sample_rows, seed))
     gt = _objects_by_image(dataset_dir, train_split, classes)
     fn = functools.partial(
@@ -238,7 +243,12 @@ def _detect_shard(
     top_k: int,
     nms_iou: float,
     transform=_identity,
-) -> pa.Table:
+    min_scores: np.ndarray | None = None,
+    scores_only: bool = False,
+) -> pa.Table | list[np.ndarray]:
+    """Detections of one feature shard; with ``scores_only``, the scores of each class's
+    per-image top-k candidates (``list`` over classes), from which ``detect`` sets the set-wide
+    per-class thresholds ``min_scores (C,)`` of rcnn_test.m."""
     from stages.detection.bbox_regression import decode_boxes
     from stages.detection.boxes import clip_boxes_voc
     from stages.detection.features import read_feature_shard
@@ -253,6 +263,16 @@ def _detect_shard(
     if int(svm.get("softmax", 0)):  # fine-tuned net's own classifier: P(class), drop background
         z = scores - scores.max(1, keepdims=True)
         scores = (np.exp(z) / np.exp(z).sum(1, keepdims=True))[:, 1:]
+    if scores_only:
+        per_class = [[] for _ in classes]
+        for image_id in dict.fromkeys(ids):
+            rows = np.nonzero(ids == image_id)[0]
+            flat = scores[rows].ravel()
+            labels = np.tile(np.arange(len(classes)), len(rows))
+            cand = top_k_per_class(flat, labels, top_k)
+            for k in range(len(classes)):
+                per_class[k].append(flat[cand][labels[cand] == k])
+        return [np.concatenate(p) if p else np.zeros(0) for p in per_class]
     pool5 = None
     if bbox is not None:
         p5 = read_feature_shard(pool5_path, ["is_gt", "features"])
@@ -266,6 +286,8 @@ def _detect_shard(
         cand = top_k_per_class(flat_scores, labels, top_k)
         if "trained" in svm:  # a class without training positives has no SVM: no detections
             cand = cand[svm["trained"][labels[cand]]]
+        if min_scores is not None:  # rcnn_test.m drops boxes below the set-wide threshold
+            cand = cand[flat_scores[cand] >= min_scores[labels[cand]]]
         box_rows, cls = rows[cand // c], labels[cand]
         det = boxes[box_rows].astype(np.float64)
         if pool5 is not None:
@@ -296,8 +318,25 @@ def _detect_shard(
     return pa.concat_tables(out) if out else DETECTIONS_SCHEMA.empty_table()
 
 
+def set_thresholds(per_class_scores: list[np.ndarray], cap: int) -> np.ndarray:
+    """``(C,)`` per-class score thresholds keeping each class's ``cap`` best candidates of the
+    whole test set (ties at the threshold kept), as ``thresh(j)`` in rcnn_test.m; ``-inf`` where a
+    class has no more than ``cap`` candidates."""
+    out = np.full(len(per_class_scores), -np.inf)
+    for k, s in enumerate(per_class_scores):
+        if len(s) > cap:
+            out[k] = np.sort(s)[::-1][cap - 1]
+    return out
+
+
 def detect(
-    ctx: StepContext, *, layer: str, use_bbox_regression: bool, top_k: int, nms_iou: float
+    ctx: StepContext,
+    *,
+    layer: str,
+    use_bbox_regression: bool,
+    top_k: int,
+    nms_iou: float,
+    max_per_set_per_image: int = 0,
 ) -> None:
     dataset_dir, features_dir = ctx.input_dir("dataset"), ctx.input_dir("features")
     classes = _classes(dataset_dir)
@@ -310,7 +349,11 @@ def detect(
     _, test_split = _splits(dataset_dir)
     sizes = {r["image_id"]: (r["width"], r["height"]) for r in read_images(dataset_dir, test_split)}
     feats, transform = layer_source(ctx, layer, test_split)
-    pool5 = feature_shards(features_dir, "pool5", test_split) if bbox is not None else feats
+    pool5 = (
+        feature_shards(features_dir, "pool5", test_split, ctx.input_file("features"))
+        if bbox is not None
+        else feats
+    )
     fn = functools.partial(
         _detect_shard,
         classes=classes,
@@ -321,12 +364,23 @@ def detect(
         nms_iou=nms_iou,
         transform=transform,
     )
-    tables = ctx.map(
-        fn, [(str(a), str(b)) for a, b in zip(feats, pool5, strict=True)], desc="detect"
-    )
+    pairs = list(zip(feats, pool5, strict=True))  # references: each task resolves its own
+    thresholds = None
+    if max_per_set_per_image:  # rcnn_test.m: max_per_set = 40 × #images per class, before NMS
+        parts = ctx.map(functools.partial(fn, scores_only=True), pairs, desc="detect: caps")
+        per_class = [np.concatenate([p[k] for p in parts]) for k in range(len(classes))]
+        thresholds = set_thresholds(per_class, max_per_set_per_image * len(sizes))
+        fn = functools.partial(fn, min_scores=thresholds)
+    tables = ctx.map(fn, pairs, desc="detect")
     table = pa.concat_tables([t for t in tables if t.num_rows] or [DETECTIONS_SCHEMA.empty_table()])
     pq.write_table(table, ctx.out_dir / "detections.parquet")
-    ctx.write_json("metrics.json", {"detections": table.num_rows})
+    info = {"detections": table.num_rows}
+    if thresholds is not None:
+        info["detect_set_thresholds"] = {
+            c: float(t) if np.isfinite(t) else None
+            for c, t in zip(classes, thresholds, strict=True)
+        }
+    ctx.write_json("metrics.json", info)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ from pipelines.rcnn.common import (
     _proposals,
     _splits,
     load_model,
-    read_images,
 )
 
 
@@ -88,7 +87,7 @@ class FeatureWriter:
                 iou = box_iou_voc(boxes, obj["boxes"])
                 for c in np.unique(obj["cls"]):
                     max_iou[:, c] = iou[:, obj["cls"] == c].max(1)
-            image = load_image(r["path"], (r["width"], r["height"]))
+            image = load_image(self.dataset_dir / r["path"], (r["width"], r["height"]))
             out = image_features(
                 self.model,
                 image,
@@ -195,16 +194,18 @@ def extract_features(
     amp: str = "none",
 ) -> None:
     dataset_dir = ctx.input_dir("dataset")
+    # image paths as the dataset artifact holds them (relative to it, or absolute for a data.root
+    # set): each actor joins them to its own node's copy of the artifact
     table = pa.Table.from_pylist(
         [
             {k: r[k] for k in ("image_id", "path", "split", "width", "height")}
-            for r in read_images(dataset_dir)
+            for r in pq.read_table(dataset_dir / "images.parquet").to_pylist()
         ]
     )
-    kwargs = dict(
-        model_path=str(ctx.input_dir("finetune") / "model.pt"),
-        dataset_dir=str(dataset_dir),
-        proposals_dir=str(ctx.input_dir("proposals")),
+    kwargs = dict(  # references the actors resolve on their node, not the driver's paths
+        model_path=ctx.input_file("finetune", "model.pt"),
+        dataset_dir=ctx.input_file("dataset"),
+        proposals_dir=ctx.input_file("proposals"),
         out_dir=str(ctx.out_dir),
         layers=layers,
         padding=padding,
@@ -241,9 +242,12 @@ def _rm_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def feature_shards(features_dir: Path, layer: str, split: str) -> list[Path]:
+def feature_shards(features_dir: Path, layer: str, split: str, ref=None) -> list:
+    """The shards of ``layer`` for ``split``, sorted: paths under ``features_dir``, or with
+    ``ref`` (the artifact's ``ArtifactFile``) references that map tasks resolve on their own node."""
     manifest = pq.read_table(features_dir / "shards.parquet").to_pylist()
-    return sorted(features_dir / layer / m["shard"] for m in manifest if m["split"] == split)
+    names = sorted(f"{layer}/{m['shard']}" for m in manifest if m["split"] == split)
+    return [ref / n if ref is not None else features_dir / n for n in names]
 
 
 class Pool5Head:
@@ -270,8 +274,8 @@ def _identity(x: np.ndarray) -> np.ndarray:
 def layer_source(ctx: StepContext, layer: str, split: str):
     """(shard paths, transform) giving ``layer`` features of ``split``: the cached layer itself,
     or pool5 through ``Pool5Head`` when the cache holds pool5 only (features.cache=pool5)."""
-    features_dir = ctx.input_dir("features")
+    features_dir, ref = ctx.input_dir("features"), ctx.input_file("features")
     if (features_dir / layer).is_dir():
-        return [str(p) for p in feature_shards(features_dir, layer, split)], _identity
+        return feature_shards(features_dir, layer, split, ref), _identity
     net = load_model(ctx.input_dir("finetune") / "model.pt")
-    return [str(p) for p in feature_shards(features_dir, "pool5", split)], Pool5Head(net, layer)
+    return feature_shards(features_dir, "pool5", split, ref), Pool5Head(net, layer)

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from pathlib import Path
 
 from cluster.resources import Resources
+from pipelines.config import ConfigError, data_paths_are_local
 from pipelines.engine import Step
 
 # the adaptor modules under aliases: the step factories below have arguments named `detect`, ...
@@ -15,8 +17,8 @@ from pipelines.rcnn import detect as rcnn_detect
 from pipelines.rcnn import features as rcnn_features
 from pipelines.rcnn import report as rcnn_report
 from pipelines.rcnn import train as rcnn_train
-from pipelines.rcnn.config import CNNConfig, RCNNConfig
-from pipelines.rcnn.data import extract_proposals, make_dataset, report_proposals
+from pipelines.rcnn.config import CNNConfig, DataConfig, RCNNConfig
+from pipelines.rcnn.data import HOLDOUT_SPLIT, extract_proposals, make_dataset, report_proposals
 
 
 # ----------------------------------------------------------------------------------------------
@@ -45,13 +47,15 @@ class _Builder:
             seed=pt.seed,
             **_warp_param(c),
             **({"image_folder": pt.image_folder} if pt.image_folder else {}),
+            # data-parallel workers change the result (issue 22): in the key when not 1
+            **({"num_workers": pt.num_workers} if pt.num_workers != 1 else {}),
         )
         return Step(
             name,
-            functools.partial(rcnn_train.pretrain, num_workers=pt.num_workers),
+            rcnn_train.pretrain,
             kind="train",
             inputs=("dataset",),
-            resources=Resources(cpus=pt.cpus_per_worker, gpus="auto"),
+            resources=Resources(cpus=pt.cpus_per_worker, gpus="auto", torch_threads=pt.threads),
             params=params,
             # 2: torchvision weights get their input preprocessing folded into conv1 (a model.pt
             # made from them before is wrong); runs without weights_path keep their keys
@@ -74,13 +78,16 @@ class _Builder:
             lr_step=ft.lr_step,
             seed=ft.seed,
             **_warp_param(c),
+            **({"num_workers": ft.num_workers} if ft.num_workers != 1 else {}),
         )
         return Step(
             name,
-            functools.partial(rcnn_train.finetune, num_workers=ft.num_workers),
+            rcnn_train.finetune,
             kind="train",
             inputs=("dataset", "proposals", f"pretrain={pretrain}"),
-            resources=Resources(cpus=ft.cpus_per_worker, gpus="auto"),
+            resources=Resources(
+                cpus=ft.cpus_per_worker, gpus="auto", torch_threads=ft.threads if enabled else 0
+            ),
             stage="finetune",
             params=params if enabled else dict(enabled=False),
             description="(N+1)-way fine-tuning on warped proposals, 32 fg + 96 bg",
@@ -126,6 +133,7 @@ class _Builder:
         features: str = "features",
         layer: str | None = None,
         finetune: str = "finetune",
+        neg_iou: float | None = None,
     ) -> Step:
         s = self.cfg.svm
         params = dict(
@@ -135,9 +143,12 @@ class _Builder:
             pos_weight=s.pos_weight,
             bias_value=s.bias_value,
             mode=s.mode,
+            gt_negatives=s.gt_negatives,
             norm_sample_rows=s.norm_sample_rows,
             seed=s.seed,
         )
+        if neg_iou is not None:  # a Table 2 study row of §2.3's grid search
+            params["neg_iou"] = neg_iou
         inputs: tuple[str, ...] = ("dataset", f"features={features}")
         if s.scorer == "softmax":  # no SVM training: fc8 of the fine-tuned net scores
             params = dict(layer=layer or s.layer, scorer="softmax")
@@ -164,7 +175,9 @@ class _Builder:
             params=dict(
                 alpha=b.alpha, min_iou=b.min_iou, norm_sample_rows=s.norm_sample_rows, seed=s.seed
             ),
-            version="2",  # a proposal trains only the class of the gt it overlaps most (App. C)
+            # 2: a proposal trains only the class of the gt it overlaps most (App. C); 3: gt rows
+            # train too, as rcnn_train_bbox_regressor.m (issue 21)
+            version="3",
             description="per-class ridge regression of box corrections",
         )
 
@@ -194,6 +207,7 @@ class _Builder:
                 use_bbox_regression=bool(bbox),
                 top_k=det.top_k,
                 nms_iou=det.nms_iou,
+                max_per_set_per_image=det.max_per_set_per_image,
             ),
             description="score proposals, top-k, bbox regression, per-class NMS",
         )
@@ -221,6 +235,8 @@ def detector_steps(cfg: RCNNConfig, test_split: str) -> list[Step]:
         b.svm(),
         *([b.bbox()] if bbox else []),
         b.detect(bbox="bbox_regression" if bbox else None),
+        # the same detector without box regression: the report's paired App. C claim
+        *([b.detect("detect-nobb")] if bbox else []),
         b.evaluate(),
         Step(
             "region_features",
@@ -234,10 +250,15 @@ def detector_steps(cfg: RCNNConfig, test_split: str) -> list[Step]:
             "report",
             rcnn_report.write_report,
             kind="task",
-            inputs=("dataset", "detect", "evaluate", "proposal_report", "region_features"),
+            inputs=("dataset", "detect", "evaluate", "proposal_report", "region_features")
+            + (("detect_nobb=detect-nobb",) if bbox else ()),
             params=dict(layer=cfg.svm.layer, finetuned=cfg.finetune.enabled, bbox_regression=bbox),
+            # 2: first line says when the data is generated; §5 may be skipped; 3: claims.json;
+            # 4: detections grid with ground truth and true/false positives (issue 22)
+            version="4",
             publish=(
                 "report.md",
+                "claims.json",
                 "detections.parquet",
                 "precision_recall.png",
                 "detections.png",
@@ -249,6 +270,7 @@ def detector_steps(cfg: RCNNConfig, test_split: str) -> list[Step]:
 
 
 TABLE2_LAYERS = ("pool5", "fc6", "fc7")
+NEG_IOU_GRID = (0.0, 0.5)  # §2.3 / App. B: the grid's ends, beside the configured svm.neg_iou
 
 
 def table2_steps(cfg: RCNNConfig, test_split: str) -> list[Step]:
@@ -280,6 +302,15 @@ def table2_steps(cfg: RCNNConfig, test_split: str) -> list[Step]:
         b.evaluate("evaluate-fc7-ft-bb", "detect-fc7-ft-bb"),
     ]
     rows.append(("T-Net fc7, fine-tuned + bbox reg", "evaluate-fc7-ft-bb"))
+    if cfg.svm.scorer == "svm":  # §2.3's grid search: 0.3 chosen, 0 costs ≈4 mAP, 0.5 ≈5
+        for neg in (v for v in NEG_IOU_GRID if v != cfg.svm.neg_iou):
+            tag = f"fc7-ft-neg{neg:g}"
+            out += [
+                b.svm(f"svm-{tag}", "features-ft", "fc7", finetune="finetune", neg_iou=neg),
+                b.detect(f"detect-{tag}", "features-ft", f"svm-{tag}", layer="fc7"),
+                b.evaluate(f"evaluate-{tag}", f"detect-{tag}"),
+            ]
+            rows.append((f"T-Net fc7, fine-tuned, svm.neg_iou={neg:g}", f"evaluate-{tag}"))
     onet, star = None, ""
     if cfg.table2_onet and cfg.cnn.model == "rcnn_alexnet":  # O-Net = VGG16 (§3.3)
         onet = CNNConfig(model="rcnn_vgg16", input_size=224, padding=cfg.cnn.padding)
@@ -323,12 +354,82 @@ def table2_steps(cfg: RCNNConfig, test_split: str) -> list[Step]:
             "table2",
             functools.partial(rcnn_report.write_table2, rows=[r for r, _ in rows]),
             kind="task",
-            inputs=tuple(f"row{i}={e}" for i, (_, e) in enumerate(rows)),
-            publish=("table2.md", "table2.json"),
+            inputs=(
+                "dataset",
+                *(f"row{i}={e}" for i, (_, e) in enumerate(rows)),
+                *(
+                    f"det{i}={e.replace('evaluate-', 'detect-', 1)}"
+                    for i, (_, e) in enumerate(rows)
+                ),
+            ),
+            params=dict(neg_iou=cfg.svm.neg_iou),
+            version="2",  # claims with image-bootstrap intervals, §2.3's neg_iou rows
+            publish=("table2.md", "table2.json", "claims.json"),
             description="one table: mAP per row, next to the paper's",
         )
     )
     return out
+
+
+def require_voc_root(d: DataConfig) -> None:
+    """A real VOC-format source needs its directory before any step runs (the `voc2007` preset
+    never falls back to generated data): `paperline run` exits 2 naming data.root."""
+    if d.download:
+        return
+    if not d.root:
+        raise ConfigError(
+            "data.root is not set: data.source=voc reads a VOC-format directory (Annotations/, "
+            "JPEGImages/, ImageSets/Main/) — set data.root=/path/VOCdevkit/VOC2007 (or your own "
+            "set), or use --preset tiny for the generated set"
+        )
+    root = Path(d.root).expanduser()
+    if not data_paths_are_local():
+        return
+    if not root.is_dir():
+        raise ConfigError(f"data.root: {d.root} is not a directory; expected a VOC-format set")
+    main = root / "ImageSets" / "Main"
+    needed = [("data.train_split", d.train_split)]
+    if d.holdout_fraction == 0:
+        needed.append(("data.test_split", d.test_split))
+    for key, split in needed:
+        if not (main / f"{split}.txt").is_file():
+            found = sorted(p.stem for p in main.glob("*.txt") if "_" not in p.stem)
+            raise ConfigError(
+                f"{key}={split}: {main / f'{split}.txt'} not found (splits present: "
+                f"{', '.join(found) or 'none'}); a set without a test split can take "
+                "data.test_split=val or data.holdout_fraction=0.2 (seeded by data.seed)"
+            )
+
+
+def voc_fingerprint(root: str) -> str:
+    """sha256 of what the dataset step reads from a VOC directory: every split file and annotation
+    (bytes), and every image and instance mask (name, size, mtime — hashing JPEG bytes would cost
+    seconds per run on VOC2007). The dataset step's key holds it, so an edited annotation, split
+    or image gives new tables instead of the stale ones of the same root (issue 21)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    base = Path(root).expanduser()
+    for sub, content in (("ImageSets/Main", True), ("Annotations", True),
+                         ("JPEGImages", False), ("SegmentationObject", False)):  # fmt: skip
+        folder = base / sub
+        if not folder.is_dir():
+            continue
+        for f in sorted(folder.iterdir()):
+            if not f.is_file():
+                continue
+            h.update(f"{sub}/{f.name}\0".encode())
+            if content:
+                h.update(f.read_bytes())
+            else:
+                st = f.stat()
+                h.update(f"{st.st_size}:{st.st_mtime_ns}\0".encode())
+    return h.hexdigest()[:16]
+
+
+def _make_dataset_keyed(ctx, *, fingerprint: str = "", **params) -> None:
+    """``make_dataset``; ``fingerprint`` is only there to key the step on the files' contents."""
+    make_dataset(ctx, **params)
 
 
 def steps(cfg: RCNNConfig) -> list[Step]:
@@ -349,11 +450,13 @@ def steps(cfg: RCNNConfig) -> list[Step]:
             seed=d.seed,
         )
     else:
+        require_voc_root(d)
+        holdout = d.holdout_fraction > 0
         data_params = dict(
             source=d.source,
             root=d.root,
             train_split=d.train_split,
-            test_split=d.test_split,
+            test_split=HOLDOUT_SPLIT if holdout else d.test_split,
             max_images=d.max_images,
             download=d.download,
             num_train=0,
@@ -361,8 +464,12 @@ def steps(cfg: RCNNConfig) -> list[Step]:
             width_px=0,
             height_px=0,
             max_objects=0,
-            seed=0,
+            seed=d.seed if holdout else 0,
+            classes=d.classes,
+            **({"holdout_fraction": d.holdout_fraction} if holdout else {}),
         )
+    if d.source != "synthetic" and d.root and data_paths_are_local() and Path(d.root).is_dir():
+        data_params["fingerprint"] = voc_fingerprint(d.root)
     proposal_params = dict(
         method=p.method,
         mode=p.mode,
@@ -379,7 +486,7 @@ def steps(cfg: RCNNConfig) -> list[Step]:
     return [
         Step(
             "dataset",
-            make_dataset,
+            _make_dataset_keyed,
             kind="task",
             params=data_params,
             description="read (or generate) the VOC-format dataset; index tables",
@@ -391,6 +498,8 @@ def steps(cfg: RCNNConfig) -> list[Step]:
             kind="map",
             inputs=("dataset",),
             params=proposal_params,
+            # 2: precomputed proposals de-duplicated (issue 21); selective search keys unchanged
+            version="2" if p.method == "precomputed" else "1",
             resources=Resources(cpus=1),
             description="selective search, one task per image shard",
         ),
@@ -405,6 +514,7 @@ def steps(cfg: RCNNConfig) -> list[Step]:
                 recall_ious=r.recall_ious,
             ),
             publish=("proposal_recall.png", "recall.parquet", "proposal_report.md"),
+            version="2",  # 2: recall only up to the proposals kept per image (issue 22)
             description="recall vs number of proposals, timing",
         ),
         *(table2_steps if cfg.study == "table2" else detector_steps)(

@@ -94,9 +94,9 @@ def pretrain(
     epochs: int,
     batch_size: int,
     lr: float,
-    num_workers: int,
     backgrounds_per_image: int,
     seed: int,
+    num_workers: int = 1,
     warp: str = "warp",  # App. A variants: warp | square_context | square_mean
     image_folder: str = "",
 ) -> None:
@@ -171,7 +171,7 @@ def finetune(
     ctx: StepContext,
     *,
     enabled: bool,
-    num_workers: int,
+    num_workers: int = 1,
     # unused (and not in the key) when fine-tuning is disabled
     padding: int = 0,
     iterations: int = 0,
@@ -203,7 +203,7 @@ def finetune(
     objects = _objects_by_image(dataset_dir, train_split, classes)
     proposals = _proposals(ctx.input_dir("proposals"))
     paths, index, boxes, labels = [], [], [], []
-    for i, row in enumerate(read_images(dataset_dir, train_split)):
+    for i, row in enumerate(read_images(dataset_dir, train_split, ref=ctx.input_file("dataset"))):
         obj = objects[row["image_id"]]
         cand = np.concatenate([obj["boxes"], proposals.get(row["image_id"], np.zeros((0, 4)))])
         lab, _ = (

@@ -1,5 +1,5 @@
-"""The SSL dataset step: CIFAR-10 binary, a generated CIFAR-10-format set, or scikit-learn's digits
-→ ``data.npz``."""
+"""The SSL dataset step: CIFAR-10 binary, MNIST-format IDX (Fashion-MNIST), a generated
+CIFAR-10-format set, or scikit-learn's digits → ``data.npz``."""
 
 from __future__ import annotations
 
@@ -22,7 +22,17 @@ def make_dataset(
     """``data.npz``: uint8 ``train_images (N, C, H, W)``, ``train_labels (N,)``, test likewise."""
     from data.cifar import read_cifar10
 
-    if source == "digits":
+    if source == "mnist":  # MNIST-format IDX (Fashion-MNIST): grey 28×28, one channel
+        from data.mnist import read_mnist
+
+        splits = {}
+        for split, limit in (("train", num_train), ("test", num_test)):
+            images, labels = read_mnist(root, split)  # (N, 28, 28) uint8
+            splits[split] = (
+                images[: limit or None, None],
+                labels[: limit or None].astype(np.int64),
+            )
+    elif source == "digits":
         from data.digits import load_digits
 
         images, labels = load_digits(digits_size_px)

@@ -7,7 +7,7 @@ import dataclasses
 
 from cluster.resources import Resources
 from pipelines.engine import Step
-from pipelines.ssl.config import SSLConfig
+from pipelines.ssl.config import SSLConfig, require_data
 from pipelines.ssl.data import make_dataset
 from pipelines.ssl.report import write_report
 from pipelines.ssl.train import sweep_scalar, train_method
@@ -67,12 +67,15 @@ def _settings(cfg: SSLConfig, method: str) -> dict:
 
 def steps(cfg: SSLConfig) -> list[Step]:
     d, e = cfg.data, cfg.experiment
+    require_data(d)  # exit 2 naming data.root before anything runs
     data_params = dict(source=d.source, root="", digits_size_px=0, digits_test=0, num_train=0,
                        num_test=0, seed=0)  # fmt: skip
     if d.source == "digits":
         data_params.update(digits_size_px=d.digits_size_px, digits_test=d.digits_test, seed=d.seed)
     elif d.source == "synthetic":
         data_params.update(num_train=d.num_train, num_test=d.num_test, seed=d.seed)
+    elif d.source == "mnist":  # the first num_train / num_test of each IDX split
+        data_params.update(root=d.root, num_train=d.num_train, num_test=d.num_test)
     else:
         data_params.update(root=d.root)
     resources = Resources(cpus=e.cpus_per_worker, gpus="auto")
@@ -122,7 +125,8 @@ def steps(cfg: SSLConfig) -> list[Step]:
             "report",
             write_report,
             kind="task",
-            version="3",
+            # 4: first line names toy / generated data (issue 20); 5: claims (issue 21)
+            version="5",
             inputs=(
                 "dataset",
                 *(f"{m}=train_{m}" for m in trained),
@@ -138,6 +142,7 @@ def steps(cfg: SSLConfig) -> list[Step]:
             ),
             publish=(
                 "report.md",
+                "claims.json",
                 "results.parquet",
                 "lambda_hist.png",
                 "accuracy.png",

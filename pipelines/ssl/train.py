@@ -23,7 +23,7 @@ def train_method(
         "settings": settings,
         "runs": runs,
         "val_per_class": val_per_class,
-        "data_path": str(ctx.input_dir("dataset") / "data.npz"),
+        "data_path": ctx.input_file("dataset", "data.npz"),  # each worker resolves it
     }
     result = ctx.train(ssl_train_fn, config, num_workers=num_workers)
     torch.save(result.checkpoint["results"], ctx.out_dir / "runs.pt")
@@ -62,7 +62,7 @@ def sweep_scalar(
     """Tune over labelled size × seed × λ; the report picks λ per size on validation accuracy."""
     trainable = functools.partial(
         scalar_trial,
-        data_path=str(ctx.input_dir("dataset") / "data.npz"),
+        data_path=ctx.input_file("dataset", "data.npz"),
         settings=settings,
         val_per_class=val_per_class,
     )

@@ -36,10 +36,20 @@ def _as_boxes(boxes: np.ndarray, name: str) -> np.ndarray:
     return b
 
 
-def _centres_sizes(boxes: np.ndarray, name: str, width_offset: float) -> tuple[np.ndarray, ...]:
-    """``(cx, cy, w, h)``, each ``(N,)``, with ``w = x2 - x1 + width_offset``."""
+def _centres_sizes(
+    boxes: np.ndarray, name: str, width_offset: float, allow_zero: bool = False
+) -> tuple[np.ndarray, ...]:
+    """``(cx, cy, w, h)``, each ``(N,)``, with ``w = x2 - x1 + width_offset``.
+
+    ``allow_zero``: a zero size becomes machine epsilon, as R-CNN's ``src_w = x2 - x1 + eps``
+    (rcnn_predict_bbox_regressor.m), so a zero-width proposal decodes to a zero-width box at the
+    same centre instead of aborting detection (precomputed proposals are not size-filtered).
+    """
     w = boxes[:, 2] - boxes[:, 0] + width_offset
     h = boxes[:, 3] - boxes[:, 1] + width_offset
+    if allow_zero:
+        eps = np.finfo(np.float64).eps
+        w, h = np.where(w == 0, eps, w), np.where(h == 0, eps, h)
     bad = ~((w > 0) & (h > 0))  # also catches NaN
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
@@ -72,7 +82,7 @@ def decode_boxes(
     d = np.asarray(deltas, dtype=np.float64)
     if d.shape != p.shape:
         raise ValueError(f"deltas {d.shape} must match proposals {p.shape}")
-    px, py, pw, ph = _centres_sizes(p, "proposals", width_offset)
+    px, py, pw, ph = _centres_sizes(p, "proposals", width_offset, allow_zero=True)
     cx, cy = px + d[:, 0] * pw, py + d[:, 1] * ph
     w, h = pw * np.exp(d[:, 2]), ph * np.exp(d[:, 3])
     return np.stack(

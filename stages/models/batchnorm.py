@@ -78,7 +78,14 @@ class _BatchNorm(nn.Module):
         """Per-feature mean and *biased* variance over ``dims`` (and over every worker when
         ``sync``), and the number m of values each was taken over."""
         m = x.numel() // x.shape[1]
-        if self.sync and dist.is_available() and dist.is_initialized():
+        if self.sync and not (dist.is_available() and dist.is_initialized()):
+            # never fall back to per-worker statistics silently (issue 21): a run that asked for
+            # synchronised statistics and got local ones would report them as synchronised
+            raise RuntimeError(
+                "BatchNorm(sync=True) needs an initialised torch.distributed process group; "
+                "with one process, per-worker statistics are the global ones: use sync=False"
+            )
+        if self.sync:
             count = torch.tensor([float(m)], device=x.device)
             dist.all_reduce(count)
             m = int(count.item())

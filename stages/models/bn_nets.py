@@ -112,9 +112,10 @@ def _c(c: int, width: float) -> int:
 class SmallInception(nn.Module):
     """``forward(x (N, 3, 32, 32)) -> logits (N, num_classes)``.
 
-    Layout (channels at width 1, a quarter of Zhang et al.'s): conv3×3·24 → [LRN] → Inc(8, 8) →
-    Inc(8, 12) → Down(20) → [LRN] → Inc(28, 12) → Inc(24, 16) → Down(24) → Inc(44, 40) →
-    global mean pool → [dropout] → FC.
+    Layout (channels at width 1, a quarter of Zhang et al.'s, all 11 of its modules): conv3×3·24 →
+    [LRN] → Inc(8, 8) → Inc(8, 12) → Down(20) → [LRN] → Inc(28, 12) → Inc(24, 16) → Inc(20, 20) →
+    Inc(12, 24) → Down(24) → Inc(44, 40) → Inc(44, 40) → global mean pool → [dropout] → FC.
+    (Issue 21: Inc(20, 20), Inc(12, 24) and the second Inc(44, 40) were missing.)
     """
 
     def __init__(
@@ -139,8 +140,11 @@ class SmallInception(nn.Module):
         stem = _c(24, width)
         layers: list[nn.Module] = [ConvModule(3, stem, 3, **kw), lrn_layer()]
         c = stem
+        # REFERENCE §4 ÷ 4: Inc(32,32) Inc(32,48) Down(80) Inc(112,48) Inc(96,64) Inc(80,80)
+        # Inc(48,96) Down(96) Inc(176,160) Inc(176,160)
         plan = [("inc", 8, 8), ("inc", 8, 12), ("down", 20), ("lrn",), ("inc", 28, 12)]
-        plan += [("inc", 24, 16), ("down", 24), ("inc", 44, 40)]
+        plan += [("inc", 24, 16), ("inc", 20, 20), ("inc", 12, 24), ("down", 24)]
+        plan += [("inc", 44, 40), ("inc", 44, 40)]
         for item in plan:
             if item[0] == "lrn":
                 layers.append(lrn_layer())

@@ -51,12 +51,13 @@ class MobileNetV1(nn.Module):
         *,
         stem_stride: int = 2,
         dropout: float = 0.001,  # V1 TF-slim keeps 0.999 before the logits
+        in_channels: int = 3,  # 1 for grey images: the stem conv's kernels are 3×3×1
     ):
         super().__init__()
         if width_mult <= 0:
             raise ValueError(f"width_mult must be > 0, got {width_mult}")
         in_ch = _depth(STEM_CHANNELS, width_mult)
-        layers: list[nn.Module] = [conv_bn(3, in_ch, 3, stem_stride)]
+        layers: list[nn.Module] = [conv_bn(in_channels, in_ch, 3, stem_stride)]
         for c, s in SEPARABLE_SETTING:
             out_ch = _depth(c, width_mult)
             layers.append(

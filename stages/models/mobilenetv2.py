@@ -152,6 +152,9 @@ class MobileNetV2(nn.Module):
         stem_stride: int = 2,
         dropout: float = 0.2,  # torchvision; TF-slim keeps 0.8 (= dropout 0.2) before the logits
         round_nearest: int = 8,
+        # 1 for grey images (Fashion-MNIST): only the stem conv changes, 3×3×1 instead of 3×3×3
+        # kernels (−18·32α weights); every later layer sees the same 32α feature maps
+        in_channels: int = 3,
     ):
         super().__init__()
         if width_mult <= 0:
@@ -163,7 +166,7 @@ class MobileNetV2(nn.Module):
         # §6.1: "for multipliers less than one, we apply width multiplier to all layers except the
         # very last convolutional layer"
         self.last_channel = make_divisible(LAST_CHANNELS * max(1.0, width_mult), round_nearest)
-        features: list[nn.Module] = [conv_bn(3, in_ch, 3, stem_stride)]
+        features: list[nn.Module] = [conv_bn(in_channels, in_ch, 3, stem_stride)]
         prev: InvertedResidual | None = None
         for t, c, n, s in INVERTED_RESIDUAL_SETTING:
             out_ch = make_divisible(c * width_mult, round_nearest)

@@ -160,6 +160,8 @@ def weight_hypergradients(
     unlabeled_coef: float = 1.0,
     l2: float = 5e-4,
     damping: float = 0.0,
+    num_unlabeled_total: int | None = None,
+    reduce_hessian=None,
 ) -> torch.Tensor:
     """``∂L_V/∂λ_u (U,)`` for the FixMatch objective of ``stages.ssl.fixmatch`` on one batch.
 
@@ -169,9 +171,15 @@ def weight_hypergradients(
     validation batch. The objective ``mean_b CE_b + c·(1/U) Σ_u λ_u m_u CE_u + (l2/2)‖Θ‖²`` gives
     ``H`` (its exact last-layer Hessian on this batch, plus ``damping·I``) and ``∂F/∂λ_u``'s
     gradient ``(c/U) m_u ∇CE_u``. Computed in float64: the solve sees condition numbers ≈ 1/l2.
+
+    Data parallel (W workers, each holding 1/W of the batch): ``num_unlabeled_total`` is the
+    global U, so ``∂F/∂λ_u`` carries the global ``c/U`` (with the local size it was W× too large);
+    ``reduce_hessian(H) -> H`` averages the workers' local Hessians (each a mean over its own
+    examples) into the global batch's. Both default to this batch being the whole batch.
     """
     f64 = torch.float64
     b, u = len(labeled_features), len(unlabeled_features)
+    u_total = num_unlabeled_total or u
     term_weights = torch.cat(
         [
             torch.full((b,), 1.0 / b, dtype=f64, device=labeled_features.device),
@@ -184,9 +192,11 @@ def weight_hypergradients(
         term_weights,
         l2 + damping,
     )
+    if reduce_hessian is not None:  # the mean of equal-sized shards' means is the global mean
+        hess = reduce_hessian(hess)  # (l2 + damping)·I averages to itself
     val_grad = per_example_grads(val_features.to(f64), val_probs.to(f64), val_targets).mean(0)
     example_grads = (
         per_example_grads(unlabeled_features.to(f64), unlabeled_probs.to(f64), pseudo_targets)
-        * ((unlabeled_coef / u) * mask.to(f64))[:, None]
+        * ((unlabeled_coef / u_total) * mask.to(f64))[:, None]
     )
     return hypergradient(val_grad, hess, example_grads).to(torch.float32)

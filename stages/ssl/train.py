@@ -103,6 +103,25 @@ def split_pool(
     return lab_idx, val_idx, np.setdiff1d(np.arange(len(labels)), val_idx)
 
 
+def confident_updates(
+    indices: torch.Tensor, grads: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(indices, grads)`` of the examples whose pseudo-label passed the confidence mask.
+    A masked-out example's λ multiplies nothing in the loss (its hypergradient is exactly 0), so it
+    is not an Adam step: stepping it would advance its count and decay its moments, and move λ
+    by the old momentum (issue 21)."""
+    keep = torch.as_tensor(mask).reshape(-1) > 0
+    return indices[keep], grads[keep]
+
+
+def _mean_over_workers(x: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    x = x.clone()
+    dist.all_reduce(x)
+    return x / dist.get_world_size()
+
+
 def allreduce_weight_grads(
     num: int, indices: torch.Tensor, grads: torch.Tensor, world_size: int, device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,8 +247,12 @@ def train_run(
                         pseudo_targets=pl.targets, mask=pl.mask, weights=lam.weights[ui].to(device),
                         val_features=val_f, val_probs=val_p, val_targets=val_y[vi].to(device),
                         unlabeled_coef=s.unlabeled_coef, l2=s.weight_decay, damping=s.damping,
+                        num_unlabeled_total=bu * world,
+                        reduce_hessian=_mean_over_workers if world > 1 else None,
                     )  # fmt: skip
-                    lam.step(*allreduce_weight_grads(len(unl), ui, hyper.cpu(), world, device))
+                    lam.step(*allreduce_weight_grads(
+                        len(unl), *confident_updates(ui, hyper.cpu(), pl.mask.cpu()), world, device
+                    ))  # fmt: skip
                     stats.outer_s.append(time.perf_counter() - t1)
                     t0 += stats.outer_s[-1]  # the inner-step clock excludes the outer step
                 w = lam.weights[ui].clone()

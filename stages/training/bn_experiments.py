@@ -226,9 +226,12 @@ def train_data_parallel(ctx, config: dict) -> None:
     test = test.to(ctx.device)
     for sync in config["sync"]:
         torch.manual_seed(config["seed"])  # the same initial replica on every worker
+        # one worker (in process, no process group): its statistics are the global batch's, so
+        # "sync" is the per-worker computation, said explicitly (sync BN refuses to fall back)
         net = MnistMLP(
-            bn=True, hidden=tuple(config["hidden"]), init_std=config["init_std"], sync_bn=bool(sync)
-        )
+            bn=True, hidden=tuple(config["hidden"]), init_std=config["init_std"],
+            sync_bn=bool(sync) and world > 1,
+        )  # fmt: skip
         model = ctx.prepare_model(net)
         opt = torch.optim.SGD(model.parameters(), lr=config["lr"])
         sampler = MinibatchSampler(

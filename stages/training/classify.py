@@ -8,7 +8,8 @@ registry by name with keyword arguments, the optimiser and schedule are config v
 
 Config keys (``DEFAULTS``; unknown keys are errors):
 
-- data: ``dataset_root`` (a CIFAR-10 binary directory, ``data.cifar.read_cifar10``), ``max_train``
+- data: ``dataset_root`` (a CIFAR-10 binary directory, ``data.cifar.read_cifar10``; or MNIST-format
+  IDX files with ``dataset_format="mnist"``, grey images as one channel), ``max_train``
   / ``max_test`` (0 = all: first N images), ``resolution`` (bilinear with antialiasing from 32 px:
   downsized once at load, upsized per batch on the device so a 224-px run does not hold the set at
   224 px in memory), ``augment`` (random translation by up to 1/8 of the side with zero fill +
@@ -40,6 +41,7 @@ from stages.models.registry import create
 
 DEFAULTS: dict[str, Any] = {
     "dataset_root": "",
+    "dataset_format": "cifar10",  # or "mnist": MNIST-format IDX, grey (N, 1, 28, 28)
     "max_train": 0,
     "max_test": 0,
     "resolution": 32,
@@ -73,6 +75,8 @@ def resolve_config(config: dict) -> dict:
     cfg = {**DEFAULTS, **config}
     if not cfg["dataset_root"] or not cfg["model"]:
         raise ValueError("training config needs dataset_root and model")
+    if cfg["dataset_format"] not in ("cifar10", "mnist"):
+        raise ValueError(f"dataset_format must be cifar10|mnist, got {cfg['dataset_format']!r}")
     if cfg["optimizer"] not in ("sgd", "rmsprop", "adamw"):
         raise ValueError(f"optimizer must be sgd|rmsprop|adamw, got {cfg['optimizer']!r}")
     if cfg["schedule"] not in ("exponential", "cosine"):
@@ -83,12 +87,20 @@ def resolve_config(config: dict) -> dict:
 
 
 def load_split(
-    root: str, split: str, resolution: int, max_images: int = 0
+    root: str, split: str, resolution: int, max_images: int = 0, dataset_format: str = "cifar10"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images ``float32 (N, 3, S, S)`` in [0, 1] at ``S = min(resolution, 32)``, labels ``int64 (N,)``."""
-    from data.cifar import read_cifar10
+    """Images ``float32 (N, C, S, S)`` in [0, 1] at ``S = min(resolution, native side)``, labels
+    ``int64 (N,)``: CIFAR-10 binary (C = 3, 32 px) or MNIST-format IDX (C = 1, 28 px: the grey
+    image goes in as one channel, the model's stem takes ``in_channels=1``)."""
+    if dataset_format == "mnist":
+        from data.mnist import read_mnist
 
-    images, labels = read_cifar10(root, split)  # uint8 (N, 32, 32, 3), int64 (N,)
+        images, labels = read_mnist(root, split)  # uint8 (N, 28, 28)
+        images = images[..., None]  # (N, 28, 28, 1)
+    else:
+        from data.cifar import read_cifar10
+
+        images, labels = read_cifar10(root, split)  # uint8 (N, 32, 32, 3), int64 (N,)
     if max_images:
         images, labels = images[:max_images], labels[:max_images]
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
@@ -178,8 +190,9 @@ def train_classifier(ctx, config: dict) -> None:
     """Train ``config["model"]`` on the set at ``config["dataset_root"]``; report every epoch."""
     cfg = resolve_config(config)
     torch.manual_seed(cfg["seed"])
-    x_train, y_train = load_split(cfg["dataset_root"], "train", cfg["resolution"], cfg["max_train"])
-    x_test, y_test = load_split(cfg["dataset_root"], "test", cfg["resolution"], cfg["max_test"])
+    root, fmt = cfg["dataset_root"], cfg["dataset_format"]
+    x_train, y_train = load_split(root, "train", cfg["resolution"], cfg["max_train"], fmt)
+    x_test, y_test = load_split(root, "test", cfg["resolution"], cfg["max_test"], fmt)
     model = create(cfg["model"], num_classes=cfg["num_classes"], **cfg["model_kwargs"])
     model = ctx.prepare_model(model)
     optimizer = make_optimizer(model, cfg)

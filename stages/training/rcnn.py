@@ -292,8 +292,10 @@ def pretrain_train_fn(ctx, config: dict) -> None:
     cfg = _resolve(
         config, ("model", "num_classes", "images", "labels"), PRETRAIN_DEFAULTS, "pretrain"
     )
-    images, seed = torch.as_tensor(cfg["images"]), int(cfg["seed"])
-    labels = torch.as_tensor(cfg["labels"], dtype=torch.int64)
+    # copies: arrays that come through Ray's object store are read-only, and torch warns that
+    # writing to a tensor made from one is undefined behaviour (issue 22)
+    images, seed = torch.as_tensor(np.array(cfg["images"])), int(cfg["seed"])
+    labels = torch.as_tensor(np.array(cfg["labels"]), dtype=torch.int64)
     if (
         images.ndim != 4
         or images.shape[1] != 3

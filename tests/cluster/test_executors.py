@@ -196,3 +196,51 @@ def test_gpu_auto_resolution():
     assert Resources(gpus=0.5).resolve_gpus(0) == 0.5
     with pytest.raises(ValueError, match="'auto'"):
         Resources(gpus="all")
+
+
+@pytest.mark.ray
+def test_a_seeded_random_search_draws_the_same_trials_on_ray_as_in_process(ray_executor, tmp_path):
+    """Issue 18: Tune sampled with its own generator and ignored the sweep's seed."""
+    space = {"x": Uniform(0.0, 3.0), "k": Choice((1, 2, 3)), "tag": "t"}
+    kw = dict(metric="score", mode="max", num_samples=3, resources_per_trial=Resources(cpus=1))
+    on_ray = ray_executor.sweep(
+        quadratic_trial, space, storage_path=str(tmp_path / "ray"), name="seeded", seed=5, **kw
+    )
+    local = LocalExecutor(progress=False).sweep(
+        quadratic_trial, space, storage_path=str(tmp_path / "local"), name="seeded", seed=5, **kw
+    )
+    key = lambda r: (r["config"]["x"], r["config"]["k"])  # noqa: E731
+    assert (
+        sorted(map(key, on_ray))
+        == sorted(map(key, local))
+        == sorted((c["x"], c["k"]) for c in expand(space, 3, seed=5))
+    )
+    assert len(set(map(key, on_ray))) == 3
+    other = ray_executor.sweep(
+        quadratic_trial, space, storage_path=str(tmp_path / "ray2"), name="seeded2", seed=6, **kw
+    )
+    assert sorted(map(key, other)) != sorted(map(key, on_ray))
+
+
+@pytest.mark.ray
+def test_tune_state_on_an_object_store_is_not_unpickled_unless_trusted(
+    ray_executor, tmp_path, monkeypatch
+):
+    """Issue 18: resuming unpickles tuner.pkl; from s3:// that is code from whoever can write
+    to the bucket. Refused (exit 2 through the CLI's PermissionError) unless --trust-store."""
+    from ray import tune
+
+    restored = []
+    monkeypatch.setattr(tune.Tuner, "can_restore", staticmethod(lambda path, **kw: True))
+    monkeypatch.setattr(
+        tune.Tuner, "restore", staticmethod(lambda path, **kw: restored.append(path) or 1 / 0)
+    )
+    monkeypatch.delenv("PAPERLINE_TRUST_STORE", raising=False)
+    kw = dict(metric="score", mode="max", storage_path="s3://bucket/_work/p", name="e", resume=True)
+    with pytest.raises(PermissionError, match="--trust-store"):
+        ray_executor.sweep(quadratic_trial, {"x": Grid((1.0,))}, **kw)
+    assert restored == []
+    monkeypatch.setenv("PAPERLINE_TRUST_STORE", "1")
+    with pytest.raises(ZeroDivisionError):  # trusted: restore is called
+        ray_executor.sweep(quadratic_trial, {"x": Grid((1.0,))}, **kw)
+    assert restored == ["s3://bucket/_work/p/e"]

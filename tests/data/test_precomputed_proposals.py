@@ -202,7 +202,7 @@ def test_proposals_step_checks_boxes_against_the_images_table(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA), dataset / "images.parquet")
     out = tmp_path / "out"
     out.mkdir()
-    ctx = SimpleNamespace(input_dir=lambda name: dataset, out_dir=out)
+    ctx = SimpleNamespace(input_dir=lambda name: dataset, input_file=lambda name: None, out_dir=out)
     path = tmp_path / "zero_based.mat"
     write_voc_mat(path, {"000005": [[9, 9, 20, 20], [0, 0, 99, 79]], "000007": [[0, 0, 9, 9]]})
     params = dict(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 
@@ -22,7 +23,8 @@ def run_cli(capsys, *argv):
 @pytest.mark.parametrize(
     ("sets", "message"),
     [
-        (["proposals.sigmaa=0.8"], "unknown key 'proposals.sigmaa'; valid keys: data.source"),
+        (["proposals.sigmaa=0.8"], "unknown key 'proposals.sigmaa' (did you mean proposals.sigma"),
+        (["svm.c=0.01"], "unknown key 'svm.c' (did you mean svm.C?); keys of svm: layer, neg_iou"),
         (["nope=1"], "unknown key 'nope'"),
         (["proposals.base_k=fifty"], "proposals.base_k: expected an integer, got 'fifty'"),
         (["proposals.sigma=abc"], "proposals.sigma: expected a number"),
@@ -101,9 +103,34 @@ def test_overrides_are_typed():
 def test_list_names_presets_steps_and_keys(capsys):
     code, out, _ = run_cli(capsys, "list")
     assert code == 0
-    assert "rcnn:" in out and "preset tiny (default)" in out and "preset voc2007" in out
+    assert "rcnn:" in out and "presets: tiny (default), ci, table2, voc2007" in out
+    assert "ssl:" in out and "steps" not in out.split("`paperline list PIPELINE`")[0]
+    code, out, _ = run_cli(capsys, "list", "rcnn")
+    assert code == 0 and "preset voc2007: data.source=voc" in out
     assert "dataset[task] -> proposals[map] -> proposal_report[task]" in out
-    assert "proposals.min_width_px" in out
+    assert "keys (values of preset tiny; --set KEY=VALUE):" in out
+    lines = {ln.split()[0]: ln.split()[1:] for ln in out.splitlines() if ln.startswith("    svm.")}
+    assert lines["svm.C"] == ["float", "0.001"] and lines["svm.mode"][-1] == "'hnm'"
+    code, out, _ = run_cli(capsys, "list", "rcnn", "--preset", "ci")
+    keys = out.split("keys (values of preset ci")[1]
+    assert keys.split("data.num_train")[1].split()[1] == "16"
+
+
+def test_list_without_a_pipeline_loads_no_torch():
+    """`paperline list` took 6.3 s (issue 22): building configs imported torch."""
+    code = (
+        "import sys; from pipelines import cli; cli.main(['list']); print('torch' in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.splitlines()[-1] == "False"
+
+
+def test_help_has_no_rst_markup_and_every_option_has_help(capsys):
+    parser = cli.build_parser()
+    assert "``" not in parser.format_help()
+    for name, sub in parser._subparsers._group_actions[0].choices.items():
+        for action in sub._actions:
+            assert action.help, f"paperline {name} {action.option_strings or action.dest}"
 
 
 def test_report_of_a_run_dir(capsys, tmp_path):
@@ -170,3 +197,22 @@ def test_optional_knobs_enter_keys_only_when_set():
     changed = {k for k in plain if plain[k] != bf16[k]}
     assert {"dataset", "proposals", "pretrain", "finetune"}.isdisjoint(changed)
     assert {"features", "svm", "detect", "evaluate"} <= changed
+
+
+def test_submit_passes_store_and_out_as_given(tmp_path, monkeypatch, capsys):
+    """Issue 18: the job gets the cluster-side --store/--out exactly as typed, from any working
+    directory of the client; a relative local store is refused (it would name a client path)."""
+    from cluster import jobs
+
+    seen = {}
+    monkeypatch.setattr(
+        jobs, "submit", lambda address, entrypoint, *a, **k: seen.setdefault("cmd", entrypoint)
+    )
+    monkeypatch.chdir(tmp_path)  # not the repository
+    argv = ["submit", "rcnn", "--preset", "ci", "--address", "http://head:8265"]
+    assert cli.main([*argv, "--store", "s3://bucket/paperline", "--out", "/shared/runs"]) == 0
+    words = shlex.split(seen["cmd"])
+    assert words[words.index("--store") + 1] == "s3://bucket/paperline"
+    assert words[words.index("--out") + 1] == "/shared/runs"
+    assert cli.main([*argv, "--store", "store"]) == 2
+    assert "--store 'store' is relative" in capsys.readouterr().err

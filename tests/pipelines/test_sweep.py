@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 
 import pyarrow.parquet as pq
@@ -52,7 +53,7 @@ def test_split_values_keeps_bracketed_commas():
     [
         (["toy.offset=1,x"], [], "toy.offset: expected an integer, got 'x'"),
         (["toy.n=3,0"], [], "toy.n must be >= 1, got 0"),
-        (["toy.nope=1"], [], "unknown key 'toy.nope'; valid keys: toy.n, toy.offset"),
+        (["toy.nope=1"], [], "unknown key 'toy.nope' (did you mean toy.n or toy.offset"),
         (["toy.offset"], [], "--grid expects KEY=VALUES"),
         (["text=a,a"], [], "repeated values"),
         ([], ["toy.offset=uniform(0,3)"], "needs two bounds of a float field"),
@@ -62,7 +63,7 @@ def test_split_values_keeps_bracketed_commas():
     ],
 )
 def test_bad_spaces_fail_before_anything_runs(grids, samples, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         plan(grids, samples)
 
 

@@ -247,3 +247,34 @@ def test_small_inception_switches(activation, bn):
     } <= kinds
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert all((m.bias is None) == bn for m in convs)  # §3.2: bias dropped under BN
+
+
+def test_sync_without_a_process_group_refuses_instead_of_falling_back():
+    """Issue 21: sync=True used to normalise by the local batch when torch.distributed was not
+    initialised, and a run reported per-worker statistics as synchronised."""
+    assert not dist.is_initialized()
+    bn = BatchNorm2d(3, sync=True)
+    with pytest.raises(RuntimeError, match="process group"):
+        bn(torch.randn(4, 3, 2, 2))
+    bn.eval()  # inference uses the population statistics: nothing to synchronise
+    assert bn(torch.randn(4, 3, 2, 2)).shape == (4, 3, 2, 2)
+
+
+def test_small_inception_has_all_of_zhangs_modules_at_a_quarter_width():
+    """Issue 21: the docstring promised Zhang et al.'s layout; 3 of its 11 modules were missing.
+    REFERENCE §4: conv·96 → Inc(32,32) → Inc(32,48) → Down(80) → Inc(112,48) → Inc(96,64) →
+    Inc(80,80) → Inc(48,96) → Down(96) → Inc(176,160) → Inc(176,160), here ÷ 4."""
+    from stages.models.bn_nets import DownsampleModule, InceptionModule
+
+    net = SmallInception(width=1.0, lrn=False)
+    blocks = [m for m in net.features if isinstance(m, InceptionModule | DownsampleModule)]
+    got = [
+        ("down", m.out_channels - cin)
+        if isinstance(m, DownsampleModule)
+        else ("inc", m.out_channels)
+        for m, cin in zip(blocks, [24] + [b.out_channels for b in blocks[:-1]], strict=True)
+    ]
+    zhang = [("inc", 64), ("inc", 80), ("down", 80), ("inc", 160), ("inc", 160), ("inc", 160),
+             ("inc", 144), ("down", 96), ("inc", 336), ("inc", 336)]  # fmt: skip
+    assert got == [(k, c // 4) for k, c in zhang]
+    assert net.fc.in_features == 336 // 4

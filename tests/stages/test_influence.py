@@ -172,3 +172,81 @@ def test_masked_adam_is_torch_adam_on_each_entrys_own_steps():
             ref.step()
         torch.testing.assert_close(adam.weights[i], p.detach()[0].clamp(0, 2))
     assert adam.weights[3] == 1.0 and adam.steps[3] == 0
+
+
+def _batch(seed: int, b: int = 8, u: int = 12, d: int = 5, k: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    probs = lambda n: torch.softmax(torch.randn(n, k, generator=g, dtype=torch.float64), 1)  # noqa: E731
+    return dict(
+        labeled_features=torch.randn(b, d, generator=g, dtype=torch.float64),
+        labeled_probs=probs(b),
+        unlabeled_features=torch.randn(u, d, generator=g, dtype=torch.float64),
+        unlabeled_probs=probs(u),
+        pseudo_targets=torch.randint(0, k, (u,), generator=g),
+        mask=(torch.rand(u, generator=g) > 0.3).to(torch.float64),
+        weights=torch.rand(u, generator=g, dtype=torch.float64) * 2,
+        val_features=torch.randn(6, d, generator=g, dtype=torch.float64),
+        val_probs=probs(6),
+        val_targets=torch.randint(0, k, (6,), generator=g),
+    )
+
+
+def test_data_parallel_hypergradients_equal_the_single_process_ones():
+    """Issue 21: with W workers each scaled ∂F/∂λ_u by c/u_local (W× too large) and solved with
+    its own Hessian. Two shards, with the global U and the averaged Hessian, must give exactly
+    the single-process hypergradients of the whole batch."""
+    from stages.ssl.influence import last_layer_hessian
+
+    full = _batch(0)
+    kw = dict(unlabeled_coef=1.0, l2=5e-4)
+    want = weight_hypergradients(**full, **kw)
+    shards = []
+    for w in range(2):
+        part = dict(full)
+        for key, n in (("labeled", 8), ("unlabeled", 12)):
+            size = n // 2
+            sl = slice(w * size, (w + 1) * size)
+            for what in ("features", "probs"):
+                part[f"{key}_{what}"] = full[f"{key}_{what}"][sl]
+            if key == "unlabeled":
+                for extra in ("pseudo_targets", "mask", "weights"):
+                    part[extra] = full[extra][sl]
+        shards.append(part)
+
+    def local_hessian(p):  # what each worker builds before the all-reduce
+        weights = torch.cat([torch.full((4,), 1 / 4, dtype=torch.float64),
+                             (1.0 / 6) * p["weights"] * p["mask"]])  # fmt: skip
+        feats = torch.cat([p["labeled_features"], p["unlabeled_features"]])
+        return last_layer_hessian(feats, torch.cat([p["labeled_probs"], p["unlabeled_probs"]]),
+                                  weights, kw["l2"])  # fmt: skip
+
+    hessians = [local_hessian(p) for p in shards]
+    got = torch.cat([
+        weight_hypergradients(**p, **kw, num_unlabeled_total=12,
+                              reduce_hessian=lambda h, w=w: (h + hessians[1 - w]) / 2)
+        for w, p in enumerate(shards)
+    ])  # fmt: skip
+    torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=1e-9)
+    # the old per-worker scale: twice the single-process hypergradients
+    old = weight_hypergradients(**shards[0], **kw)
+    assert torch.abs(old).max() > 1.5 * torch.abs(want[:6]).max()
+
+
+def test_masked_out_examples_take_no_adam_step():
+    """Issue 21: an example whose pseudo-label is below the confidence threshold has a zero
+    hypergradient; stepping it advanced its count and moved λ by the old momentum."""
+    from stages.ssl.train import confident_updates
+
+    def run(filtered: bool) -> MaskedAdam:
+        lam = MaskedAdam(3)
+        idx = torch.tensor([0, 1])
+        for grads, mask in ((torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0])),
+                            (torch.tensor([0.0, -1.0]), torch.tensor([0.0, 1.0]))):  # fmt: skip
+            lam.step(*(confident_updates(idx, grads, mask) if filtered else (idx, grads)))
+        return lam
+
+    lam = run(filtered=True)
+    assert lam.steps.tolist() == [1, 2, 0]
+    assert lam.weights[0] == pytest.approx(1 - 0.01)  # one Adam step of size lr, then untouched
+    unfiltered = run(filtered=False)  # what the training loop did before
+    assert unfiltered.steps[0] == 2 and unfiltered.weights[0] < lam.weights[0] - 1e-3

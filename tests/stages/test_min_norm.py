@@ -85,3 +85,34 @@ def test_norm_grows_with_label_corruption_while_train_error_stays_zero():
     direct = fit_and_test(x[:200], labels[:200], x[200:], labels[200:], kind="gaussian",
                           num_classes=3, gamma=rows[0]["gamma"])  # fmt: skip
     assert direct["norm"] == pytest.approx(rows[0]["norm"])
+
+
+def test_condition_number_is_reported_per_row():
+    """Issue 21: an "exact" solve of an ill-conditioned K fits noise; every row now says cond(K)."""
+    from stages.generalization.min_norm import condition_number, corruption_curve
+
+    assert condition_number(np.diag([4.0, 2.0, 0.5])) == pytest.approx(8.0)
+    assert condition_number(np.ones((3, 3))) > 1e15  # rank 1: inf, or 1/rounding error
+    rng = np.random.default_rng(0)
+    low_rank = rng.normal(size=(20, 4)) @ rng.normal(size=(4, 30))  # rank 4, n = 20 < d = 30
+    # rounding to 1e-3 lifts XXᵀ to full rank 20, as the rounded upscaled digits: a linear
+    # "interpolant" then exists, but only through the rounding noise (cond ≈ 4e9 here)
+    x = np.round(low_rank * 1000) / 1000
+    rows = corruption_curve(x, rng.integers(0, 3, 20), x[:5], np.zeros(5, int),
+                            kernels=("linear", "gaussian"), ps=(0.0,), num_classes=3, seed=0)  # fmt: skip
+    cond = {r["kernel"]: r["condition_number"] for r in rows}
+    assert 1e9 < cond["linear"] < float("inf") and cond["gaussian"] < 1e6
+
+
+def test_condition_number_by_lanczos_matches_the_exact_one():
+    # above exact_below rows the two extreme eigenvalues come from Lanczos (λ_min through the
+    # Cholesky factor): a full eigvalsh at n = 20,000 outlasted the rest of §5 (issue 20)
+    from stages.generalization.min_norm import condition_number
+
+    x = np.random.default_rng(6).standard_normal((600, 10))
+    k = kernel(x, x, "gaussian", 0.05)
+    exact = condition_number(k)
+    assert exact > 1e3
+    assert condition_number(k, exact_below=100) == pytest.approx(exact, rel=1e-6)
+    singular = kernel(x, x, "linear")  # rank 10 < 600: not positive definite
+    assert condition_number(singular, exact_below=100) == float("inf")

@@ -25,7 +25,8 @@ def two_tone(height: int, width: int, box: tuple[int, int, int, int]) -> np.ndar
 def test_round_half_away_vs_python_round():
     assert round_half_away(2.5) == 3 and round_half_away(-2.5) == -3
     assert round_half_away(1.5) == 2 and round_half_away(0.49) == 0
-    assert round(2.5) == 2  # Python rounds half to even: the trap the helper avoids
+    # even integer parts: np.round and Python's round (half to even) give 0, 2, 4, -2 here
+    assert round_half_away(np.array([0.5, 2.5, 4.5, -2.5])).tolist() == [1, 3, 5, -3]
     np.testing.assert_array_equal(round_half_away(np.array([-0.5, 0.5, -1.2, 3.7])), [-1, 1, -1, 4])
 
 

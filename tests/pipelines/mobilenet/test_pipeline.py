@@ -95,6 +95,12 @@ def _check_outputs(result) -> None:
         assert (run_dir / figure).stat().st_size > 5000
 
 
+def test_report_on_generated_data_says_so_in_its_first_line(ci_run):
+    _, result = ci_run  # issue 20
+    first = (result.run_dir / "report.md").read_text().splitlines()[0]
+    assert first.startswith("**Generated data**: a generated CIFAR-10-format set")
+
+
 def test_ci_output_contract(ci_run):
     kw, result = ci_run
     assert result.computed() == [
@@ -310,6 +316,18 @@ def test_report_leaves_asha_stopped_trials_out_of_the_aggregates(tmp_path):
     assert "Trials that ran all 5 epochs: 5 of 7" in report and "over 3 points" in report
     assert "**test** accuracy" in report  # ASHA selects on what the sweep reports
     assert "/data/cifar (first 10 of 40 train / 5 of 20 test images)" in report
+    assert "16-px images" in report and "32-px" not in report  # the sweep's own resolution
+    claims = {r["claim"]: r for r in json.loads((out / "claims.json").read_text())}
+    rho = claims["accuracy_rises_with_madds"]
+    assert rho["estimate"] == pytest.approx(1.0) and rho["interval"][1] == pytest.approx(1.0)
+    # 5 test examples: a point's accuracy can swing by 0.2 per example, so ρ is not resolved
+    assert rho["interval"][0] <= 0 and rho["verdict"] == "inconclusive"
+    assert claims["madds_v2_1.0"]["estimate"] == 300_774_272
+    assert claims["madds_v2_1.0"]["verdict"] == "holds"  # within 1% of 300M, an exact count
+    assert claims["madds_v2_1.4"]["verdict"] == "inconclusive"  # not in this complexity grid
+    assert claims["madds_v2_1.4"]["method"] == "not measured"
+    lin = claims["linear_over_relu6"]  # 0.5 vs 0.3 on one seed × 5 test examples
+    assert lin["estimate"] == pytest.approx(0.2) and lin["verdict"] == "inconclusive"
     sweep = pq.read_table(out / "sweep.parquet").to_pylist()  # the raw rows keep every trial
     assert sorted(r["epochs"] for r in sweep if r["experiment"] == "width_sweep") == [
         1, 4, 5, 5, 5, 5, 5,

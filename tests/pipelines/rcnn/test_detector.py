@@ -10,9 +10,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
 import pytest
 
+from cluster.local import LocalExecutor
 from pipelines import runner
 from pipelines.rcnn.detect import (
     DETECTIONS_SCHEMA,
@@ -47,11 +50,31 @@ def torch_threads(n: int):
         torch.set_num_threads(before)
 
 
+# what the ci run handed to remote work (map items, Train configs, Ray Data actor arguments),
+# pickled as Ray would ship it: see test_remote_work_gets_references_not_driver_paths
+REMOTE_PAYLOADS: list[tuple[str, bytes]] = []
+
+
+def _recording(method: str):
+    import cloudpickle
+
+    real = getattr(LocalExecutor, method)
+
+    def wrapper(self, *args, **kwargs):
+        REMOTE_PAYLOADS.append((method, cloudpickle.dumps((args, kwargs))))
+        return real(self, *args, **kwargs)
+
+    return wrapper
+
+
 @pytest.fixture(scope="module")
 def ci_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rcnn-ci")
     kw = dict(store=str(tmp / "store"), runs=tmp / "runs", progress=False, log=lambda _: None)
-    return tmp, kw, runner.run("rcnn", "ci", executor="local", **kw)
+    with pytest.MonkeyPatch.context() as mp:
+        for method in ("map", "infer", "train", "sweep"):
+            mp.setattr(LocalExecutor, method, _recording(method))
+        return tmp, kw, runner.run("rcnn", "ci", executor="local", **kw)
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +110,20 @@ def test_ci_reaches_map_floor_with_the_output_contract(ci_run):
     assert saved["mAP_voc07"] == m["mAP_voc07"] and saved["AP_voc07"] == m["AP_voc07"]
     report = (run_dir / "report.md").read_text()
     assert "| circle |" in report and "mAP (VOC2007 11-point)" in report
+    # App. C's claim, paired against the same detector without box regression
+    (claim,) = json.loads((run_dir / "claims.json").read_text())
+    nobb = pq.read_table(result.artifacts["detect-nobb"].local_dir() / "detections.parquet")
+    from stages.detection.evaluate import evaluate_detections
+
+    objects = pq.read_table(result.artifacts["dataset"].local_dir() / "objects.parquet")
+    objects = objects.filter(pa.compute.equal(objects["split"], "test"))
+    nobb_map = evaluate_detections(nobb, objects, classes)["mAP_voc07"]
+    assert claim["claim"] == "bbox_regression"
+    assert claim["estimate"] == pytest.approx(m["mAP_voc07"] - nobb_map)
+    lo, hi = claim["interval"]
+    assert lo <= claim["estimate"] <= hi and claim["method"].endswith("over 8 test images")
+    assert claim["verdict"] == ("holds" if lo > 0 else "fails" if hi < 0 else "inconclusive")
+    assert f"**{claim['verdict']}**" in report
     for figure in ("precision_recall.png", "detections.png", "proposal_recall.png"):
         assert (run_dir / figure).stat().st_size > 5000
 
@@ -94,6 +131,12 @@ def test_ci_reaches_map_floor_with_the_output_contract(ci_run):
     assert m["finetune_windows_fg"] > 0 and m["finetune_windows_bg"] > m["finetune_windows_fg"]
     svm_stats = json.loads((result.artifacts["svm"].local_dir() / "svm_stats.json").read_text())
     assert all(s["positives"] > 0 and s["cache"] > 0 for s in svm_stats.values())
+
+
+def test_report_on_generated_data_says_so_in_its_first_line(ci_run):
+    _, _, result = ci_run  # issue 20
+    first = (result.run_dir / "report.md").read_text().splitlines()[0]
+    assert first.startswith("**Generated data**: shapes over photos in VOC format")
 
 
 def test_region_features_beat_chance(ci_run):
@@ -126,10 +169,18 @@ def test_pool5_only_cache_matches_the_layer_cache(ci_run):
 
 
 def test_softmax_scorer_replaces_the_svms(ci_run):
+    """The fc8 softmax scores: its detections are exactly argmax-free P(class) of fc7 · fc8."""
     _, kw, svm_run = ci_run
     result = runner.run("rcnn", "ci", {"svm.scorer": "softmax"}, executor="local", **kw)
-    assert result.computed() == ["svm", "detect", "evaluate", "report"]
-    assert 0.2 <= result.metrics["mAP_voc07"] <= 1.0
+    assert result.computed() == ["svm", "detect", "detect-nobb", "evaluate", "report"]
+    det = pq.read_table(result.run_dir / "detections.parquet")
+    scores = det.column("score").to_numpy()
+    # probabilities, not SVM margins (an SVM run's scores go below 0 and above 1)
+    assert scores.min() >= 0 and scores.max() <= 1 and det.num_rows > 0
+    svm_scores = pq.read_table(svm_run.run_dir / "detections.parquet").column("score").to_numpy()
+    assert svm_scores.min() < 0
+    assert result.metrics["mAP_voc07"] != svm_run.metrics["mAP_voc07"]
+    assert result.metrics["mAP_voc07"] >= MAP_FLOOR / 2
 
 
 def test_table2_study_shares_steps_and_writes_one_table(ci_run, short_run):
@@ -145,7 +196,22 @@ def test_table2_study_shares_steps_and_writes_one_table(ci_run, short_run):
     assert {"finetune-none", "features-none", "pretrain-onet", "finetune-onet"} <= computed
     assert {"features-ft", "svm-fc7-ft", "evaluate-fc7-ft-bb", "table2"} <= computed
     table = json.loads((result.run_dir / "table2.json").read_text())
-    assert len(table) == 9 and "T-Net fc7, fine-tuned + bbox reg" in table
+    assert len(table) == 11 and "T-Net fc7, fine-tuned + bbox reg" in table
+    assert "T-Net fc7, fine-tuned, svm.neg_iou=0.5" in table  # §2.3's grid ends
+    rows = {r["claim"]: r for r in json.loads((result.run_dir / "claims.json").read_text())}
+    assert set(rows) == {"finetune_pool5", "finetune_fc6", "finetune_fc7", "fc7_over_pool5_ft",
+                         "bbox_regression", "onet_over_tnet", "neg_iou_0.3_over_0",
+                         "neg_iou_0.3_over_0.5"}  # fmt: skip
+    for r in rows.values():
+        lo, hi = r["interval"]
+        assert lo <= r["estimate"] <= hi and r["verdict"] in ("holds", "fails", "inconclusive")
+        assert r["method"] == "paired bootstrap over 8 test images"
+    bb = rows["bbox_regression"]
+    assert bb["estimate"] == pytest.approx(
+        table["T-Net fc7, fine-tuned + bbox reg"]["mAP_voc07"]
+        - table["T-Net fc7, fine-tuned"]["mAP_voc07"]
+    )
+    assert "**" + bb["verdict"] + "**" in (result.run_dir / "table2.md").read_text()
     assert "O-Net* fc7, fine-tuned + bbox reg" in table  # the small CNN at twice the widths
     onet = spec_widths(result, "pretrain-onet")
     assert onet == [2 * w for w in spec_widths(result, "pretrain")]
@@ -171,7 +237,7 @@ def spec_widths(result, step: str) -> list[int]:
 def test_changing_the_svm_threshold_recomputes_only_downstream(ci_run):
     _, kw, first = ci_run
     again = runner.run("rcnn", "ci", {"svm.neg_iou": "0.2"}, executor="local", **kw)
-    assert again.computed() == ["svm", "detect", "evaluate", "report"]
+    assert again.computed() == ["svm", "detect", "detect-nobb", "evaluate", "report"]
     assert "features" in again.cached() and "finetune" in again.cached()
     assert "region_features" in again.cached()
 
@@ -241,13 +307,116 @@ def _two_object_shard(path, feats=None):
 
 def test_box_regression_pairs_a_proposal_with_the_gt_it_overlaps_most(tmp_path):
     """App. C: P1 (0.87 with A, 0.94 with B) trains only class 1's regressor, P2 only class 0's;
-    pairing per class would give each class both proposals."""
+    pairing per class would give each class both proposals. The gt rows train too (IoU 1 with
+    themselves), as rcnn_train_bbox_regressor.m keeps every row with overlap >= 0.6."""
     path = tmp_path / "shard.parquet"
     gt = _two_object_shard(path)
     kw = dict(shards=[str(path)], scale=1.0, gt=gt, alpha=1000.0, min_iou=0.6)
-    assert _train_class_regressor(0, **kw)["n"] == 1
-    assert _train_class_regressor(1, **kw)["n"] == 1
-    assert _train_class_regressor(0, **{**kw, "min_iou": 0.96})["n"] == 0
+    assert _train_class_regressor(0, **kw)["n"] == 2  # gt A + P2 (dropping gt rows gave 1)
+    assert _train_class_regressor(1, **kw)["n"] == 2  # gt B + P1
+    assert _train_class_regressor(0, **{**kw, "min_iou": 0.96})["n"] == 1  # gt A only
+
+
+def test_other_classes_gt_boxes_are_svm_negatives_behind_a_key(tmp_path):
+    """R-CNN's sample_negative_features tests only the overlap: gt B (class 1, IoU 0 with class 0
+    in this shard) is one more class-0 negative with svm.gt_negatives (the default)."""
+    path = tmp_path / "far.parquet"
+    write_feature_shard(
+        path, image_ids=["im"] * 5, box_index=np.arange(5, dtype=np.int32),
+        is_gt=np.array([True, True, False, False, False]),
+        boxes=np.array([[1, 1, 40, 40], [60, 60, 99, 99], [1, 1, 38, 40], [50, 1, 90, 30],
+                        [1, 60, 30, 99]], np.float32),
+        gt_class=np.array([0, 1, -1, -1, -1]),
+        # gt A is its own class's box (IoU 1), gt B is far from it; one proposal hugs A
+        max_iou=np.array([[1, 0], [0, 1], [0.95, 0], [0, 0], [0, 0]], np.float32),
+        features=np.random.default_rng(1).normal(size=(5, 6)).astype(np.float32),
+    )  # fmt: skip
+    kw = dict(shards=[str(path)], scale=1.0, neg_iou=0.3, C=0.001, pos_weight=2.0,
+              bias_value=10.0, mode="all")  # fmt: skip
+    with_gt = _train_class_svm(0, gt_negatives=True, **kw)["cache"]
+    without = _train_class_svm(0, gt_negatives=False, **kw)["cache"]
+    assert (with_gt, without) == (3, 2)  # 2 far proposals, + gt B; never gt A itself
+    from pipelines import registry
+    from pipelines.rcnn.steps import steps
+
+    svm = next(s for s in steps(registry.get("rcnn").build_config("tiny")) if s.name == "svm")
+    assert svm.params["gt_negatives"] is True
+
+
+def test_test_time_cap_keeps_the_sets_best_40_per_image(tmp_path):
+    """rcnn_test.m: per class, only boxes scoring at least the (40·#images)-th best of the set's
+    per-image top-100 survive to NMS (ties kept); 0 candidates beyond the cap: no threshold."""
+    from pipelines.rcnn.detect import set_thresholds
+
+    t = set_thresholds([np.array([5.0, 1.0, 3.0, 3.0, 2.0]), np.array([1.0, 2.0])], cap=3)
+    assert t[0] == 3.0 and t[1] == -np.inf
+    path = tmp_path / "shard.parquet"
+    _two_object_shard(path, feats=np.diag([1, 2, 3, 4, 0, 0]).astype(np.float32)[:4])
+    svm = {"coef": np.eye(2, 6, dtype=np.float32), "intercept": np.zeros(2, np.float32),
+           "scale": np.float32(1.0)}  # fmt: skip
+    kw = dict(classes=["a", "b"], svm=svm, bbox=None, sizes={"im": (120, 120)}, top_k=100,
+              nms_iou=0.99)  # fmt: skip
+    scores = _detect_shard((str(path), str(path)), scores_only=True, **kw)
+    np.testing.assert_array_equal(np.sort(scores[0]), [0, 0])  # proposals only: class a scores
+    np.testing.assert_array_equal(np.sort(scores[1]), [0, 0])
+    capped = _detect_shard((str(path), str(path)), min_scores=np.array([0.5, -np.inf]), **kw)
+    assert [r["class"] for r in capped.to_pylist()] == ["b", "b"]
+
+
+def test_a_zero_width_proposal_survives_box_regression(tmp_path):
+    """A precomputed proposal with x1 == x2 (width 0 in R-CNN's x2 - x1 + eps) in the top 100
+    used to raise in decode_boxes and abort detect."""
+    from stages.detection.bbox_regression import decode_boxes
+
+    box = np.array([[10.0, 10.0, 10.0, 30.0]])
+    out = decode_boxes(box, np.array([[0.5, 0.1, 0.3, 0.2]]))
+    assert out[0, 0] == pytest.approx(10.0) and out[0, 2] == pytest.approx(10.0)
+    assert out[0, 3] - out[0, 1] == pytest.approx(20 * np.exp(0.2))
+    with pytest.raises(ValueError, match="non-positive size"):
+        decode_boxes(np.array([[10.0, 10.0, 9.0, 30.0]]), np.zeros((1, 4)))
+    path = tmp_path / "shard.parquet"
+    write_feature_shard(
+        path, image_ids=["im"] * 2, box_index=np.arange(2, dtype=np.int32),
+        is_gt=np.array([False, False]), boxes=np.array([[5, 5, 5, 40], [1, 1, 50, 50]], np.float32),
+        gt_class=np.array([-1, -1]), max_iou=np.zeros((2, 1), np.float32),
+        features=np.ones((2, 3), np.float32),
+    )  # fmt: skip
+    bbox = {"coef": np.full((1, 4, 3), 0.01, np.float32), "intercept": np.zeros((1, 4), np.float32),
+            "scale": np.float32(1.0), "trained": np.array([True])}  # fmt: skip
+    svm = {"coef": np.ones((1, 3), np.float32), "intercept": np.zeros(1, np.float32),
+           "scale": np.float32(1.0)}  # fmt: skip
+    det = _detect_shard((str(path), str(path)), classes=["a"], svm=svm, bbox=bbox,
+                        sizes={"im": (60, 60)}, top_k=100, nms_iou=0.3)  # fmt: skip
+    assert det.num_rows == 2
+
+
+def test_the_dataset_key_follows_the_annotation_files(tmp_path):
+    """An edited annotation (same root, same split names) must give a new dataset key."""
+    from pipelines.config import apply_overrides
+    from pipelines.rcnn.config import RCNNConfig
+    from pipelines.rcnn.steps import steps
+
+    root = tmp_path / "VOC"
+    for sub in ("ImageSets/Main", "Annotations", "JPEGImages"):
+        (root / sub).mkdir(parents=True)
+    (root / "ImageSets/Main/trainval.txt").write_text("a\n")
+    (root / "ImageSets/Main/test.txt").write_text("b\n")
+    for i in "ab":
+        (root / f"Annotations/{i}.xml").write_text("<annotation><object>cat</object></annotation>")
+        (root / f"JPEGImages/{i}.jpg").write_bytes(b"jpeg")
+    cfg = apply_overrides(RCNNConfig(), {"data.source": "voc", "data.root": str(root)})
+
+    def dataset_params():
+        return dict(next(s for s in steps(cfg) if s.name == "dataset").params)
+
+    before = dataset_params()
+    assert dataset_params() == before
+    (root / "Annotations/b.xml").write_text("<annotation><object>dog</object></annotation>")
+    after = dataset_params()
+    assert after["fingerprint"] != before["fingerprint"]
+    assert {k: v for k, v in after.items() if k != "fingerprint"} == {
+        k: v for k, v in before.items() if k != "fingerprint"
+    }
 
 
 def test_a_class_without_training_positives_gets_no_svm_and_no_detections(tmp_path):
@@ -367,8 +536,23 @@ def test_report_percentages_show_undefined_values_as_a_dash():
 
     assert _pct(float("nan")) == "–" and _pct(None) == "–" and _pct(np.float32("nan")) == "–"
     assert _pct(0.5587) == "55.9" and _pct(np.float32(1.0)) == "100.0"
-    # the detection report's paper line covers every AlexNet row of Table 2 (pool5 and fc6 too)
-    assert PAPER_TABLE2["T-Net pool5, fine-tuned"] == 47.3
+    # every study row the Table 2 graph builds finds its paper number (a label that drifts from
+    # the table's key would print an empty paper column), and the claims' paper differences are
+    # the table's own
+    from pipelines import registry
+    from pipelines.rcnn.claims import CLAIMS
+    from pipelines.rcnn.steps import steps
+
+    cfg = registry.get("rcnn").build_config("ci", {"study": "table2"})
+    table2 = next(s for s in steps(cfg) if s.name == "table2")
+    labels = table2.fn.keywords["rows"]
+    paper_rows = [x for x in labels if "neg_iou" not in x]
+    assert len(paper_rows) == 9
+    assert all(PAPER_TABLE2.get(x.replace("O-Net*", "O-Net")) is not None for x in paper_rows)
+    for cid, a, b in [("finetune_pool5", "pool5, fine-tuned", "pool5, no fine-tuning"),
+                      ("bbox_regression", "fc7, fine-tuned + bbox reg", "fc7, fine-tuned")]:  # fmt: skip
+        diff = PAPER_TABLE2[f"T-Net {a}"] - PAPER_TABLE2[f"T-Net {b}"]
+        assert 100 * CLAIMS[cid].paper_value == pytest.approx(diff)
 
 
 _CACHED_RERUN = """
@@ -402,3 +586,21 @@ def test_a_cached_rerun_reads_under_one_percent_of_the_artifact_bytes(ci_run):
     # measured: 69 KB read of a 73 MB store (completion markers, metrics.json; the published
     # files are not copied again when the run directory already holds them)
     assert counted["read"] < 0.01 * total, (counted["read"], total)
+
+
+def test_remote_work_gets_references_not_driver_paths(ci_run):
+    """Issue 18: map tasks, Train workers and Ray Data actors receive artifact references they
+    resolve on their own node; no path into the driver's copy of an artifact travels with them
+    (on a second node it would not exist)."""
+    _, _, result = ci_run
+    kinds = {method for method, _ in REMOTE_PAYLOADS}
+    assert {"map", "infer", "train"} <= kinds
+    # the artifacts remote work reads (the features step's output still goes to the driver's
+    # staging folder: the one gap left, README "Running on a cluster")
+    inputs = [a.local_dir().as_posix().encode() for a in result.artifacts.values()]
+    leaks = [(m, p) for m, payload in REMOTE_PAYLOADS for p in inputs if p in payload]
+    assert not leaks, leaks
+    # every map and inference call reads artifacts through references; of the two Train runs,
+    # fine-tuning does (its windows' images), pretraining gets crops built on the driver
+    assert all(b"ArtifactFile" in payload for m, payload in REMOTE_PAYLOADS if m != "train")
+    assert sum(b"ArtifactFile" in payload for m, payload in REMOTE_PAYLOADS if m == "train") == 1

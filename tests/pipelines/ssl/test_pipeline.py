@@ -29,6 +29,12 @@ def ci_run(tmp_path_factory):
         torch.set_num_threads(threads)
 
 
+def test_report_on_toy_data_says_so_in_its_first_line(ci_run):
+    _, result = ci_run  # issue 20
+    first = (result.run_dir / "report.md").read_text().splitlines()[0]
+    assert first.startswith("**Not the paper's data**: scikit-learn's 8×8 digits")
+
+
 def test_ci_output_contract_and_numbers(ci_run):
     _, result = ci_run
     table = pq.read_table(result.run_dir / "results.parquet")
@@ -43,7 +49,21 @@ def test_ci_output_contract_and_numbers(ci_run):
     assert rows["supervised"]["mask_rate"] == 0
     learned = rows["learned"]
     assert learned["outer_cost_ratio"] > 0 and learned["lambda_rank_spread"] == 0
-    assert 0 <= learned["lambda_mean"] <= 2 and learned["lambda_std"] > 0  # λ did move
+    # λ moved by Adam steps of about lr = 0.01 each: a spread of at least half a step (a 10×
+    # smaller lr, or a scalar λ broadcast to every example, fails), and never more than one lr
+    # per outer step from 1 (a 10× larger lr, or an unnormalised gradient step, fails)
+    assert learned["lambda_std"] >= 0.005
+    runs = torch.load(result.artifacts["train_learned"].local_dir() / "runs.pt", weights_only=True)
+    w = runs[0]["last_weight"].numpy()
+    w = w[~np.isnan(w)]
+    assert np.abs(w - 1).max() <= 0.01 * 1.001 * runs[0]["outer_steps"] and np.abs(w - 1).max() > 0
+    claims = {r["claim"]: r for r in json.loads((result.run_dir / "claims.json").read_text())}
+    assert set(claims) == {f"{c}@40" for c in ("learned_over_fixmatch", "learned_over_scalar",
+                           "learned_over_mcdropout", "fixmatch_over_supervised")}  # fmt: skip
+    lo, hi = claims["learned_over_fixmatch@40"]["interval"]
+    diff = rows["learned"]["accuracy"] - rows["uniform"]["accuracy"]
+    assert claims["learned_over_fixmatch@40"]["estimate"] == pytest.approx(diff)
+    assert lo <= diff <= hi and hi - lo > 0.02  # one seed × 497 test images: ±3 points or so
     # λ chosen on validation accuracy among the grid (0.5) and FixMatch's λ = 1 (the uniform run)
     trials = json.loads((result.artifacts["scalar_sweep"].local_dir() / "trials.json").read_text())
     val = {0.5: np.mean([t["val_accuracy"] for t in trials if t["scalar_weight"] == 0.5]),
@@ -106,9 +126,11 @@ def test_scalar_lambda_candidates_are_trained_alike():
     assert {r["method"] for r in chosen} == {"scalar"}
 
 
-def test_paper_preset_and_config_checks():
+def test_paper_preset_and_config_checks(tmp_path):
     spec = registry.get("ssl")
-    cfg = spec.build_config("paper")
+    with pytest.raises(ConfigError, match="data.root is not set"):  # no toy fallback (issue 20)
+        spec.steps(spec.build_config("paper"))
+    cfg = spec.build_config("paper", {"data.root": str(tmp_path)})
     assert cfg.fixmatch.model == "wrn_28_2" and cfg.fixmatch.steps == 2**20
     assert cfg.experiment.labels_per_class == (25, 100, 400) and cfg.weights.inner_steps == 512
     assert (cfg.weights.outer_lr, cfg.fixmatch.threshold, cfg.fixmatch.ema_decay) == (

@@ -1,0 +1,61 @@
+"""Issue 22: one progress display, Ray's own output off unless -v."""
+
+from cluster import runtime
+from cluster.executor import train_position, train_total
+from cluster.local import LocalExecutor
+
+
+def test_train_position_reads_the_report_and_the_config_total():
+    assert train_position({"iteration": 40, "loss": 1.0}, {"iterations": 200}) == (40, 200)
+    assert train_position({"epoch": 3}, {}) == (3, None)
+    assert train_position({"loss": 1.0}, {"iterations": 200}) is None
+
+
+def test_quiet_by_default_and_verbose_brings_ray_data_output_back(monkeypatch):
+    from ray.data import DataContext
+
+    monkeypatch.delenv("PAPERLINE_VERBOSE", raising=False)
+    assert not runtime.is_verbose()
+    ctx = DataContext.get_current()
+    try:
+        runtime.quiet_data()
+        assert not ctx.enable_progress_bars and not ctx.print_on_execution_start
+        monkeypatch.setenv("PAPERLINE_VERBOSE", "1")
+        assert runtime.is_verbose()
+        runtime.quiet_data(runtime.is_verbose())
+        assert ctx.enable_progress_bars
+    finally:
+        runtime.quiet_data()
+
+
+def test_local_train_reports_still_reach_the_history(tmp_path):
+    def train_fn(ctx, config):
+        for it in range(1, config["iterations"] + 1):
+            ctx.report({"iteration": it})
+
+    result = LocalExecutor(progress=True).train(
+        train_fn, {"iterations": 3}, storage_path=str(tmp_path), name="t-0"
+    )
+    assert [h["iteration"] for h in result.history] == [1, 2, 3]
+
+
+def test_train_total_comes_from_the_config_before_any_report():
+    assert train_total({"iterations": 400, "epochs": 2}) == ("iteration", 400)
+    assert train_total({"epochs": 30}) == ("epoch", 30)
+    assert train_total({"lr": 0.1}) == ("report", None)
+
+
+def test_the_no_cpu_warning_is_dropped_only_when_quiet():
+    import logging
+
+    record = logging.LogRecord(
+        "ray.data.dataset", logging.WARNING, "", 0, "The Dataset job will hang unless", (), None
+    )
+    log = logging.getLogger("ray.data.dataset")
+    try:
+        runtime.quiet_data(verbose=False)
+        assert not log.filter(record)
+        runtime.quiet_data(verbose=True)
+        assert log.filter(record)
+    finally:
+        runtime.quiet_data()
