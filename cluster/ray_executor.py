@@ -273,16 +273,27 @@ def _trial_bar(total: int, enabled: bool):
 
     class TrialBar(tune.Callback):
         def __init__(self):
-            self.bar = progress_bar(total, "trials", "trial", enabled=enabled)
+            self.bar = None  # made on first use
+
+        def _bar(self):
+            if self.bar is None:
+                self.bar = progress_bar(total, "trials", "trial", enabled=enabled)
+            return self.bar
+
+        def __getstate__(self):
+            # Tune pickles its run config (callbacks included) with the experiment state; a
+            # pickled tqdm bar unpickles broken (endless __getattr__ recursion on resume)
+            return {**self.__dict__, "bar": None}
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            self.bar.update(1)
+            self._bar().update(1)
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            self.bar.update(1)
+            self._bar().update(1)
 
         def on_experiment_end(self, trials, **info):
-            self.bar.close()
+            if self.bar is not None:
+                self.bar.close()
 
     return TrialBar()
 
@@ -404,7 +415,7 @@ class RayExecutor(Executor):
         """Ray Train ``TorchTrainer``. Resume = the same (name, storage_path): a rerun after a crash
         starts from the last reported checkpoint (Train V2 has no ``Trainer.restore``)."""
         _import_train_and_tune()
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
         cap = _schedulable_cpus()
@@ -434,8 +445,9 @@ class RayExecutor(Executor):
                 name=name,
                 storage_path=storage_path,
                 failure_config=FailureConfig(max_failures=max_failures),
-                # resuming needs the last one; every older checkpoint only filled the store
-                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                # every checkpoint is kept: Train V2 builds `metrics_dataframe` (the step's
+                # history) from the kept checkpoints' reports, so num_to_keep=2 cut the history
+                # to its last 2 entries. Finished steps' checkpoints go with `paperline gc`.
             ),
         )
         try:

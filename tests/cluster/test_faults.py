@@ -89,10 +89,6 @@ def test_training_worker_lost_resumes_from_last_checkpoint(ray_executor, tmp_pat
     assert starts[0][1] == starts[2][1] == "epoch0"
     assert starts[1][1] == starts[3][1] and starts[1][1] in ("epoch1", "epoch2", "epoch3")
     assert result.metrics["epoch"] == 4 and result.checkpoint["epoch"] == 4
-    # every epoch reports a checkpoint (6 in all with the resume); each attempt keeps its last 2
-    # (measured: 4 here, 2 for a run without a failure; issue 18: _work grew forever)
-    kept = [p for p in (tmp_path / "train" / "crash").rglob("checkpoint*") if p.is_dir()]
-    assert 2 <= len(kept) <= 4, kept
 
 
 def _toy_cmd(tmp_path: Path, *extra: str) -> list[str]:
