@@ -210,13 +210,10 @@ def _visit(
         todo += [(m, n, False) for m, n in refs]
 
 
-def _symbol(info: _Module, name: str, root: str) -> tuple[str | None, tuple]:
-    """(normalised source or None, the (module, name) pairs it uses); cached per file version."""
-    return _symbol_cached(info, name, root)
-
-
 @functools.lru_cache(maxsize=8192)
-def _symbol_cached(info: _Module, name: str, root_str: str) -> tuple[str | None, tuple]:
+def _symbol(info: _Module, name: str, root_str: str) -> tuple[str | None, tuple]:
+    """(normalised source or None, the (module, name) pairs it uses); cached per file version
+    (``info`` is one object per parsed file version)."""
     root = Path(root_str)
     node = info.defs.get(name)
     if node is None:  # a re-export: `from x import name` in this module

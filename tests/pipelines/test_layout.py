@@ -46,7 +46,7 @@ def _imports(path: Path, *, top_level_only: bool) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             if node.module.split(".")[0] not in TOP:
                 continue
-            if isinstance(node, ast.ImportFrom) and _is_type_checking_block(tree, node):
+            if _is_type_checking_block(tree, node):
                 continue
             for a in node.names:
                 sub = f"{node.module}.{a.name}"
