@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import pyarrow as pa
@@ -99,15 +98,17 @@ class Executor(Protocol):
         source: pa.Table | Sequence[str],
         predictor: type,
         predictor_kwargs: dict,
-        output_dir: str | Path,
         *,
         batch_size: int,
         resources: Resources = Resources(),
         num_actors: int = 1,
         desc: str = "infer",
-    ) -> None:
+    ) -> pa.Table:
         """``predictor(**predictor_kwargs)`` (built once per actor) over batches of ``source`` (a
-        table or Parquet files); the returned tables written as Parquet files in ``output_dir``."""
+        table or Parquet files); the tables it returns, concatenated, come back to the caller.
+        They are meant to be small (a row per batch or per input row): a predictor with bulky
+        output writes it to the store from its own node (``StepContext.output``) and returns
+        what it wrote."""
         ...
 
     def train(

@@ -72,38 +72,31 @@ class LocalExecutor(Executor):
         source: pa.Table | Sequence[str],
         predictor: type,
         predictor_kwargs: dict,
-        output_dir: str | Path,
         *,
         batch_size: int,
         resources: Resources = Resources(),
         num_actors: int = 1,
         desc: str = "infer",
-    ) -> None:
-        """Run ``predictor(**kwargs)(batch: pa.Table) -> pa.Table`` over ``source`` and write the
-        results as Parquet files in ``output_dir``."""
+    ) -> pa.Table:
+        """Run ``predictor(**kwargs)(batch: pa.Table) -> pa.Table`` over ``source``; the
+        returned tables, concatenated."""
         with pinned_threads(resources.threads()):
-            self._infer(source, predictor, predictor_kwargs, output_dir, batch_size, desc)
+            return self._infer(source, predictor, predictor_kwargs, batch_size, desc)
 
-    def _infer(self, source, predictor, predictor_kwargs, output_dir, batch_size, desc) -> None:
+    def _infer(self, source, predictor, predictor_kwargs, batch_size, desc) -> pa.Table:
         model = predictor(**predictor_kwargs)
-        output_dir = Path(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        writer = None
         rows = (
             source.num_rows
             if isinstance(source, pa.Table)
             else sum(pq.ParquetFile(p).metadata.num_rows for p in source)
         )
         bar = progress_bar(rows, desc, "row", enabled=self.progress)
+        out = []
         for batch in iter_batches(source, batch_size):
-            result = model(batch)
-            if writer is None:
-                writer = pq.ParquetWriter(output_dir / "part-00000.parquet", result.schema)
-            writer.write_table(result)
+            out.append(model(batch))
             bar.update(batch.num_rows)
         bar.close()
-        if writer is not None:
-            writer.close()
+        return pa.concat_tables(out) if out else pa.table({})
 
     def train(
         self,

@@ -344,9 +344,13 @@ class RayExecutor(Executor):
         resources: Resources = Resources(),
         desc: str = "map",
     ) -> list:
-        """One Ray task per item (retried by Ray if its worker or node dies); results in order."""
+        """One Ray task per item (retried by Ray if its worker or node dies); results in order.
+
+        ``fn`` (often a partial holding a model's weights) goes to the object store once per call
+        and reaches each node once, not pickled into every task (issue 19)."""
         remote = _remote_call.options(**self._options(resources), max_retries=3)
-        refs = [remote.remote(fn, resources.threads(), (item,), {}) for item in items]
+        fn_ref = ray.put(fn) if items else None
+        refs = [remote.remote(fn_ref, resources.threads(), (item,), {}) for item in items]
         bar = progress_bar(len(refs), desc, "item", enabled=self.progress)
         pending = list(refs)
         while pending:  # no ray.get in a loop: wait for whichever finishes next
@@ -360,14 +364,15 @@ class RayExecutor(Executor):
         source: pa.Table | Sequence[str],
         predictor: type,
         predictor_kwargs: dict,
-        output_dir: str | Path,
         *,
         batch_size: int,
         resources: Resources = Resources(),
         num_actors: int = 1,
         desc: str = "infer",
-    ) -> None:
-        """Ray Data ``map_batches`` with an actor pool; each actor holds one model (GPU if asked)."""
+    ) -> pa.Table:
+        """Ray Data ``map_batches`` with an actor pool; each actor holds one model (GPU if asked).
+        The (small) output blocks come back to the caller through the object store: nothing is
+        written to a path, which on a cluster would be the disk of whichever node ran the write."""
         if isinstance(source, pa.Table):
             rows = source.num_rows
             # one block per batch, so every actor of the pool gets work (a single block would
@@ -397,9 +402,11 @@ class RayExecutor(Executor):
         )
         try:
             with remote_bar:
-                ds.write_parquet(str(output_dir))
+                blocks = _get(ds.to_arrow_refs())
         except Exception as e:  # noqa: BLE001 - re-raised as the predictor's own error
             raise original_error(e) from None
+        blocks = [b for b in blocks if b.num_rows]
+        return pa.concat_tables(blocks) if blocks else pa.table({})
 
     def train(
         self,

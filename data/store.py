@@ -17,6 +17,7 @@ complete artifact, never a directory that looks complete but is not.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -48,14 +49,26 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _file_index(directory: Path) -> dict[str, dict]:
+def _file_index(directory: Path, known: dict[str, dict] | None = None) -> dict[str, dict]:
+    """Marker entries of every file under ``directory``. A file that remote work wrote and hashed
+    where it wrote it (``known``, from `OutputRef.write`) keeps that hash when its size and mtime
+    are still the reported ones; any other file is hashed here, where its bytes were just written
+    (the process publishing the step)."""
+    known = known or {}
     index = {}
     for path in sorted(directory.rglob("*")):
         if path.is_file() and path.name != MARKER:
             rel = path.relative_to(directory).as_posix()
             st = path.stat()
-            # hashed here, where the bytes were just written (the worker of a task step)
-            index[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256(path)}
+            meta = known.get(rel, {})
+            if (meta.get("size"), meta.get("mtime_ns")) == (st.st_size, st.st_mtime_ns):
+                index[rel] = dict(meta)
+            else:
+                index[rel] = {
+                    "size": st.st_size,
+                    "mtime_ns": st.st_mtime_ns,
+                    "sha256": _sha256(path),
+                }
     return index
 
 
@@ -105,26 +118,37 @@ class Artifact:
             marker_bytes = f.read()
         version = hashlib.sha256(marker_bytes).hexdigest()[:16]
         cache = node_cache_dir() / self.relpath / version
-        if not (cache / MARKER).exists():
-            tmp = cache.with_name(f".{cache.name}.{uuid.uuid4().hex[:8]}")
-            tmp.mkdir(parents=True)
-            try:
-                pafs.copy_files(base, str(tmp), source_filesystem=store.fs)
-                # the copy is checked against the marker it was named after before anyone
-                # trusts it (a partial download or a republish mid-copy never becomes the copy)
-                marker = json.loads(marker_bytes)
-                for rel, meta in marker.get("files", {}).items():
-                    if _sha256(tmp / rel) != meta["sha256"]:
-                        raise OSError(f"{self.uri}/{rel}: downloaded bytes differ from the marker")
-                (tmp / MARKER).write_bytes(marker_bytes)
-                DOWNLOADS.append(self.relpath)
-                os.rename(tmp, cache)  # atomic; fails if another reader published it first
-            except OSError:
-                if not (cache / MARKER).exists():
-                    raise
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+        if (cache / MARKER).exists():
+            return cache
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        # one download per node: concurrent readers on this node (map tasks, actors, trials)
+        # wait for the first instead of fetching the same bytes each
+        lock_path = cache.parent / f".{cache.name}.lock"
+        with open(lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (cache / MARKER).exists():
+                self._download(store, base, marker_bytes, cache)
+            # the copy is in place: later readers never take the lock (safe to remove while
+            # others wait on it: each checks for the copy once it holds the lock)
+            lock_path.unlink(missing_ok=True)
         return cache
+
+    def _download(self, store: ArtifactStore, base: str, marker_bytes: bytes, cache: Path) -> None:
+        tmp = cache.with_name(f".{cache.name}.{uuid.uuid4().hex[:8]}")
+        tmp.mkdir(parents=True)
+        try:
+            pafs.copy_files(base, str(tmp), source_filesystem=store.fs)
+            # the copy is checked against the marker it was named after before anyone trusts it
+            # (a partial download or a republish mid-copy never becomes the copy)
+            marker = json.loads(marker_bytes)
+            for rel, meta in marker.get("files", {}).items():
+                if _sha256(tmp / rel) != meta["sha256"]:
+                    raise OSError(f"{self.uri}/{rel}: downloaded bytes differ from the marker")
+            (tmp / MARKER).write_bytes(marker_bytes)
+            DOWNLOADS.append(self.relpath)
+            os.rename(tmp, cache)  # atomic
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def read_bytes(self, name: str) -> bytes | None:
         """One file of the artifact straight from the store (no copy of the rest), or None."""
@@ -182,6 +206,56 @@ class ArtifactFile:
 
     def __truediv__(self, name: str) -> ArtifactFile:
         return ArtifactFile(self.artifact, f"{self.name}/{name}" if self.name else name)
+
+
+@dataclass(frozen=True)
+class OutputRef:
+    """Where remote work (a Ray Data actor on any node) writes a file of the artifact its step is
+    computing, straight into the store from the node that computed it — no round trip through the
+    driver, and no driver path handed out (issue 18). On a local store (a filesystem every node
+    mounts at the same path) that is the step's staging directory; on an object store, the
+    artifact's own prefix, emptied when the step started and complete only once the step's process
+    writes the marker last. Picklable: three strings."""
+
+    store_uri: str
+    location: str  # the staging directory (local store) or the artifact's prefix (object store)
+    name: str = ""
+
+    def __truediv__(self, name: str) -> OutputRef:
+        return OutputRef(
+            self.store_uri, self.location, f"{self.name}/{name}" if self.name else name
+        )
+
+    def write(self, write_fn) -> dict:
+        """Call ``write_fn(path)`` to write this file, hash it here, put it in place; returns its
+        marker entry (``size``, ``sha256``, and ``mtime_ns`` on a local store) for the step's
+        process to pass to ``StepContext.add_files`` — so the bytes are hashed once, where they
+        were written, not read again by the publishing process."""
+        if not self.name:
+            raise ValueError("OutputRef.write needs a file name: ref / 'dir' / 'file.parquet'")
+        store = ArtifactStore(self.store_uri)
+        if store.is_local:
+            final = Path(self.location) / self.name
+            final.parent.mkdir(parents=True, exist_ok=True)
+            # written beside the staging directory, not in it: a writer killed mid-file leaves
+            # nothing the marker would list (`gc` removes it with the staging leftovers)
+            staging = Path(self.location)
+            tmp = staging.with_name(f"{staging.name}.part-{uuid.uuid4().hex[:8]}")
+            try:
+                write_fn(tmp)
+                meta = {"size": tmp.stat().st_size, "sha256": _sha256(tmp)}
+                os.replace(tmp, final)  # a retried writer never leaves a half-written file
+            finally:
+                tmp.unlink(missing_ok=True)
+            return {**meta, "mtime_ns": final.stat().st_mtime_ns}
+        with tempfile.TemporaryDirectory(prefix="paperline-out-") as d:
+            tmp = Path(d) / Path(self.name).name
+            write_fn(tmp)
+            meta = {"size": tmp.stat().st_size, "sha256": _sha256(tmp)}
+            dest = f"{self.location}/{self.name}"
+            store.fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)  # no-op on object stores
+            pafs.copy_files(str(tmp), dest, destination_filesystem=store.fs)
+        return meta
 
 
 def filesystem_from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -488,10 +562,16 @@ class ArtifactStore:
 
     # -- writing ---------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def writer(self, artifact: Artifact, info: dict | None = None) -> Iterator[Path]:
+    def writer(
+        self, artifact: Artifact, info: dict | None = None, remote: dict | None = None
+    ) -> Iterator[Path]:
         """Yield an empty local staging directory; on normal exit publish it atomically.
 
-        On an exception nothing is published and the staging directory is removed.
+        On an exception nothing is published and the staging directory is removed. ``remote``
+        (filled while the step runs) maps the names of files that remote work wrote through
+        `output_ref` to their marker entries; they are part of the artifact without being read
+        again here. On an object store the artifact's prefix is emptied first (the caller holds
+        the artifact's lock), since remote writers fill it before the marker lands.
         """
         if self.is_local:
             parent = self.local_root / artifact.relpath
@@ -499,13 +579,19 @@ class ArtifactStore:
             staging = parent.with_name(f".{parent.name}.tmp-{uuid.uuid4().hex[:8]}")
             staging.mkdir()
         else:
+            with contextlib.suppress(FileNotFoundError, OSError):
+                self.fs.delete_dir(f"{self.root}/{artifact.relpath}")
             staging = Path(tempfile.mkdtemp(prefix="paperline-stage-"))
+        remote = {} if remote is None else remote
         try:
             yield staging
+            files = _file_index(staging, remote if self.is_local else None)
+            if not self.is_local:
+                files.update({rel: dict(meta) for rel, meta in remote.items()})
             marker = {
                 "artifact": artifact.relpath,
                 "created_unix_s": time.time(),
-                "files": _file_index(staging),
+                "files": dict(sorted(files.items())),
                 **(info or {}),
             }
             (staging / MARKER).write_text(json.dumps(marker, indent=1, sort_keys=True))
@@ -513,6 +599,12 @@ class ArtifactStore:
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
+
+    def output_ref(self, artifact: Artifact, staging: Path) -> OutputRef:
+        """Where remote work writes files of ``artifact`` while it is staged in ``staging``."""
+        if self.is_local:
+            return OutputRef(self.uri, str(staging))
+        return OutputRef(self.uri, f"{self.root}/{artifact.relpath}")
 
     def _publish(self, staging: Path, artifact: Artifact) -> None:
         if self.is_local:
@@ -523,9 +615,7 @@ class ArtifactStore:
                 shutil.rmtree(trash, ignore_errors=True)
             os.replace(staging, final)
             return
-        base = f"{self.root}/{artifact.relpath}"
-        with contextlib.suppress(FileNotFoundError, OSError):
-            self.fs.delete_dir(base)
+        base = f"{self.root}/{artifact.relpath}"  # emptied by `writer`; may hold remote files
         self.fs.create_dir(base, recursive=True)
         for path in sorted(staging.rglob("*")):
             if path.is_file() and path.name != MARKER:

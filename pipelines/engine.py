@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.resources import Resources
-from data.store import Artifact, ArtifactStore
+from data.store import Artifact, ArtifactStore, OutputRef
 from pipelines.config import ConfigError
 from pipelines.fingerprint import code_fingerprint
 
@@ -106,6 +106,18 @@ class StepContext:
     resources: Resources
     work_uri: str  # scratch space on the store for Train/Tune storage (resume after a crash)
     executor: Any = None  # None inside a `task` step (it already runs as one unit of work)
+    out_ref: OutputRef | None = None  # set with out_dir: where remote work writes its files
+    remote_files: dict = field(default_factory=dict)  # what it wrote: name -> marker entry
+
+    def output(self, name: str) -> OutputRef:
+        """A reference remote work writes ``name`` of this step's artifact through, from its own
+        node (`OutputRef.write`); hand what it returns to `add_files`."""
+        return self.out_ref / name
+
+    def add_files(self, files: Mapping[str, dict]) -> None:
+        """Record files remote work wrote through `output` (name -> the entry its `write`
+        returned): they join the artifact's marker without being read again."""
+        self.remote_files.update(files)
 
     def input_dir(self, name: str) -> Path:
         """A local path of input ``name``: for the step's own process. Remote work gets
@@ -133,20 +145,17 @@ class StepContext:
         *,
         batch_size: int,
         num_actors: int = 1,
-        subdir: str = "parts",
-    ) -> Path:
-        out = self.out_dir / subdir
-        self.executor.infer(
+    ):
+        """The predictor's output rows (``pa.Table``): see ``cluster.executor.Executor.infer``."""
+        return self.executor.infer(
             source,
             predictor,
             predictor_kwargs,
-            out,
             batch_size=batch_size,
             resources=self.resources,
             num_actors=num_actors,
             desc=self.step,
         )
-        return out
 
     def train(
         self, train_fn: Callable, config: dict, *, num_workers: int = 1, max_failures: int = 0
@@ -207,8 +216,8 @@ def _execute_in_writer(
     """Run one step into a staging directory and publish it; runs wherever the step runs."""
     store = ArtifactStore(store_uri)
     started = time.time()
-    with store.writer(artifact, info) as out_dir:
-        ctx.out_dir = out_dir
+    with store.writer(artifact, info, remote=ctx.remote_files) as out_dir:
+        ctx.out_dir, ctx.out_ref = out_dir, store.output_ref(artifact, out_dir)
         fn(ctx, **params)
         # in the completion marker: a later run that finds the artifact cached reports how long
         # it took to compute and where (`paperline report`, issue 22)

@@ -10,7 +10,7 @@ from typing import Any
 
 from data.store import ArtifactStore
 from pipelines import registry
-from pipelines.config import ConfigError, config_hash, to_dict
+from pipelines.config import config_hash, to_dict
 from pipelines.engine import RunResult, pending_steps, run_steps, select_steps
 
 
@@ -82,7 +82,6 @@ def run(
         info = {"address": "not started, every step is cached"}
     else:
         ex, info = make_executor(executor, address, progress, ray_init)
-        check_store_reach(artifact_store, steps, pending, info.get("nodes", 1))
     log(f"[{pipeline}] preset={preset} executor={executor} cluster={info} run_dir={run_dir}")
     t0 = time.time()
     result = run_steps(
@@ -95,19 +94,6 @@ def run(
     if (run_dir / "report.md").exists():
         log(f"report: {run_dir / 'report.md'}")
     return result
-
-
-def check_store_reach(store: ArtifactStore, steps, pending: list[str], nodes: int) -> None:
-    """Ray Data inference steps hand their actors the driver's local copies of their inputs and
-    a local staging folder for their output: on several nodes that works with a store on a
-    shared filesystem, not with object storage. Refused before anything runs, not hours in."""
-    infer = [s.name for s in steps if s.kind == "infer" and s.name in pending]
-    if infer and nodes > 1 and not store.is_local:
-        raise ConfigError(
-            f"--store {store.uri}: step(s) {', '.join(infer)} run Ray Data actors on any of the "
-            f"cluster's {nodes} nodes and need a store on a filesystem every node mounts (e.g. "
-            "--store /shared/paperline); object storage works on a single node"
-        )
 
 
 def summary_table(manifest: list[dict], total_s: float | None = None) -> str:

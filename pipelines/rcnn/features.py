@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,6 +14,7 @@ import pyarrow.parquet as pq
 if TYPE_CHECKING:  # torch loads in the steps that use it, not with the pipeline's definition
     import torch
 
+from data.store import OutputRef
 from pipelines.engine import StepContext
 from pipelines.rcnn.common import (
     _classes,
@@ -33,7 +35,7 @@ class FeatureWriter:
         model_path: str,
         dataset_dir: str,
         proposals_dir: str,
-        out_dir: str,
+        out: OutputRef,
         layers: tuple[str, ...],
         padding: int,
         chunk: int,
@@ -47,7 +49,7 @@ class FeatureWriter:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         # BatchNorm folded into the convolutions: one pass fewer over every activation map
         self.model = load_model(Path(model_path)).fused_for_inference().to(self.device)
-        self.dataset_dir, self.out_dir = Path(dataset_dir), Path(out_dir)
+        self.dataset_dir, self.out = Path(dataset_dir), out
         self.classes = _classes(self.dataset_dir)
         self.proposals = _proposals(Path(proposals_dir))
         self.objects = {
@@ -60,16 +62,17 @@ class FeatureWriter:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """One shard per split present in ``batch`` (the SVMs stream only training shards,
-        detection only test ones, so a shard never mixes splits); one manifest row per shard."""
+        detection only test ones, so a shard never mixes splits), written into the store from
+        this node; one manifest row per shard, with the marker entries of its files."""
         rows = batch.to_pylist()
         shards = []
         for split in dict.fromkeys(r["split"] for r in rows):  # splits in order of appearance
             part = [r for r in rows if r["split"] == split]
-            shard, n = self._write_shard(part)
-            shards.append({"shard": shard, "split": split, "rows": n})
-        return pa.Table.from_pylist(shards, schema=MANIFEST_SCHEMA)
+            shard, n, files = self._write_shard(part)
+            shards.append({"shard": shard, "split": split, "rows": n, "files": json.dumps(files)})
+        return pa.Table.from_pylist(shards, schema=RESULT_SCHEMA)
 
-    def _write_shard(self, rows: list[dict]) -> tuple[str, int]:
+    def _write_shard(self, rows: list[dict]) -> tuple[str, int, dict]:
         from data.voc import load_image
         from stages.detection.boxes import box_iou_voc
         from stages.detection.features import write_feature_shard
@@ -109,18 +112,20 @@ class FeatureWriter:
             cols["max_iou"].append(max_iou)
         shard = f"{rows[0]['image_id']}.parquet"  # image ids are unique: so are shard names
         arrays = {k: (v if k == "image_ids" else np.concatenate(v)) for k, v in cols.items()}
+        files = {}
         for layer in self.layers:
-            (self.out_dir / layer).mkdir(parents=True, exist_ok=True)
-            write_feature_shard(
-                self.out_dir / layer / shard,
-                **arrays,
-                features=np.concatenate(feats[layer]),
-                dtype=self.dtype,
+            features = np.concatenate(feats[layer])
+            files[f"{layer}/{shard}"] = (self.out / layer / shard).write(
+                lambda path, f=features: write_feature_shard(
+                    path, **arrays, features=f, dtype=self.dtype
+                )
             )
-        return shard, len(arrays["image_ids"])
+        return shard, len(arrays["image_ids"]), files
 
 
 MANIFEST_SCHEMA = pa.schema([("shard", pa.string()), ("split", pa.string()), ("rows", pa.int64())])
+# what an actor returns per shard: its manifest row and its files' marker entries (JSON)
+RESULT_SCHEMA = MANIFEST_SCHEMA.append(pa.field("files", pa.string()))
 
 
 WARP_CHUNK = 256  # boxes warped per call: each call converts the whole image to float once
@@ -206,7 +211,7 @@ def extract_features(
         model_path=ctx.input_file("finetune", "model.pt"),
         dataset_dir=ctx.input_file("dataset"),
         proposals_dir=ctx.input_file("proposals"),
-        out_dir=str(ctx.out_dir),
+        out=ctx.output(""),
         layers=layers,
         padding=padding,
         chunk=chunk,
@@ -216,17 +221,18 @@ def extract_features(
     )
     # one inference pass over both splits (one actor pool to start, not one per split); rows
     # sorted by split, and FeatureWriter splits any batch that straddles two
-    out = ctx.infer(
+    result = ctx.infer(
         table.sort_by("split"),
         FeatureWriter,
         kwargs,
         batch_size=images_per_shard,
         num_actors=num_actors,
-        subdir="_manifest",
     )
-    manifest = pq.read_table(out, schema=MANIFEST_SCHEMA)
+    for files in result["files"].to_pylist():
+        ctx.add_files(json.loads(files))
+    # in input order whatever order the actors finished in: the manifest's bytes follow the key
+    manifest = result.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA).sort_by("shard")
     pq.write_table(manifest, ctx.out_dir / "shards.parquet")
-    _rm_tree(out)
     ctx.write_json(
         "metrics.json",
         {
@@ -234,12 +240,6 @@ def extract_features(
             "feature_shards": manifest.num_rows,
         },
     )
-
-
-def _rm_tree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def feature_shards(features_dir: Path, layer: str, split: str, ref=None) -> list:

@@ -79,15 +79,83 @@ def test_a_cached_rerun_downloads_only_metrics_and_published_files(remote, tmp_p
         assert (tmp_path / "run2" / name).read_bytes() == (tmp_path / "run1" / name).read_bytes()
 
 
-def test_inference_on_several_nodes_needs_a_shared_filesystem_store(remote, tmp_path):
-    from pipelines.config import ConfigError
-    from pipelines.engine import Step
-    from pipelines.runner import check_store_reach
+class _ShardWriter:
+    """A predictor like R-CNN's FeatureWriter: writes one file per batch through the step's
+    output reference, from wherever it runs, and returns what it wrote."""
 
-    store, _ = remote
-    steps = [Step("features", lambda ctx: None, kind="infer"), Step("svm", lambda ctx: None)]
-    with pytest.raises(ConfigError, match=r"remote://bucket/store: step\(s\) features run Ray"):
-        check_store_reach(store, steps, ["features", "svm"], nodes=2)
-    check_store_reach(store, steps, ["features"], nodes=1)  # one node: its own local copies
-    check_store_reach(store, steps, ["svm"], nodes=3)  # features cached: nothing to infer
-    check_store_reach(ArtifactStore(tmp_path / "shared"), steps, ["features"], nodes=3)
+    def __init__(self, out):
+        self.out = out
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        first = batch["i"][0].as_py()
+        meta = (self.out / "parts" / f"{first:03d}.txt").write(
+            lambda p: p.write_text(",".join(str(i) for i in batch["i"].to_pylist()))
+        )
+        return pa.table({"name": [f"parts/{first:03d}.txt"], "meta": [json.dumps(meta)]})
+
+
+def _write_through_refs(ctx, *, fail: bool = False):
+    import pyarrow as pa
+
+    result = ctx.infer(pa.table({"i": list(range(10))}), _ShardWriter, {"out": ctx.output("")},
+                       batch_size=4)  # fmt: skip
+    ctx.add_files({n: json.loads(m) for n, m in zip(*result.to_pydict().values(), strict=True)})
+    if fail:
+        raise RuntimeError("after the remote writes")
+    ctx.write_json("summary.json", result["name"].to_pylist())
+
+
+@pytest.mark.parametrize("kind", ["local", "remote"])
+def test_files_remote_work_writes_join_the_artifact_hashed_once(
+    kind, remote, tmp_path, monkeypatch
+):
+    from pipelines.engine import Step
+
+    store = remote[0] if kind == "remote" else ArtifactStore(tmp_path / "store")
+    hashed = []
+    real_sha = store_mod._sha256
+    monkeypatch.setattr(store_mod, "_sha256", lambda p: hashed.append(Path(p).name) or real_sha(p))
+    steps = [Step("shards", _write_through_refs, kind="infer")]
+    run_steps("toy", steps, store=store, executor=LocalExecutor(progress=False), log=lambda _: None)
+    # each part hashed once, by its writer; the publishing process hashed only its own file
+    assert len(hashed) == 4 and hashed[-1] == "summary.json", hashed
+    art = store.artifacts()[0]
+    marker = store.marker(art)
+    assert sorted(marker["files"]) == ["parts/000.txt", "parts/004.txt", "parts/008.txt",
+                                       "summary.json"]  # fmt: skip
+    assert (art.local_dir() / "parts" / "004.txt").read_text() == "4,5,6,7"
+    assert store.verify(art) == []
+
+
+@pytest.mark.parametrize("kind", ["local", "remote"])
+def test_a_step_failing_after_remote_writes_leaves_no_complete_artifact(kind, remote, tmp_path):
+    from pipelines.engine import Step, StepFailed
+
+    store = remote[0] if kind == "remote" else ArtifactStore(tmp_path / "store")
+    steps = [Step("shards", _write_through_refs, params={"fail": True}, kind="infer")]
+    with pytest.raises(StepFailed):
+        run_steps("toy", steps, store=store, executor=LocalExecutor(progress=False),
+                  log=lambda _: None)  # fmt: skip
+    assert store.artifacts() == []
+    if kind == "local":  # nothing of the failed attempt is left beside the artifacts either
+        assert not [p for p in (tmp_path / "store").rglob("*.txt")]
+
+
+def test_concurrent_readers_on_one_node_download_an_artifact_once(remote, monkeypatch):
+    import concurrent.futures as cf
+
+    store, copies = remote
+    art = store.artifact("toy", "model", "k1")
+    with store.writer(art) as out:
+        for i in range(20):  # enough files that unsynchronised readers would overlap
+            (out / f"part-{i}.bin").write_bytes(bytes(range(256)) * 200)
+    copies.clear()
+    monkeypatch.setattr(store_mod, "DOWNLOADS", [])
+    with cf.ThreadPoolExecutor(6) as pool:
+        dirs = list(pool.map(lambda _: art.local_dir(), range(12)))
+    assert len(set(dirs)) == 1 and store_mod.DOWNLOADS == [art.relpath]
+    assert len([c for c in copies if not c.endswith("_COMPLETE.json")]) == 1  # one copy_files
+    assert (dirs[0] / "part-7.bin").read_bytes() == bytes(range(256)) * 200
+    assert [p.name for p in dirs[0].parent.iterdir()] == [dirs[0].name]  # no lock left behind

@@ -7,6 +7,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from data.store import OutputRef
 from pipelines import runner
 from pipelines.rcnn.common import _save_model, read_images
 from pipelines.rcnn.features import FeatureWriter
@@ -43,7 +44,7 @@ def _writer(tmp, dataset, proposals, out, chunk, amp="none"):
         model_path=str(tmp / "model.pt"),
         dataset_dir=str(dataset),
         proposals_dir=str(proposals),
-        out_dir=str(out),
+        out=OutputRef(str(tmp / "store"), str(out)),  # a local store's staging directory
         layers=("fc7", "pool5"),
         padding=4,
         chunk=chunk,
