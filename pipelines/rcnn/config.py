@@ -225,8 +225,12 @@ class SVMConfig:
     gt_negatives: bool = True
     norm_sample_rows: int = 40_000  # rows sampled to measure the mean feature norm (code)
     seed: int = 0
+    # feature shards mined in parallel per round against the models of the previous round; a
+    # class retrains only at a round's end (code: after any image), so 1 is closest to the code
+    round_shards: int = 1
 
     def __post_init__(self):
+        check(self.round_shards >= 1, f"svm.round_shards must be >= 1, got {self.round_shards}")
         check(0 <= self.neg_iou <= 1, f"svm.neg_iou must be in [0, 1], got {self.neg_iou}")
         check(self.C > 0 and self.pos_weight > 0, "svm.C and svm.pos_weight must be > 0")
         check(self.norm_sample_rows >= 1, "svm.norm_sample_rows must be >= 1")

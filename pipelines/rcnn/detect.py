@@ -5,6 +5,7 @@ function here takes explicit arguments."""
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -18,11 +19,251 @@ from pipelines.rcnn.common import (
     load_model,
     read_images,
 )
-from pipelines.rcnn.features import _identity, feature_shards, layer_source
+from pipelines.rcnn.features import Pool5Head, _identity, feature_shards, layer_source
 
 
 # ----------------------------------------------------------------------------------------------
-# svm: one linear SVM per class with hard negative mining (§2.3, App. B), a map over classes
+# Shared by svm and bbox_regression: which shard rows the mean-norm sample takes, what a task holds
+def norm_sample_plan(rows_per_shard: list[int], num_rows: int, seed: int) -> list[np.ndarray]:
+    """Per shard, the (sorted) local rows of the mean-norm sample: the rows that
+    `stages.detection.features.sample_rows_for_norm` reads for shards in this (sorted) order, so
+    the sample is taken inside a pass that reads every shard anyway instead of by a pass of its own
+    in the driver (issue 19)."""
+    counts = np.asarray(rows_per_shard, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    total = int(starts[-1])
+    if total == 0:
+        raise ValueError(f"no rows to sample in {len(counts)} feature shard(s)")
+    picked = np.sort(np.random.default_rng(seed).choice(total, min(num_rows, total), replace=False))
+    shard_of = np.searchsorted(starts, picked, side="right") - 1
+    return [picked[shard_of == k] - starts[k] for k in range(len(counts))]
+
+
+def _shard_rows(features_dir, split: str) -> list[int]:
+    """Rows of each shard of ``split``, in `feature_shards`' order (sorted names; every layer's
+    shard of a batch has the same rows), from the features step's manifest: no shard is read."""
+    manifest = pq.read_table(features_dir / "shards.parquet").to_pylist()
+    return [m["rows"] for m in sorted(manifest, key=lambda m: m["shard"]) if m["split"] == split]
+
+
+def _row_bytes(features_dir, layer: str, transform) -> tuple[int, int]:
+    """``(bytes a task holds per shard row, bytes of weights it holds)``: the stored feature, the
+    fc6/fc7 a `Pool5Head` computes from it, and the scaled copy; its weights besides."""
+    if isinstance(transform, Pool5Head):
+        dims = [transform.w6.shape[1], transform.w6.shape[0]]
+        dims += [transform.w7.shape[0]] * 2 if transform.layer == "fc7" else [dims[-1]]
+        weights = sum(a.nbytes for a in (transform.w6, transform.b6, transform.w7, transform.b7))
+        return 4 * sum(dims), weights
+    shard = next(iter(sorted((features_dir / layer).glob("*.parquet"))), None)
+    if shard is None:
+        return 0, 0
+    meta = pq.read_schema(shard).field("feature").metadata or {}
+    return 4 * 2 * int(meta.get(b"dim", 0)), 0
+
+
+def _map(ctx: StepContext, fn, items: list, memory_mb: int, desc: str) -> list:
+    """``ctx.map`` with a memory request from this map's own estimate (issue 19: 20 concurrent
+    class or shard tasks could exhaust a node). A request only schedules: it is not in the key."""
+    mb = max(ctx.resources.memory_mb, int(memory_mb))
+    return ctx.executor.map(fn, items, resources=replace(ctx.resources, memory_mb=mb), desc=desc)
+
+
+def _memory_mb(rows: int, row_bytes: int, fixed_bytes: int = 0) -> int:
+    """MiB for a task holding ``rows`` rows of ``row_bytes`` (twice: numpy temporaries, pickled
+    results) and ``fixed_bytes`` of weights, plus 256 MiB for the worker's own interpreter."""
+    return 256 + -(-(2 * rows * row_bytes + fixed_bytes) // (1 << 20))
+
+
+# ----------------------------------------------------------------------------------------------
+# svm: one linear SVM per class with hard negative mining (§2.3, App. B) in two passes over the
+# training shards whatever the number of classes: (1) every class's positives, the norm sample and
+# the first image; (2) mining rounds, each a map over a block of shards against the models of the
+# previous round (stages/detection/svm.py "Rounds"), the per-class solvers in the step
+SVM_COLUMNS = ["image_ids", "box_index", "is_gt", "gt_class", "max_iou", "features"]
+IMAGE_BITS, BOX_BITS = 12, 20  # negative keys: (shard, image within shard, box) in one int64
+
+
+def _images(ids: np.ndarray) -> list[np.ndarray]:
+    """Row indices of each image of a shard, images in order of appearance."""
+    return [np.flatnonzero(ids == image_id) for image_id in dict.fromkeys(ids)]
+
+
+def _negatives_of_image(
+    s: dict, take, rows: np.ndarray, key_base: int, *, num_classes: int, neg_iou: float,
+    gt_negatives: bool, models=None, active: list[int] | None = None,
+) -> list[tuple[np.ndarray, np.ndarray]]:  # fmt: skip
+    """One image's negatives per class (``active`` ones, else all): ``(keys (n,), X (n, D))``, all
+    of them, or with ``models`` (`MiningModels` of ``active``) only the hard ones; ``take(rows)``
+    gives the features of shard rows."""
+    from stages.detection.svm import negative_mask, select_hard_negatives
+
+    out = []
+    for k, c in enumerate(active if active is not None else range(num_classes)):
+        neg = negative_mask(s["max_iou"][rows, c], s["is_gt"][rows], neg_iou, gt_negatives)
+        r = rows[neg]
+        x = take(r)
+        if models is not None:
+            picked = select_hard_negatives(models, k, x)
+            r, x = r[picked], x[picked]
+        out.append((key_base + s["box_index"][r].astype(np.int64), x))
+    return out
+
+
+def _svm_first_pass(item: tuple, *, transform, num_classes: int, neg_iou: float,
+                    gt_negatives: bool) -> dict:  # fmt: skip
+    """Pass 1 over one training shard: the ground-truth rows of every class (positives), the rows
+    of the mean-norm sample, and for the first shard the first image's negatives (the first
+    round: all of them, unscaled since the scale is known only after this pass). Only these rows
+    go through ``transform``."""
+    from stages.detection.features import read_feature_shard
+
+    index, path, sample_rows = item
+    s = read_feature_shard(path, SVM_COLUMNS)
+    images = _images(s["image_ids"])
+    first = images[0] if index == 0 and images else np.zeros(0, np.int64)
+    gt_rows = np.flatnonzero(s["is_gt"])
+    needed = np.unique(np.concatenate([gt_rows, sample_rows, first]).astype(np.int64))
+    T = transform(s["features"][needed])  # (len(needed), D)
+
+    def take(rows):
+        return T[np.searchsorted(needed, rows)]
+
+    kw = dict(num_classes=num_classes, neg_iou=neg_iou, gt_negatives=gt_negatives)
+    return {
+        "gt_features": take(gt_rows),
+        "gt_class": s["gt_class"][gt_rows],
+        "sample": take(sample_rows),
+        "num_images": len(images),
+        "first_image": _negatives_of_image(s, take, first, 0, **kw) if len(first) else None,
+    }
+
+
+def _svm_mining_pass(item: tuple, *, transform, scale: float, models, active: list[int],
+                     num_classes: int, neg_iou: float, gt_negatives: bool) -> list:  # fmt: skip
+    """Pass 2, one shard of a round: its images from ``first_image`` on, transformed and scaled
+    once for every class, each class's hard negatives under ``models`` (one list per image)."""
+    from stages.detection.features import read_feature_shard
+
+    index, path, first_image = item
+    s = read_feature_shard(path, SVM_COLUMNS)
+    X = transform(s["features"]) * scale
+    images = _images(s["image_ids"])
+    if len(images) > 1 << IMAGE_BITS:
+        raise ValueError(f"{path}: {len(images)} images in one shard; keys allow {1 << IMAGE_BITS}")
+    out = []
+    for j, rows in enumerate(images[first_image:], start=first_image):
+        base = ((index << IMAGE_BITS) + j) << BOX_BITS
+        out.append(
+            _negatives_of_image(
+                s,
+                X.__getitem__,
+                rows,
+                base,
+                num_classes=num_classes,
+                neg_iou=neg_iou,
+                gt_negatives=gt_negatives,
+                models=models,
+                active=active,
+            )
+        )
+    return out
+
+
+def mine_svms(
+    shards: list,
+    rows_per_shard: list[int],
+    *,
+    num_classes: int,
+    map_fn,
+    transform=_identity,
+    neg_iou: float = 0.3,
+    C: float = 0.001,
+    pos_weight: float = 2.0,
+    bias_value: float = 10.0,
+    mode: str = "hnm",
+    gt_negatives: bool = False,
+    norm_sample_rows: int = 40_000,
+    seed: int = 0,
+    round_shards: int = 1,
+    retrain_after: int = 2000,
+    row_bytes: int = 0,
+    fixed_bytes: int = 0,
+) -> tuple[list[dict], float]:
+    """Every class's SVM from two passes over ``shards`` (sorted, training split) whatever the
+    number of classes, as ``rcnn_train.m`` mines "all classes at once (avoids loading feature
+    cache more than once)". Returns one result per class (as `_train_class_svm`) and the scale.
+
+    Pass 1 gathers the positives of every class, the mean-norm sample (`norm_sample_plan`) and the
+    first image's negatives, which make the first round: each class adds them all and trains, as
+    after R-CNN's first image. Pass 2 mines the remaining images in order in rounds of
+    ``round_shards`` shards: one map task per shard scores the shard's rows against every class's
+    model from the end of the previous round and returns each class's hard negatives; the step
+    adds them image by image to one `HardNegativeSVM` per class, which may retrain only at the end
+    of the round. Retraining thus waits for the round's end where the code retrains right after
+    the image that crossed ``retrain_after`` (stages/detection/svm.py "Rounds"); with one image
+    per shard and ``round_shards=1`` the SVMs are those of per-class, per-image mining exactly.
+    ``map_fn(fn, items, memory_mb, desc)`` runs the tasks (``ctx.map`` with a memory request).
+    """
+    from stages.detection.features import feature_norm_scale
+    from stages.detection.svm import HardNegativeSVM, MiningModels
+
+    if round_shards < 1:
+        raise ValueError(f"svm.round_shards must be >= 1, got {round_shards}")
+    if not shards or len(shards) != len(rows_per_shard):
+        raise ValueError(f"need >= 1 training shard and its row count, got {len(shards)} shards "
+                         f"and {len(rows_per_shard)} counts")  # fmt: skip
+    kw = dict(num_classes=num_classes, neg_iou=neg_iou, gt_negatives=gt_negatives)
+    picks = norm_sample_plan(rows_per_shard, norm_sample_rows, seed)
+    items = [(i, p, picks[i]) for i, p in enumerate(shards)]
+    mem = _memory_mb(max(rows_per_shard), row_bytes, fixed_bytes)
+    first = map_fn(functools.partial(_svm_first_pass, transform=transform, **kw), items, mem,
+                   "svm: positives and norm sample")  # fmt: skip
+    scale = feature_norm_scale(np.concatenate([f["sample"] for f in first]))
+    gt_X = np.concatenate([f["gt_features"] for f in first])
+    gt_class = np.concatenate([f["gt_class"] for f in first])
+    miners: dict[int, HardNegativeSVM] = {}
+    n_pos = np.bincount(gt_class[gt_class >= 0].astype(np.int64), minlength=num_classes)
+    for c in range(num_classes):
+        positives = gt_X[gt_class == c] * scale
+        if len(positives):  # none: e.g. data.max_images left no object of this class in training
+            miners[c] = HardNegativeSVM(
+                C=C, pos_weight=pos_weight, bias_value=bias_value, mode=mode,
+                retrain_after=retrain_after,
+            ).start_mining(positives)  # fmt: skip
+    active = sorted(miners)
+    if active and first[0]["first_image"] is not None:  # round 0: R-CNN's first image
+        for c in active:
+            keys, x = first[0]["first_image"][c]
+            miners[c].add_negatives(keys, x * scale, end_of_round=True)
+    work = [(0, shards[0], 1)] if first and first[0]["num_images"] > 1 else []
+    work += [(i, shards[i], 0) for i in range(1, len(shards))]
+    for start in range(0, len(work) if active else 0, round_shards):
+        block = work[start : start + round_shards]
+        fn = functools.partial(
+            _svm_mining_pass, transform=transform, scale=scale,
+            models=MiningModels.of([miners[c] for c in active]), active=active, **kw,
+        )  # fmt: skip
+        per_shard = map_fn(fn, block, mem, f"svm: mining round {start // round_shards + 1}")
+        images = [image for shard in per_shard for image in shard]
+        for n, image in enumerate(images):
+            for c, (keys, x) in zip(active, image, strict=True):
+                miners[c].add_negatives(keys, x, end_of_round=n == len(images) - 1)
+    dim = gt_X.shape[1]
+    results = []
+    for c in range(num_classes):
+        if c not in miners:
+            results.append({"coef": np.zeros(dim, np.float32), "intercept": 0.0, "positives": 0,
+                            "cache": 0, "retrains": 0, "trained": False})  # fmt: skip
+            continue
+        svm = miners.pop(c).finish_mining()  # frees the class's cache before the next one
+        results.append({
+            "coef": svm.coef_.astype(np.float32), "intercept": float(svm.intercept_),
+            "positives": int(n_pos[c]),
+            "cache": int(svm.n_negatives_cache_), "retrains": len(svm.history_), "trained": True,
+        })  # fmt: skip
+    return results, scale
+
+
 def _train_class_svm(
     class_index: int,
     *,
@@ -35,7 +276,10 @@ def _train_class_svm(
     mode: str,
     gt_negatives: bool = False,
     transform=_identity,
+    retrain_after: int = 2000,
 ) -> dict:
+    """One class's SVM by its own pass over the shards, image by image: the reference that
+    `mine_svms` is tested against (tests/pipelines/rcnn/test_one_pass_svm.py), not the step."""
     from stages.detection.features import iter_feature_shards
     from stages.detection.svm import HardNegativeSVM, negative_mask, positive_mask
 
@@ -62,7 +306,9 @@ def _train_class_svm(
                 yield keys, transform(s["features"][rows]) * scale
                 image_number += 1
 
-    svm = HardNegativeSVM(C=C, pos_weight=pos_weight, bias_value=bias_value, mode=mode)
+    svm = HardNegativeSVM(
+        C=C, pos_weight=pos_weight, bias_value=bias_value, mode=mode, retrain_after=retrain_after
+    )
     svm.fit_stream(positives, negatives())
     return {
         "coef": svm.coef_.astype(np.float32),
@@ -88,9 +334,8 @@ def train_svms(
     gt_negatives: bool = False,
     norm_sample_rows: int = 40_000,
     seed: int = 0,
+    round_shards: int = 1,
 ) -> None:
-    from stages.detection.features import feature_norm_scale, sample_rows_for_norm
-
     if scorer == "softmax":  # §3.2 / App. B: the fine-tuned softmax instead of SVMs (50.9 vs 54.2)
         if layer != "fc7":
             raise ValueError(
@@ -105,15 +350,16 @@ def train_svms(
             softmax=1,
         )
         return
-    classes = _classes(ctx.input_dir("dataset"))
-    train_split, _ = _splits(ctx.input_dir("dataset"))
+    features_dir, dataset_dir = ctx.input_dir("features"), ctx.input_dir("dataset")
+    classes = _classes(dataset_dir)
+    train_split, _ = _splits(dataset_dir)
     shards, transform = layer_source(ctx, layer, train_split)
-    # mean feature norm 20 on a fixed random sample of training rows (App. B, code)
-    scale = feature_norm_scale(transform(sample_rows_for_norm(shards, norm_sample_rows, seed)))
-    fn = functools.partial(
-        _train_class_svm,
-        shards=shards,
-        scale=scale,
+    row_bytes, fixed_bytes = _row_bytes(features_dir, layer, transform)
+    results, scale = mine_svms(
+        shards,
+        _shard_rows(features_dir, train_split),
+        num_classes=len(classes),
+        map_fn=lambda fn, items, mb, desc: _map(ctx, fn, items, mb, desc),
         transform=transform,
         neg_iou=neg_iou,
         C=C,
@@ -121,8 +367,12 @@ def train_svms(
         bias_value=bias_value,
         mode=mode,
         gt_negatives=gt_negatives,
+        norm_sample_rows=norm_sample_rows,
+        seed=seed,
+        round_shards=round_shards,
+        row_bytes=row_bytes,
+        fixed_bytes=fixed_bytes,
     )
-    results = ctx.map(fn, list(range(len(classes))), desc="svm per class")
     np.savez(
         ctx.out_dir / "svm.npz",
         coef=np.stack([r["coef"] for r in results]),
@@ -140,7 +390,96 @@ def train_svms(
 
 
 # ----------------------------------------------------------------------------------------------
-# bbox_regression: per class ridge from scaled pool5 to (tx, ty, tw, th) (App. C)
+# bbox_regression: per class ridge from scaled pool5 to (tx, ty, tw, th) (App. C), every class's
+# training rows and the norm sample gathered by one pass over the pool5 shards
+def _box_rows(s: dict, gt: dict[str, dict], min_iou: float) -> tuple[np.ndarray, ...]:
+    """``(rows, class, target gt box, IoU)`` of a shard's App. C training pairs, rows ascending.
+
+    Overlapping a class's gt by > min_iou is necessary, not sufficient: App. C assigns a proposal
+    to the one gt box it overlaps most, of any class, and only that box's class regressor trains on
+    it (a rider's box near both the person and the horse goes to one). Ground-truth rows train too
+    (IoU 1 with themselves, target tx = ty = tw = th = 0), as in rcnn_train_bbox_regressor.m, which
+    keeps every row of the roidb with overlap >= 0.6."""
+    from stages.detection.boxes import box_iou_voc
+
+    ids = s["image_ids"]
+    candidate = s["max_iou"].max(1) > min_iou if s["max_iou"].size else np.zeros(len(ids), bool)
+    parts = []
+    for image_id in dict.fromkeys(ids[candidate]):
+        rows = np.flatnonzero((ids == image_id) & candidate)
+        obj = gt[image_id]
+        iou = box_iou_voc(s["boxes"][rows], obj["boxes"])  # (n, G)
+        j = iou.argmax(1)
+        cls = np.asarray(obj["cls"])[j]
+        ok = s["max_iou"][rows, cls] > min_iou  # the stored overlap decides, as per class before
+        parts.append((rows[ok], cls[ok], obj["boxes"][j[ok]], iou[ok, j[ok]]))
+    if not parts:
+        return (
+            np.zeros(0, np.int64),
+            np.zeros(0, np.int64),
+            np.zeros((0, 4), np.float32),
+            np.zeros(0),
+        )
+    return tuple(np.concatenate(p) for p in zip(*parts, strict=True))
+
+
+def _bbox_pass(item: tuple, *, gt: dict[str, dict], min_iou: float) -> dict:
+    """One pool5 shard: every class's training pairs (unscaled features) and the norm sample."""
+    from stages.detection.features import read_feature_shard
+
+    path, sample_rows = item
+    s = read_feature_shard(path, ["image_ids", "is_gt", "boxes", "max_iou", "features"])
+    rows, cls, targets, ious = _box_rows(s, gt, min_iou)
+    return {
+        "sample": s["features"][sample_rows],
+        "features": s["features"][rows],
+        "proposals": s["boxes"][rows],
+        "cls": cls,
+        "targets": targets,
+        "ious": ious,
+    }
+
+
+def fit_box_regressors(
+    shards: list,
+    rows_per_shard: list[int],
+    *,
+    num_classes: int,
+    gt: dict[str, dict],
+    map_fn,
+    alpha: float,
+    min_iou: float,
+    norm_sample_rows: int,
+    seed: int,
+    row_bytes: int = 0,
+) -> tuple[list[dict], float]:
+    """Every class's `BoxRegressor` from one pass over the pool5 ``shards`` (sorted, training
+    split) that gathers all classes' pairs and the mean-norm sample at once; fitted in the step,
+    one class after another. Returns one ``{"coef", "intercept", "n"}`` per class and the scale."""
+    from stages.detection.bbox_regression import BoxRegressor
+    from stages.detection.features import feature_norm_scale
+
+    picks = norm_sample_plan(rows_per_shard, norm_sample_rows, seed)
+    items = list(zip(shards, picks, strict=True))
+    mem = _memory_mb(max(rows_per_shard), row_bytes)
+    parts = map_fn(functools.partial(_bbox_pass, gt=gt, min_iou=min_iou), items, mem,
+                   "bbox regression: one pass")  # fmt: skip
+    scale = feature_norm_scale(np.concatenate([p["sample"] for p in parts]))
+    cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k != "sample"}
+    results = []
+    for c in range(num_classes):
+        m = cols["cls"] == c
+        if not m.any():
+            results.append({"coef": None, "intercept": None, "n": 0})
+            continue
+        reg = BoxRegressor(alpha=alpha, min_iou=min_iou).fit(
+            cols["features"][m] * scale, cols["proposals"][m], cols["targets"][m], cols["ious"][m]
+        )
+        coef, intercept = reg.coef_.astype(np.float32), reg.intercept_.astype(np.float32)
+        results.append({"coef": coef, "intercept": intercept, "n": reg.n_train_})
+    return results, scale
+
+
 def _train_class_regressor(
     class_index: int,
     *,
@@ -150,6 +489,8 @@ def _train_class_regressor(
     alpha: float,
     min_iou: float,
 ) -> dict:
+    """One class's regressor by its own pass over the shards, row by row: the reference that
+    `fit_box_regressors` is tested against, not the step."""
     from stages.detection.bbox_regression import BoxRegressor
     from stages.detection.boxes import box_iou_voc
     from stages.detection.features import iter_feature_shards
@@ -157,12 +498,7 @@ def _train_class_regressor(
     feats, props, targets, ious = [], [], [], []
     cols = ["image_ids", "is_gt", "boxes", "max_iou", "features"]
     for s in iter_feature_shards(shards, cols):
-        # overlapping this class's gt by > min_iou is necessary, not sufficient: App. C assigns a
-        # proposal to the one gt box it overlaps most, of any class, and only that box's class
-        # regressor trains on it (a rider's box near both the person and the horse goes to one).
-        # Ground-truth rows train too (IoU 1 with themselves, target tx = ty = tw = th = 0), as in
-        # rcnn_train_bbox_regressor.m, which keeps every row of the roidb with overlap >= 0.6
-        keep = s["max_iou"][:, class_index] > min_iou
+        keep = s["max_iou"][:, class_index] > min_iou  # App. C pairing: see `_box_rows`
         for r in np.nonzero(keep)[0]:
             obj = gt[s["image_ids"][r]]
             iou = box_iou_voc(s["boxes"][r : r + 1], obj["boxes"])[0]
@@ -188,18 +524,22 @@ def _train_class_regressor(
 def train_box_regressors(
     ctx: StepContext, *, alpha: float, min_iou: float, norm_sample_rows: int, seed: int
 ) -> None:
-    from stages.detection.features import feature_norm_scale, sample_rows_for_norm
-
     features_dir, dataset_dir = ctx.input_dir("features"), ctx.input_dir("dataset")
     classes = _classes(dataset_dir)
     train_split, _ = _splits(dataset_dir)
     shards = feature_shards(features_dir, "pool5", train_split, ctx.input_file("features"))
-    scale = feature_norm_scale(sample_rows_for_norm(shards, norm_sample_rows, seed))
-    gt = _objects_by_image(dataset_dir, train_split, classes)
-    fn = functools.partial(
-        _train_class_regressor, shards=shards, scale=scale, gt=gt, alpha=alpha, min_iou=min_iou
+    results, scale = fit_box_regressors(
+        shards,
+        _shard_rows(features_dir, train_split),
+        num_classes=len(classes),
+        gt=_objects_by_image(dataset_dir, train_split, classes),
+        map_fn=lambda fn, items, mb, desc: _map(ctx, fn, items, mb, desc),
+        alpha=alpha,
+        min_iou=min_iou,
+        norm_sample_rows=norm_sample_rows,
+        seed=seed,
+        row_bytes=_row_bytes(features_dir, "pool5", _identity)[0],
     )
-    results = ctx.map(fn, list(range(len(classes))), desc="bbox regression per class")
     dim = next((r["coef"].shape[1] for r in results if r["coef"] is not None), 0)
     coef = np.stack(
         [r["coef"] if r["coef"] is not None else np.zeros((4, dim), np.float32) for r in results]
@@ -365,13 +705,22 @@ def detect(
         transform=transform,
     )
     pairs = list(zip(feats, pool5, strict=True))  # references: each task resolves its own
+    # memory: a shard's features through the head, pool5 for regression, the (N, C) scores, and
+    # the weights every task holds
+    row_bytes, fixed_bytes = _row_bytes(features_dir, layer, transform)
+    if bbox is not None:
+        row_bytes += _row_bytes(features_dir, "pool5", _identity)[0] // 2
+    row_bytes += 3 * 8 * len(classes)
+    fixed_bytes += sum(v.nbytes for d in (svm, bbox or {}) for v in d.values())
+    rows = _shard_rows(features_dir, test_split)
+    mem = _memory_mb(max(rows, default=0), row_bytes, fixed_bytes)
     thresholds = None
     if max_per_set_per_image:  # rcnn_test.m: max_per_set = 40 × #images per class, before NMS
-        parts = ctx.map(functools.partial(fn, scores_only=True), pairs, desc="detect: caps")
+        parts = _map(ctx, functools.partial(fn, scores_only=True), pairs, mem, "detect: caps")
         per_class = [np.concatenate([p[k] for p in parts]) for k in range(len(classes))]
         thresholds = set_thresholds(per_class, max_per_set_per_image * len(sizes))
         fn = functools.partial(fn, min_scores=thresholds)
-    tables = ctx.map(fn, pairs, desc="detect")
+    tables = _map(ctx, fn, pairs, mem, "detect")
     table = pa.concat_tables([t for t in tables if t.num_rows] or [DETECTIONS_SCHEMA.empty_table()])
     pq.write_table(table, ctx.out_dir / "detections.parquet")
     info = {"detections": table.num_rows}

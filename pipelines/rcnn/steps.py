@@ -146,6 +146,7 @@ class _Builder:
             gt_negatives=s.gt_negatives,
             norm_sample_rows=s.norm_sample_rows,
             seed=s.seed,
+            round_shards=s.round_shards,
         )
         if neg_iou is not None:  # a Table 2 study row of §2.3's grid search
             params["neg_iou"] = neg_iou

@@ -19,12 +19,22 @@ Conventions (REFERENCE §1 "SVMs"; R-CNN ``rcnn_train.m``):
 Mining runs either through `HardNegativeSVM.fit_stream` or, to share one pass over the feature
 cache between all classes as ``rcnn_train.m`` does, through ``start_mining`` → ``mine_image`` per
 image → ``finish_mining`` on one estimator per class.
+
+Rounds (parallel mining, issue 19). ``rcnn_train.m`` scores image ``i + 1`` with the model
+retrained after image ``i``, so its pass is sequential. To mine many images at once, the images
+are grouped into *rounds*: every image of a round is scored with the models as they stood when the
+round began (`MiningModels` → `select_hard_negatives`, which can run anywhere), and a class may
+retrain at the end of a round only (``mine_image(..., end_of_round=...)``, ``add_negatives``).
+That is exactly the code's schedule with each retrain delayed to the end of the round in which its
+``> 2000`` threshold was crossed; the first training follows the first round. With one image per
+round the two are identical.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 from sklearn.base import BaseEstimator
@@ -58,6 +68,45 @@ def negative_mask(
     iou = np.asarray(max_iou_for_class)
     mask = iou < neg_iou if neg_iou > 0 else iou <= 0
     return mask if include_gt else mask & ~np.asarray(is_gt, dtype=bool)
+
+
+def svm_scores(X: np.ndarray, coef: np.ndarray, intercept: float) -> np.ndarray:
+    """Scores ``(n,)`` float64 of ``X (n, D)`` under one linear SVM: the product runs in float32, as
+    R-CNN scores with single-precision ``W`` (half the memory traffic of float64 on a 2000 × 4096
+    image), and every scorer of mining goes through here so that all pick the same negatives."""
+    X = np.asarray(X, dtype=np.float32)
+    return (X @ np.asarray(coef, dtype=np.float32)).astype(np.float64) + intercept
+
+
+@dataclass(frozen=True)
+class MiningModels:
+    """What scoring needs of every class's miner, without the caches: ``coef (C, D)`` float32,
+    ``intercept (C,)`` float64, ``take_all (C,)`` bool (mode "all", or not trained yet: every
+    negative is kept), ``add_threshold``. Small enough to send to every mining task."""
+
+    coef: np.ndarray
+    intercept: np.ndarray
+    take_all: np.ndarray
+    add_threshold: float
+
+    @classmethod
+    def of(cls, miners: list[HardNegativeSVM]) -> MiningModels:
+        if not miners:
+            raise ValueError("MiningModels.of needs at least one miner")
+        return cls(
+            coef=np.stack([m.coef_.astype(np.float32) for m in miners]),
+            intercept=np.array([m.intercept_ for m in miners], np.float64),
+            take_all=np.array([m.takes_all for m in miners]),
+            add_threshold=float(miners[0].add_threshold),
+        )
+
+
+def select_hard_negatives(models: MiningModels, k: int, X: np.ndarray) -> np.ndarray:
+    """Row indices of ``X (n, D)`` that miner ``k`` of ``models`` would add: all of them before its
+    first training (and in mode "all"), else those scoring ``> add_threshold``."""
+    if models.take_all[k]:
+        return np.arange(len(X))
+    return np.flatnonzero(svm_scores(X, models.coef[k], models.intercept[k]) > models.add_threshold)
 
 
 def _as_keys(keys, n: int) -> list:
@@ -140,6 +189,7 @@ class HardNegativeSVM(BaseEstimator):
         self._cache_key_set: set = set()
         self._n_added = 0
         self._n_images = 0
+        self._n_rounds = 0
         self._trained_on_last_image = False
         # Until the first training every score is 0 > -1.0001, so an image before it (possible
         # only if the first image had no negatives) contributes all its negatives.
@@ -148,27 +198,44 @@ class HardNegativeSVM(BaseEstimator):
         self.history_: list[dict] = []
         return self
 
-    def mine_image(self, keys, negatives: np.ndarray) -> HardNegativeSVM:
-        """Offer one image's ``negatives (n, D)`` with their ``keys``; may retrain (see module)."""
-        X = np.asarray(negatives, dtype=np.float32)  # R-CNN keeps features in single precision
-        if X.ndim != 2 or X.shape[1] != self._positives.shape[1]:
-            raise ValueError(f"negatives must be (n, {self._positives.shape[1]}), got {X.shape}")
+    @property
+    def takes_all(self) -> bool:
+        """Every offered negative is added: mode "all", or no training yet (R-CNN's first image
+        adds all its negatives; until a first training every score is 0 > -1.0001 anyway)."""
+        return self.mode == "all" or not self.history_
+
+    def mine_image(self, keys, negatives: np.ndarray, *, end_of_round: bool = True):
+        """Offer one image's ``negatives (n, D)`` with their ``keys``: the hard ones under the
+        current model are added; may retrain at the end of a round (see module)."""
+        X = self._check(negatives)
+        _as_keys(keys, len(X))  # shape and repeats checked before any selection
+        keys = np.asarray(keys)
+        picked = select_hard_negatives(MiningModels.of([self]), 0, X)
+        return self.add_negatives(keys[picked], X[picked], end_of_round=end_of_round)
+
+    def add_negatives(self, keys, negatives: np.ndarray, *, end_of_round: bool = True):
+        """Add one image's already selected negatives (`select_hard_negatives`, e.g. in a remote
+        task) that are not cached yet; at the end of a round, retrain if this is the first round
+        or ``> retrain_after`` negatives were added since the last training."""
+        X = self._check(negatives)
         keys = _as_keys(keys, len(X))
-        first = self._n_images == 0
-        if self.mode == "all" or first:
-            candidates = np.arange(len(X))  # first image: all negatives (sample_negative_features)
-        else:
-            candidates = np.flatnonzero(self.decision_function(X) > self.add_threshold)
-        new = [i for i in candidates if keys[i] not in self._cache_key_set]  # no duplicates
+        new = [i for i, k in enumerate(keys) if k not in self._cache_key_set]  # no duplicates
         self._add_to_cache([keys[i] for i in new], X[new])
         self._n_added += len(new)
-        retrain = self.mode == "hnm" and (first or self._n_added > self.retrain_after)
-        retrain = retrain and len(self._cache_keys) > 0
+        retrain = end_of_round and self.mode == "hnm" and len(self._cache_keys) > 0
+        retrain = retrain and (self._n_rounds == 0 or self._n_added > self.retrain_after)
         if retrain:
             self._retrain(self._n_images)
         self._trained_on_last_image = retrain
         self._n_images += 1
+        self._n_rounds += end_of_round
         return self
+
+    def _check(self, negatives: np.ndarray) -> np.ndarray:
+        X = np.asarray(negatives, dtype=np.float32)  # R-CNN keeps features in single precision
+        if X.ndim != 2 or X.shape[1] != self._positives.shape[1]:
+            raise ValueError(f"negatives must be (n, {self._positives.shape[1]}), got {X.shape}")
+        return X
 
     def finish_mining(self) -> HardNegativeSVM:
         """Final training (R-CNN retrains after the last image); frees the cached features."""
@@ -189,8 +256,7 @@ class HardNegativeSVM(BaseEstimator):
         """
         if not hasattr(self, "coef_"):
             raise NotFittedError("call fit_stream (or start_mining) before decision_function")
-        X = np.asarray(X, dtype=np.float32)
-        return (X @ self.coef_.astype(np.float32)).astype(np.float64) + self.intercept_
+        return svm_scores(X, self.coef_, self.intercept_)
 
     # -- internals (overridden by tests to instrument mining) -------------------------------------
 

@@ -236,3 +236,48 @@ def test_errors_are_early_and_specific():
         HardNegativeSVM().fit_stream(pos, [(np.array([1, 1]), np.zeros((2, 4)))])
     with pytest.raises(ValueError, match="no negatives"):
         HardNegativeSVM().fit_stream(pos, [(np.array([]), np.zeros((0, 4)))])
+
+
+class ShiftingModel(HardNegativeSVM):
+    """Training t (0-based) returns w = e_0, b = -0.5 t: a score is the first feature minus 0.5
+    per earlier training, so which model scored an image shows in what was added."""
+
+    def _solve(self, X_pos, X_neg):
+        return np.array([1.0, 0.0]), -0.5 * len(self.history_)
+
+
+def test_rounds_delay_retraining_to_the_rounds_end_and_score_with_its_start_model():
+    """Issue 19's rounds, pinned by hand: the code retrains right after image 1 (3 > 2 added) and
+    scores image 2 with b = -0.5 (-0.6 - 0.5 = -1.1: not hard); with images 1-2 in one round the
+    retrain waits for image 2, which is scored with b = 0 (-0.6: hard) and added."""
+    stream = [batch([0, 1], [0, 0]), batch([10, 11, 12], [0, 0, 0]), batch([20], [-0.6])]
+
+    def mine(round_ends):
+        m = ShiftingModel(retrain_after=2).start_mining(np.array([[2.0, 0.0]]))
+        for i, (keys, X) in enumerate(stream):
+            m.mine_image(keys, X, end_of_round=i in round_ends)
+        m.finish_mining()
+        hist = [(h["image_index"], h["n_added"], h["n_neg_cache"]) for h in m.history_]
+        return hist, m.negative_keys_.tolist()
+
+    assert mine({0, 1, 2}) == ([(0, 2, 2), (1, 3, 5), (2, 0, 5)], [0, 1, 10, 11, 12])
+    assert mine({0, 2}) == ([(0, 2, 2), (2, 4, 6)], [0, 1, 10, 11, 12, 20])
+    per_image = ShiftingModel(retrain_after=2).fit_stream(np.array([[2.0, 0.0]]), stream)
+    assert per_image.negative_keys_.tolist() == [0, 1, 10, 11, 12]  # = one image per round
+
+
+def test_selection_outside_the_miner_equals_mine_image(blobs):
+    """What a remote mining task does (`select_hard_negatives` with a `MiningModels` snapshot)
+    then `add_negatives` in the step gives the miner of `mine_image`, bit for bit."""
+    from stages.detection.svm import MiningModels, select_hard_negatives
+
+    positives, stream, _, _ = blobs
+    a = HardNegativeSVM(retrain_after=300).fit_stream(positives, stream)
+    b = HardNegativeSVM(retrain_after=300).start_mining(positives)
+    for keys, X in stream:
+        picked = select_hard_negatives(MiningModels.of([b]), 0, X)
+        b.add_negatives(keys[picked], X[picked])
+    b.finish_mining()
+    np.testing.assert_array_equal(a.coef_, b.coef_)
+    assert a.intercept_ == b.intercept_ and len(a.history_) == len(b.history_) >= 4
+    assert a.negative_keys_.tolist() == b.negative_keys_.tolist()
