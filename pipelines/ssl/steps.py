@@ -4,6 +4,7 @@ enter the keys, resources)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from cluster.resources import Resources
 from pipelines.engine import Step
@@ -46,7 +47,6 @@ def _settings(cfg: SSLConfig, method: str) -> dict:
         translate_frac=f.translate_frac,
         ra_ops=f.ra_ops,
         ra_bins=f.ra_bins,
-        ra_group=f.ra_group,
         cutout_frac=f.cutout_frac,
         eval_every=f.eval_every,
         last_k=f.last_k,
@@ -89,7 +89,10 @@ def steps(cfg: SSLConfig) -> list[Step]:
         out.append(
             Step(
                 f"train_{method}",
-                train_method,
+                # execution knobs, outside the key: a resumed run ends as an uninterrupted one
+                functools.partial(
+                    train_method, checkpoint_every=e.checkpoint_every, max_failures=e.max_failures
+                ),
                 kind="train",
                 inputs=("dataset",),
                 params=dict(

@@ -12,9 +12,18 @@ from pipelines.engine import StepContext
 
 
 def train_method(
-    ctx: StepContext, *, settings: dict, runs: list, val_per_class: int, num_workers: int
+    ctx: StepContext,
+    *,
+    settings: dict,
+    runs: list,
+    val_per_class: int,
+    num_workers: int,
+    checkpoint_every: int = 0,
+    max_failures: int = 0,
 ) -> None:
-    """Every (labelled size, seed) run of one method in one Ray Train job; rows → ``runs.pt``."""
+    """Every (labelled size, seed) run of one method in one Ray Train job; rows → ``runs.pt``.
+    The job checkpoints every ``checkpoint_every`` steps and survives ``max_failures`` worker-group
+    losses, each resuming from the last checkpoint (``stages.ssl.train.ssl_train_fn``)."""
     import torch
 
     from stages.ssl.train import ssl_train_fn
@@ -23,9 +32,10 @@ def train_method(
         "settings": settings,
         "runs": runs,
         "val_per_class": val_per_class,
+        "checkpoint_every": checkpoint_every,
         "data_path": ctx.input_file("dataset", "data.npz"),  # each worker resolves it
     }
-    result = ctx.train(ssl_train_fn, config, num_workers=num_workers)
+    result = ctx.train(ssl_train_fn, config, num_workers=num_workers, max_failures=max_failures)
     torch.save(result.checkpoint["results"], ctx.out_dir / "runs.pt")
 
 

@@ -13,12 +13,20 @@ The same function runs in-process or under Ray Train with N workers (``ctx.world
 averages θ's gradients; each worker draws its own slice of the unlabeled batch, and the λ update is
 all-reduced (a dense sum of per-example hypergradients and of visit counts), so every worker applies
 the same masked-Adam step and λ stays identical everywhere.
+
+A run is long (FixMatch: 2^20 steps), so it can checkpoint every ``checkpoint_every`` steps: θ, the
+EMA model, the optimizer and schedule, λ with its Adam moments, the statistics so far, torch's RNG
+and the step number. Every other draw is a function of ``(seed, rank, step)``, so a run resumed
+from a checkpoint ends bit for bit where the uninterrupted run ends (on CPU;
+``tests/stages/test_fixmatch.py``).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,7 +74,6 @@ class TrainSettings:
     translate_frac: float = 0.125
     ra_ops: int = 2  # RandAugment: ops per image, magnitude bins
     ra_bins: int = 10
-    ra_group: int = 1  # images per RandAugment draw (1 = per image, FixMatch; CPU presets: 8)
     cutout_frac: float = 0.5
     eval_every: int = 1024  # evaluations of the EMA model; the metric is the median of the last k
     last_k: int = 20
@@ -154,10 +161,23 @@ def evaluate(model, images, labels, mean, std, device, batch: int = 512) -> floa
 
 
 def train_run(
-    ctx, data: dict, s: TrainSettings, *, labels_per_class: int, val_per_class: int, seed: int
+    ctx,
+    data: dict,
+    s: TrainSettings,
+    *,
+    labels_per_class: int,
+    val_per_class: int,
+    seed: int,
+    checkpoint_every: int = 0,
+    on_checkpoint: Callable[[dict], None] | None = None,
+    resume: dict | None = None,
 ) -> dict:
     """One SSL run; ``data`` holds uint8 ``train_images (N, C, H, W)``, ``train_labels (N,)`` and
-    the test split likewise. Returns a row of results plus curves and λ snapshots."""
+    the test split likewise. Returns a row of results plus curves and λ snapshots.
+
+    Every ``checkpoint_every`` steps (0: never) ``on_checkpoint(state)`` receives the run's whole
+    state, a detached copy; ``resume=state`` continues the run from it. Every worker calls
+    ``on_checkpoint`` at the same steps (Ray Train's report is collective)."""
     started = time.perf_counter()
     world, rank, device = ctx.world_size, ctx.rank, ctx.device
     images, labels = torch.as_tensor(data["train_images"]), torch.as_tensor(data["train_labels"])
@@ -200,8 +220,15 @@ def train_run(
     aug = dict(flip=s.flip, translate_frac=s.translate_frac)
     strong = dict(aug, num_ops=s.ra_ops, magnitude_bins=s.ra_bins, cutout_frac=s.cutout_frac)
     uses_unlabeled = s.method != "supervised"
+    parts = dict(model=net, ema=ema, optimizer=opt, scheduler=sched, weights=lam, stats=stats)
+    start, earlier_s = 0, 0.0
+    if resume is not None:
+        for name, part in parts.items():
+            part.load_state_dict(resume[name])
+        torch.set_rng_state(resume["torch_rng"])
+        start, earlier_s = int(resume["step"]), float(resume["elapsed_s"])
 
-    for step in range(s.steps):
+    for step in range(start, s.steps):
         if step in snap_at and s.method == "learned":
             stats.snapshots.append({"step": step, "weights": lam.weights.clone()})
         t0 = time.perf_counter()
@@ -215,7 +242,7 @@ def train_run(
             ui = torch.as_tensor(perm[pos : pos + bu])  # (bu,) positions in the unlabeled set
             ux = images[unl[ui.numpy()]]
             x_parts.append(weak_augment(ux, int(rng.integers(2**62)), **aug))
-            x_parts.append(strong_augment(ux, int(rng.integers(2**62)), **strong, group=s.ra_group))
+            x_parts.append(strong_augment(ux, int(rng.integers(2**62)), **strong))
         model.train()
         x = _normalize(torch.cat(x_parts).to(device), mean, std)  # (b + 2·bu, C, H, W)
         logits = model(x)  # one forward for all views, as FixMatch (shared BN statistics)
@@ -265,7 +292,8 @@ def train_run(
         opt.step()
         sched.step()
         update_ema(ema, net)
-        stats.inner_s.append(time.perf_counter() - t0)
+        stats.inner_total_s += time.perf_counter() - t0
+        stats.inner_steps += 1
         if (step + 1) % s.eval_every == 0 or step + 1 == s.steps:
             stats.curve.append(
                 {
@@ -275,6 +303,12 @@ def train_run(
                     "val_accuracy": evaluate(ema, val_x, val_y, mean, std, device),
                 }
             )
+        last = step + 1 == s.steps  # a finished run is reported by the caller
+        if on_checkpoint and checkpoint_every and (step + 1) % checkpoint_every == 0 and not last:
+            state = {name: part.state_dict() for name, part in parts.items()}
+            state.update(step=step + 1, torch_rng=torch.get_rng_state())
+            state["elapsed_s"] = earlier_s + time.perf_counter() - started
+            on_checkpoint(copy.deepcopy(state))  # a copy: training goes on mutating the tensors
     if s.method == "learned":
         stats.snapshots.append({"step": s.steps, "weights": lam.weights.clone()})
     spread = _rank_spread(lam.weights, device) if world > 1 and s.method == "learned" else 0.0
@@ -287,7 +321,7 @@ def train_run(
         "steps": s.steps,
         "lambda_rank_spread": spread,  # max |λ_rank − λ_rank'|: 0 when λ stays consistent
         **stats.summary(s.last_k),
-        "wall_s": time.perf_counter() - started,
+        "wall_s": earlier_s + time.perf_counter() - started,
     }
 
 
@@ -322,10 +356,20 @@ class RunStats:
         self.last_weight = torch.full((n,), float("nan"))
         self.last_pl, self.last_mask = torch.full((n,), -1), torch.zeros(n)
         self.masked = self.seen = self.pl_right = 0
-        self.inner_s: list[float] = []
+        self.inner_total_s, self.inner_steps = 0.0, 0  # a sum, not 2^20 floats per checkpoint
         self.outer_s: list[float] = []
         self.curve: list[dict] = []
         self.snapshots: list[dict] = []
+
+    _STATE = ("last_weight", "last_pl", "last_mask", "masked", "seen", "pl_right")
+    _STATE += ("inner_total_s", "inner_steps", "outer_s", "curve", "snapshots")
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self._STATE}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k in self._STATE:
+            setattr(self, k, copy.deepcopy(state[k]))
 
     def visit(self, ui: torch.Tensor, weights: torch.Tensor, pl) -> None:
         mask, targets = pl.mask.cpu(), pl.targets.cpu()
@@ -340,7 +384,7 @@ class RunStats:
         confident = visited & (self.last_mask > 0)
         correct = (self.last_pl == self.true_labels).float()
         w = self.last_weight[confident]
-        inner = float(np.mean(self.inner_s))
+        inner = self.inner_total_s / max(self.inner_steps, 1)
         outer = float(np.mean(self.outer_s)) if self.outer_s else float("nan")
         return {
             "accuracy": float(np.median([c["test_accuracy"] for c in tail])),  # paper's metric
@@ -372,15 +416,39 @@ def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
 def ssl_train_fn(ctx, config: dict) -> None:
     """``train_fn`` for ``ctx.train``: runs ``config["runs"]`` (``labels_per_class``, ``seed``) in
     turn with ``TrainSettings(**config["settings"])`` on the arrays in ``config["data_path"]``
-    (an ``.npz``); reports after each run with the cumulative results as the checkpoint, and
-    resumes past the runs a previous attempt finished."""
+    (an ``.npz``). Reports after each run with the cumulative results as the checkpoint, and every
+    ``config["checkpoint_every"]`` steps (0: only after runs) with the current run's state too; a
+    new attempt (a restarted worker group, or a rerun of the step) skips the finished runs and
+    resumes the current one from its last state."""
     settings = TrainSettings(**config["settings"])
+    every = int(config.get("checkpoint_every", 0))
     with np.load(config["data_path"]) as f:
         data = {k: f[k] for k in f.files}
-    done = (ctx.load_checkpoint() or {}).get("results", [])
-    results = list(done)
-    for run in config["runs"][len(done) :]:
-        row = train_run(ctx, data, settings, val_per_class=config["val_per_class"], **run)
+    last = ctx.load_checkpoint() or {}
+    results = list(last.get("results", []))
+    partial = last.get("partial")
+    for i, run in enumerate(config["runs"]):
+        if i < len(results):
+            continue
+        resume = None
+        if partial is not None:
+            if partial["run"] != run:
+                raise ValueError(
+                    f"checkpoint holds run {partial['run']} at step {partial['state']['step']}, "
+                    f"but run {i} of this job is {run}: a checkpoint of another job?"
+                )
+            resume, partial = partial["state"], None
+
+        def save(state: dict, run: dict = run, i: int = i) -> None:
+            progress = {"runs_done": len(results), "run_step": state["step"], "run_index": i}
+            ctx.report(
+                progress, checkpoint={"results": results, "partial": {"run": run, "state": state}}
+            )
+
+        row = train_run(
+            ctx, data, settings, val_per_class=config["val_per_class"], **run,
+            checkpoint_every=every, on_checkpoint=save, resume=resume,
+        )  # fmt: skip
         results.append(row)
         metrics = {k: v for k, v in row.items() if isinstance(v, int | float | str)}
         ctx.report({**metrics, "runs_done": len(results)}, checkpoint={"results": results})
