@@ -21,6 +21,7 @@ import ray
 from cluster.executor import Executor, TrainResult, progress_bar, train_position, train_total
 from cluster.resources import Resources, limit_threads
 from cluster.space import Choice, Grid, Uniform, expand
+from data.store import join_uri
 
 _LIBRARY_IMPORT = threading.Lock()
 _TUNE_RUN = threading.Lock()
@@ -53,6 +54,22 @@ def _schedulable_cpus() -> float:
         if n["Alive"] and n["Resources"].get("CPU", 0.0) > 0
     ]
     return max(1.0, float(int(max(free)))) if free else 0.0
+
+
+def _capped_memory(request: int) -> int:
+    """A unit's memory request (bytes, from its step's own estimate), at most the largest live
+    node's ``memory`` resource: a request no node can grant would wait for ever (a whole node it
+    is, then). Not capped where an autoscaler may start other node types."""
+    from ray._private.state import state
+
+    try:
+        if state.get_cluster_config() is not None:
+            return request
+    except Exception:  # noqa: BLE001 - private Ray API: treat as no autoscaler
+        pass
+    nodes = [n["Resources"].get("memory", 0.0) for n in ray.nodes() if n["Alive"]]
+    largest = int(max(nodes, default=0.0))
+    return min(request, largest) if largest > 0 else request
 
 
 def original_error(error: BaseException) -> BaseException:
@@ -97,6 +114,21 @@ def _get(refs):
 def _call(fn: Callable, threads: int, *args, **kwargs):
     limit_threads(threads)
     return fn(*args, **kwargs)
+
+
+def autoscaler_gpus() -> float:
+    """The most GPUs the cluster's autoscaler may start: its node types (``ray up``'s
+    ``available_node_types``, KubeRay's worker groups) times their ``max_workers``, as the
+    autoscaler publishes them in the GCS (what Ray Data reads for the same purpose). 0 without an
+    autoscaler (an embedded Ray, a fixed ``ray start`` cluster) or where Ray's private accessor is
+    unavailable; unbounded groups count as ``sys.maxsize``."""
+    try:
+        from ray._private.state import state
+
+        limits = state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # noqa: BLE001 - private Ray API: absent or changed means "no autoscaler"
+        return 0.0
+    return float(limits.get("GPU", 0) or 0)
 
 
 @ray.remote
@@ -316,7 +348,10 @@ class RayExecutor(Executor):
         self.max_parallel_steps = max_parallel_steps
 
     def cluster_gpus(self) -> float:
-        return float(ray.cluster_resources().get("GPU", 0.0))
+        """GPUs the cluster has now or, with an autoscaler, can start (`autoscaler_gpus`): with
+        GPU workers at ``min_workers: 0`` a cluster has none until something asks for one, so
+        ``gpus="auto"`` counting only the present ones would never start a GPU node (issue 18)."""
+        return float(ray.cluster_resources().get("GPU", 0.0)) or autoscaler_gpus()
 
     def _options(self, resources: Resources) -> dict:
         opts: dict[str, Any] = {
@@ -327,7 +362,7 @@ class RayExecutor(Executor):
             "scheduling_strategy": "DEFAULT",
         }
         if resources.memory_mb:
-            opts["memory"] = resources.memory_mb * (1 << 20)
+            opts["memory"] = _capped_memory(resources.memory_mb * (1 << 20))
         return opts
 
     def run_task(self, fn: Callable, *args, resources: Resources = Resources(), **kwargs) -> Any:
@@ -546,7 +581,7 @@ class RayExecutor(Executor):
             _named_trial(trainable, resources_per_trial.threads(), name),
             {"cpu": resources_per_trial.cpus, "gpu": gpus},
         )
-        path = f"{storage_path.rstrip('/')}/{name}"
+        path = join_uri(storage_path, name)
         if resume and tune.Tuner.can_restore(path):
             if "://" in path and not path.startswith("file://") and not trust_store():
                 # Tuner.restore unpickles the experiment state: from an object store anyone

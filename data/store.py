@@ -85,6 +85,14 @@ def node_cache_dir() -> Path:
     )
 
 
+def join_uri(base: str, *parts: str) -> str:
+    """``base`` with path ``parts`` appended, before its query string if it has one:
+    ``s3://b/store?endpoint_override=h:9000`` + ``_work`` → ``s3://b/store/_work?endpoint_...``
+    (a plain ``f"{base}/_work"`` would put the path into the last query parameter)."""
+    path, sep, query = str(base).partition("?")
+    return "/".join([path.rstrip("/"), *(p.strip("/") for p in parts)]) + sep + query
+
+
 def _is_local(uri: str) -> bool:
     return "://" not in uri or uri.startswith("file://")
 
@@ -102,7 +110,7 @@ class Artifact:
 
     @property
     def uri(self) -> str:
-        return f"{self.store_uri.rstrip('/')}/{self.relpath}"
+        return join_uri(self.store_uri, self.relpath)
 
     def local_dir(self) -> Path:
         """A local directory with the artifact's files (downloaded once for remote stores).

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.resources import Resources
-from data.store import Artifact, ArtifactStore, OutputRef
+from data.store import Artifact, ArtifactStore, OutputRef, join_uri
 from pipelines.config import ConfigError
 from pipelines.fingerprint import code_fingerprint
 
@@ -428,7 +428,7 @@ def run_steps(
             inputs={a: artifacts[i] for a, i in s.input_pairs()},
             out_dir=Path(),
             resources=s.resources,
-            work_uri=f"{store.uri.rstrip('/')}/_work/{pipeline}",
+            work_uri=join_uri(store.uri, "_work", pipeline),
             executor=None if s.kind == "task" else executor,
         )
         info = {

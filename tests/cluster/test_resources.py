@@ -37,3 +37,54 @@ def test_limit_threads_resizes_a_loaded_torch():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_auto_gpus_count_the_gpu_nodes_an_autoscaler_can_start(monkeypatch):
+    """Issue 18: with GPU workers at min_workers 0 the cluster has no GPU until a request starts
+    one; "auto" must count the autoscaler's GPU node types (as published in the GCS) or it
+    never asks, and everything runs on the head's CPUs."""
+    import ray
+    from ray._private import state
+    from ray.core.generated import autoscaler_pb2
+
+    from cluster import ray_executor
+    from cluster.resources import Resources
+
+    config = autoscaler_pb2.ClusterConfig()
+    head = config.node_group_configs.add(name="head", min_count=1, max_count=1)
+    head.resources["CPU"] = 8
+    gpu = config.node_group_configs.add(name="gpu_worker", min_count=0, max_count=4)
+    gpu.resources.update({"CPU": 4, "GPU": 1})
+    monkeypatch.setattr(state.state, "get_cluster_config", lambda: config)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})  # no GPU node yet
+    ex = ray_executor.RayExecutor(progress=False)
+    assert ray_executor.autoscaler_gpus() == 4.0 and ex.cluster_gpus() == 4.0
+    assert Resources(gpus="auto").resolve_gpus(ex.cluster_gpus()) == 1.0
+    assert ex._options(Resources(cpus=2, gpus="auto"))["num_gpus"] == 1.0
+    gpu.max_count = 0  # a GPU group the autoscaler may not start: nothing to ask for
+    assert ex.cluster_gpus() == 0.0 and ex._options(Resources(gpus="auto"))["num_gpus"] == 0.0
+    monkeypatch.setattr(state.state, "get_cluster_config", lambda: None)  # no autoscaler
+    assert ex.cluster_gpus() == 0.0
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 2.0})
+    assert ex.cluster_gpus() == 2.0  # GPUs present now count first
+
+
+def test_a_memory_request_no_node_can_grant_is_capped_to_the_largest_node(monkeypatch):
+    """A step's estimate above every node's memory would leave its tasks pending for ever."""
+    import ray
+    from ray._private import state
+
+    from cluster import ray_executor
+    from cluster.resources import Resources
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 2.0, "memory": 8.0 * 2**30}},
+             {"Alive": True, "Resources": {"CPU": 4.0, "memory": 16.0 * 2**30}},
+             {"Alive": False, "Resources": {"CPU": 64.0, "memory": 512.0 * 2**30}}]  # fmt: skip
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 6.0})
+    monkeypatch.setattr(state.state, "get_cluster_config", lambda: None)
+    ex = ray_executor.RayExecutor(progress=False)
+    assert ex._options(Resources(memory_mb=4096))["memory"] == 4096 * 2**20  # fits: as asked
+    assert ex._options(Resources(memory_mb=40_000))["memory"] == 16 * 2**30  # the largest node
+    monkeypatch.setattr(state.state, "get_cluster_config", lambda: object())  # autoscaler
+    assert ex._options(Resources(memory_mb=40_000))["memory"] == 40_000 * 2**20

@@ -159,3 +159,18 @@ def test_concurrent_readers_on_one_node_download_an_artifact_once(remote, monkey
     assert len([c for c in copies if not c.endswith("_COMPLETE.json")]) == 1  # one copy_files
     assert (dirs[0] / "part-7.bin").read_bytes() == bytes(range(256)) * 200
     assert [p.name for p in dirs[0].parent.iterdir()] == [dirs[0].name]  # no lock left behind
+
+
+def test_paths_join_a_store_uri_before_its_query_string():
+    """An S3-compatible server's store URI carries its endpoint as a query; `_work/<pipeline>`
+    appended after it made Ray Train read "http/_work/rcnn" as the S3 scheme."""
+    from data.store import join_uri
+
+    uri = "s3://bucket/store?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert join_uri(uri, "_work", "rcnn") == (
+        "s3://bucket/store/_work/rcnn?endpoint_override=127.0.0.1:9000&scheme=http"
+    )
+    assert join_uri("/data/store/", "rcnn/svm/k") == "/data/store/rcnn/svm/k"
+    assert ArtifactStore("remote://bucket/store").artifact("p", "s", "k").uri == (
+        "remote://bucket/store/p/s/k"
+    )
