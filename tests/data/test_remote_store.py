@@ -13,7 +13,7 @@ import pytest
 
 from cluster.local import LocalExecutor
 from data import store as store_mod
-from data.store import ArtifactStore
+from data.store import Artifact, ArtifactStore
 from pipelines.engine import run_steps
 from tests.pipelines.toy import read, toy_steps
 
@@ -171,6 +171,4 @@ def test_paths_join_a_store_uri_before_its_query_string():
         "s3://bucket/store/_work/rcnn?endpoint_override=127.0.0.1:9000&scheme=http"
     )
     assert join_uri("/data/store/", "rcnn/svm/k") == "/data/store/rcnn/svm/k"
-    assert ArtifactStore("remote://bucket/store").artifact("p", "s", "k").uri == (
-        "remote://bucket/store/p/s/k"
-    )
+    assert Artifact("s3://bucket/store?region=x", "p/s/k").uri == "s3://bucket/store/p/s/k?region=x"
