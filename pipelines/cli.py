@@ -61,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pipeline", nargs="?", help="show this pipeline's steps and config keys")
     p.add_argument("--preset", help="with PIPELINE: the values this preset sets (default: its own)")
 
+    p = sub.add_parser(
+        "plan", help="dry estimate per step: rows, bytes, memory, tasks, CPU hours (no Ray)"
+    )
+    p.add_argument("pipeline", help="pipeline name (see `paperline list`)")
+    p.add_argument("--preset", help="named preset (default: the pipeline's small preset)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field (repeatable)")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="a JSON list, one object per step")
+
     p = sub.add_parser("run", help="run a pipeline (embedded Ray unless --address)")
     _add_run_args(p)
     p.add_argument("--address", help="attach to a Ray cluster (ray://host:10001, auto, host:port)")
@@ -207,6 +216,14 @@ def cmd_list(pipeline: str | None = None, preset: str | None = None) -> int:
     width = max(len(k) for k, _, _ in rows)
     for key, kind, value in rows:
         print(f"    {key:<{width}}  {kind:<24}  {value}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from pipelines import plan
+
+    rows = plan.plan(args.pipeline, args.preset, parse_set_args(args.sets))
+    print(json.dumps(rows, indent=1) if args.json else plan.table(rows))
     return 0
 
 
@@ -533,6 +550,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "list":
             return cmd_list(args.pipeline, args.preset)
+        if args.command == "plan":
+            return cmd_plan(args)
         if args.command == "run":
             return cmd_run(args)
         if args.command == "sweep":

@@ -190,8 +190,9 @@ class FeatureConfig:
     images_per_shard: int = 8  # one Parquet shard per this many images, read alone
     dtype: Literal["float32", "float16"] = "float32"  # float16 halves the cache, slower reads
     # "pool5": cache pool5 only and recompute fc6/fc7 from it with the fine-tuned weights when
-    # the SVMs / detection read them, as R-CNN's code did (VOC07 AlexNet: ≈200 GB instead of
-    # ≈1 TB for pool5 + fc7)
+    # the SVMs / detection read them, as R-CNN's code did (VOC07 AlexNet, trainval + test, ≈2000
+    # proposals per image: ≈740 GB instead of ≈1.07 TB for pool5 + fc7; the ≈200 GB this said
+    # before was 3.7x off. `paperline plan rcnn --preset voc2007` computes it from the writer)
     cache: Literal["layers", "pool5"] = "layers"
     num_actors: int = 1  # Ray Data actors, each holding one CNN (one GPU each when present)
     # crops per forward pass; 0 = 16 on a CPU in float32 (activations stay in cache: the CPU CNN
