@@ -56,6 +56,14 @@ def _schedulable_cpus() -> float:
     return max(1.0, float(int(max(free)))) if free else 0.0
 
 
+def _driver_node_resource() -> dict[str, float]:
+    """A sliver of this driver's node's own ``node:<ip>`` resource, which only that node has:
+    asked for by a unit that must run here. Empty when the driver is not a node of the cluster
+    (a Ray Client), where nothing can be pinned to it."""
+    key = f"node:{ray.util.get_node_ip_address()}"
+    return {key: 0.001} if ray.cluster_resources().get(key) else {}
+
+
 def _capped_memory(request: int) -> int:
     """A unit's memory request (bytes, from its step's own estimate), at most the largest live
     node's ``memory`` resource: a request no node can grant would wait for ever (a whole node it
@@ -577,9 +585,11 @@ class RayExecutor(Executor):
         # finished must not run that trial again on --resume.
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
         gpus = resources_per_trial.resolve_gpus(self.cluster_gpus())
+        request = {"cpu": resources_per_trial.cpus, "gpu": gpus}
+        if resources_per_trial.driver_node:
+            request.update(_driver_node_resource())
         fn = tune.with_resources(
-            _named_trial(trainable, resources_per_trial.threads(), name),
-            {"cpu": resources_per_trial.cpus, "gpu": gpus},
+            _named_trial(trainable, resources_per_trial.threads(), name), request
         )
         path = join_uri(storage_path, name)
         if resume and tune.Tuner.can_restore(path):

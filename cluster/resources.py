@@ -20,6 +20,10 @@ class Resources:
     # engine puts ``threads()`` into the step's key and every executor pins it, whatever CPUs the
     # unit is granted (a training worker capped to the CPUs a sweep leaves free keeps its threads)
     torch_threads: int = 0
+    # run on the driver's node (Ray: its `node:<ip>` resource): for units that write into the
+    # driver's local folders, e.g. `paperline sweep`'s trials, which are small drivers of Ray
+    # tasks writing their run directories under the sweep's --out
+    driver_node: bool = False
 
     def __post_init__(self):
         if self.cpus < 0:

@@ -288,7 +288,9 @@ def run_sweep(
         # On Ray a trial is a small driver: its steps are Ray tasks with their own CPU requests,
         # so the trial itself holds almost nothing (a trial holding a whole CPU would starve its
         # own steps on a small machine; DESIGN "Tune trials that take every CPU").
-        trial_resources = Resources(cpus=0.05, gpus=0)
+        # It runs on the driver's node: its run directory goes under this sweep's --out, which
+        # on a cluster without a shared filesystem is a folder of this machine only (issue 18).
+        trial_resources = Resources(cpus=0.05, gpus=0, driver_node=True)
     if max_concurrent is None and executor == "ray":
         max_concurrent = max(1, int(info.get("cpus", 1)))  # else Tune starts every trial at once
     n_trials = len(expand(plan.space, plan.num_samples, plan.seed))

@@ -171,6 +171,7 @@ def no_shared_fs(workdir: Path) -> dict:
         "metrics": metrics,
         "artifacts": sorted(on_s3),
         "same_artifacts": sorted(on_s3) == sorted(reference),
+        "only_on_one_side": sorted(set(on_s3) ^ set(reference)),
         "differing_files": differing,
         "timing_only": timing_only,
         "resolutions": len(resolved),

@@ -242,3 +242,25 @@ def test_tune_state_on_an_object_store_is_not_unpickled_unless_trusted(
     with pytest.raises(ZeroDivisionError):  # trusted: restore is called
         ray_executor.sweep(quadratic_trial, {"x": Grid((1.0,))}, **kw)
     assert restored == ["s3://bucket/_work/p/e"]
+
+
+@pytest.mark.ray
+def test_ray_sweep_trials_pinned_to_the_driver_node_run_there(ray_executor, tmp_path, monkeypatch):
+    """`paperline sweep`'s trials write run directories under the driver's --out: they ask for
+    the driver node's own `node:<ip>` resource. A driver outside the cluster pins nothing."""
+    from cluster import ray_executor as rx
+
+    results = ray_executor.sweep(
+        pid_trial,
+        {"x": Grid((1, 2))},
+        metric="x",
+        mode="max",
+        resources_per_trial=Resources(cpus=0.05, driver_node=True),
+        storage_path=str(tmp_path / "tune"),
+        name="pinned",
+    )
+    assert sorted(r["metrics"]["x"] for r in results) == [1, 2]
+    (key,) = rx._driver_node_resource()
+    assert key == f"node:{ray.util.get_node_ip_address()}"
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "10.9.9.9")  # a Ray Client
+    assert rx._driver_node_resource() == {}

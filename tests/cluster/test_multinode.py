@@ -38,7 +38,8 @@ def test_three_nodes_with_only_an_s3_store_in_common(tmp_path):
     steps = {a.rsplit("/", 1)[0] for a in s["artifacts"]}
     assert {"rcnn/features", "rcnn/svm", "rcnn/finetune", "rcnn/evaluate", "batchnorm/mnist",
             "batchnorm/multi_worker"} <= steps  # fmt: skip
-    assert s["same_artifacts"]  # the same keys as the single-node run: same code, same config
+    # the same keys as the single-node run: same code, same config
+    assert s["same_artifacts"], s["only_on_one_side"]
     # Same key, same bytes — except what a run measures of its own wall clock (seconds per
     # proposal image, training seconds) and the reports quoting it, and BatchNorm's 2-worker
     # step, which the in-process executor runs with one worker (README, Reproducibility)
