@@ -214,6 +214,40 @@ class _PredictorActor:
         return out
 
 
+# Checkpoints a Train run keeps in its storage: the newest to resume from, and the one before in
+# case the newest was cut short. Ray Train V2's CheckpointConfig(num_to_keep=...) would do it but
+# also drops the deleted checkpoints' reports from the run's metrics history, which steps use.
+KEEP_CHECKPOINTS = 2
+
+
+PRUNED = "PRUNED.txt"
+
+
+def _prune_checkpoints(keep: int) -> None:
+    """Empty all but the ``keep`` newest ``checkpoint_<time>`` folders of this Train run (rank 0,
+    after its report has persisted the newest), on whatever filesystem the run stores them. The
+    folders stay, holding only a note: a resumed run's controller checks that every checkpoint
+    its snapshot lists still exists, and resumes from the newest."""
+    import pyarrow.fs as pafs
+
+    storage = ray.train.get_context().get_storage()
+    fs, run_dir = storage.storage_filesystem, storage.experiment_fs_path
+    infos = fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
+    folders = sorted(  # Ray names them checkpoint_%Y-%m-%d_%H-%M-%S.%f: sorted = in time order
+        i.path
+        for i in infos
+        if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
+    )
+    for old in folders[:-keep] if keep > 0 else []:
+        if fs.get_file_info(f"{old}/{PRUNED}").type == pafs.FileType.File:
+            continue
+        fs.delete_dir_contents(old)
+        with fs.open_output_stream(f"{old}/{PRUNED}") as f:
+            f.write(
+                f"emptied by paperline: a Train run keeps its {keep} newest checkpoints\n".encode()
+            )
+
+
 class RayTrainContext:
     """``stages.training.context.TrainContext`` on Ray Train (V2 API)."""
 
@@ -241,6 +275,7 @@ class RayTrainContext:
             if checkpoint is not None and self.rank == 0:
                 save_checkpoint(checkpoint, d)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+                _prune_checkpoints(KEEP_CHECKPOINTS)
             else:
                 ray.train.report(metrics)
         position = train_position(metrics, self._config)

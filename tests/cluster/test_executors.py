@@ -84,6 +84,11 @@ def test_train_fits_and_returns_checkpoint(ex, tmp_path):
     )
     assert result.metrics["epoch"] == 3
     assert result.metrics["loss"] < 1e-3
+    assert [h["epoch"] for h in result.history] == [0, 1, 2, 3]  # every report, in order
+    if ex.name == "ray":  # 4 checkpoints reported, the newest 2 kept (cluster.ray_executor)
+        folders = sorted(p for p in (tmp_path / "train" / "lr").glob("checkpoint_*") if p.is_dir())
+        assert len(folders) == 4  # Ray's snapshot lists every one: emptied, not deleted
+        assert [any(f.glob("*.pt")) for f in folders] == [False, False, True, True]
     weight = result.checkpoint["model"]["weight"].item()
     bias = result.checkpoint["model"]["bias"].item()
     assert abs(weight - 3) < 0.05 and abs(bias + 1) < 0.05
