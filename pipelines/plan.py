@@ -228,19 +228,28 @@ def _rcnn(cfg, steps) -> dict[str, dict]:
         "note": f"≈{props:.0f} proposals per {w}x{h} image; {hours_note}",
     }
     for s in steps:
-        if s.kind == "train" and s.identity == "pretrain":
-            crops = idx["train"] * (idx["objects"] + cfg.pretrain.backgrounds_per_image)
-            crop_bytes = crops * 3 * c.input_size**2 * FLOAT32
+        crops = idx["train"] * (idx["objects"] + cfg.pretrain.backgrounds_per_image)
+        crop_bytes = crops * 3 * c.input_size**2 * FLOAT32
+        if s.identity == "pretrain_crops":
+            out[s.name] = {  # streamed image by image into shards of 512 crops
+                "rows": round(crops),
+                "bytes_written": round(crop_bytes),
+                "peak_task_bytes": round(512 * 3 * c.input_size**2 * FLOAT32),
+                "note": f"{crops:.0f} float32 crops of {c.input_size} px in .npy shards",
+            }
+        elif s.kind == "train" and s.identity == "pretrain":
             weights = bool(s.params.get("weights_path"))
+            batch = cfg.pretrain.batch_size * 3 * c.input_size**2 * FLOAT32
             out[s.name] = {
                 "tasks": cfg.pretrain.num_workers,
                 "rows": 0 if weights else round(crops),
                 "bytes_written": param_bytes,
-                # a worker holds every crop (and, before issue 19, the driver too)
-                "peak_task_bytes": param_bytes if weights else round(crop_bytes + 4 * param_bytes),
+                # the workers memory-map the crop shards (issue 19): weights, gradients, momentum
+                # and a batch in the heap; the page cache holds what fits of the shards
+                "peak_task_bytes": param_bytes if weights else round(4 * param_bytes + 2 * batch),
                 "note": "local ImageNet weights: nothing trained"
                 if weights
-                else f"{crops:.0f} float32 crops of {c.input_size} px in memory",
+                else f"{crops:.0f} crops read by each worker from the crop shards",
             }
         elif s.kind == "train" and s.identity == "finetune":
             enabled = s.params.get("enabled", True)

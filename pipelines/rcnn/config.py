@@ -194,7 +194,9 @@ class FeatureConfig:
     # proposals per image: ≈740 GB instead of ≈1.07 TB for pool5 + fc7; the ≈200 GB this said
     # before was 3.7x off. `paperline plan rcnn --preset voc2007` computes it from the writer)
     cache: Literal["layers", "pool5"] = "layers"
-    num_actors: int = 1  # Ray Data actors, each holding one CNN (one GPU each when present)
+    # Ray Data actors, each holding one CNN (one GPU each when present); 0 = auto: one per GPU of
+    # the cluster, else all CPUs of the node but one (scheduling only, not in the key)
+    num_actors: int = 0
     # crops per forward pass; 0 = 16 on a CPU in float32 (activations stay in cache: the CPU CNN
     # runs ~2.5x faster at 16 than at 256, benchmarks/bench_features.py), 64 on a CPU in bf16,
     # 256 on a GPU
@@ -206,8 +208,9 @@ class FeatureConfig:
 
     def __post_init__(self):
         check(
-            self.images_per_shard >= 1 and self.num_actors >= 1 and self.chunk >= 0,
-            "features.images_per_shard/num_actors must be >= 1 and features.chunk >= 0",
+            self.images_per_shard >= 1 and self.num_actors >= 0 and self.chunk >= 0,
+            "features.images_per_shard must be >= 1, features.num_actors >= 0 (0 = auto) and "
+            "features.chunk >= 0",
         )
 
 

@@ -27,42 +27,90 @@ def _warp_param(c: CNNConfig) -> dict:
     return {} if c.warp == "warp" else {"warp": c.warp}
 
 
+def feature_actors(requested: int, *, cluster_gpus: float, cpus: int, shards: int) -> int:
+    """``features.num_actors``: a number is kept; 0 ("auto") gives one actor per GPU of the
+    cluster (each actor holds one, ``gpus="auto"``), else a pool of all CPUs but one (left to
+    the driver and Ray Data's reads and writes), never more actors than shards to process. The
+    count schedules work only: it is bound outside the step's key and never changes the bytes."""
+    if requested:
+        return requested
+    pool = int(cluster_gpus) if cluster_gpus >= 1 else cpus - 1
+    return max(1, min(pool, shards))
+
+
+def _extract_features_sized(ctx, *, num_actors: int, images_per_shard: int, **params) -> None:
+    """``extract_features`` with ``features.num_actors=0`` resolved on the cluster the step runs
+    on: its GPUs (an executor that has ``cluster_gpus``, i.e. Ray), else this node's CPUs."""
+    import os
+
+    import pyarrow.parquet as pq
+
+    images = pq.ParquetFile(ctx.input_dir("dataset") / "images.parquet").metadata.num_rows
+    num_actors = feature_actors(
+        num_actors,
+        cluster_gpus=getattr(ctx.executor, "cluster_gpus", lambda: 0.0)(),
+        cpus=len(os.sched_getaffinity(0)),
+        shards=-(-images // images_per_shard),
+    )
+    rcnn_features.extract_features(
+        ctx, num_actors=num_actors, images_per_shard=images_per_shard, **params
+    )
+
+
 class _Builder:
     """Step factories for the detector; variants (Table 2) reuse them with other names/inputs."""
 
     def __init__(self, cfg: RCNNConfig, test_split: str):
         self.cfg, self.test_split = cfg, test_split
 
-    def pretrain(self, name: str = "pretrain", cnn: CNNConfig | None = None) -> Step:
+    def pretrain(self, name: str = "pretrain", cnn: CNNConfig | None = None) -> list[Step]:
+        """The pretraining step, after the step writing its crops (``pretrain_crops<suffix>``)
+        unless it loads ImageNet weights."""
         c, pt = cnn or self.cfg.cnn, self.cfg.pretrain
+        crops = name.replace("pretrain", "pretrain_crops", 1)
+        crop_step = Step(
+            crops,
+            rcnn_train.pretrain_crops,
+            kind="task",
+            inputs=("dataset",),
+            params=dict(
+                model=c.model,
+                model_kwargs=c.model_kwargs(),
+                padding=c.padding,
+                backgrounds_per_image=pt.backgrounds_per_image,
+                seed=pt.seed,
+                **_warp_param(c),
+                **({"image_folder": pt.image_folder} if pt.image_folder else {}),
+            ),
+            stage="pretrain_crops",
+            description="pretraining crops (objects + distractors) → .npy shards",
+        )
         params = dict(
             model=c.model,
             model_kwargs=c.model_kwargs(),
-            padding=c.padding,
             weights_path=pt.weights_path,
             epochs=pt.epochs,
             batch_size=pt.batch_size,
             lr=pt.lr,
-            backgrounds_per_image=pt.backgrounds_per_image,
             seed=pt.seed,
-            **_warp_param(c),
-            **({"image_folder": pt.image_folder} if pt.image_folder else {}),
             # data-parallel workers change the result (issue 22): in the key when not 1
             **({"num_workers": pt.num_workers} if pt.num_workers != 1 else {}),
         )
-        return Step(
+        step = Step(
             name,
             rcnn_train.pretrain,
             kind="train",
-            inputs=("dataset",),
+            # the workers read the crops through a reference to their artifact (issue 19)
+            inputs=() if pt.weights_path else (f"crops={crops}",),
             resources=Resources(cpus=pt.cpus_per_worker, gpus="auto", torch_threads=pt.threads),
             params=params,
             # 2: torchvision weights get their input preprocessing folded into conv1 (a model.pt
-            # made from them before is wrong); runs without weights_path keep their keys
+            # made from them before is wrong)
             version="2" if pt.weights_path else "1",
             stage="pretrain",
             description="supervised pretraining (image-level labels)",
         )
+        return [step] if pt.weights_path else [crop_step, step]
 
     def finetune(
         self, name: str = "finetune", pretrain: str = "pretrain", enabled: bool | None = None
@@ -104,7 +152,7 @@ class _Builder:
             layers = ("pool5",)
         layers = layers or tuple(sorted({s.layer, "pool5"} if b.enabled else {s.layer}))
         fn = functools.partial(
-            rcnn_features.extract_features,
+            _extract_features_sized,
             images_per_shard=f.images_per_shard,
             num_actors=f.num_actors,
             chunk=f.chunk,
@@ -230,7 +278,7 @@ def detector_steps(cfg: RCNNConfig, test_split: str) -> list[Step]:
     b = _Builder(cfg, test_split)
     bbox = cfg.bbox.enabled
     return [
-        b.pretrain(),
+        *b.pretrain(),
         b.finetune(),
         b.features(),
         b.svm(),
@@ -280,7 +328,7 @@ def table2_steps(cfg: RCNNConfig, test_split: str) -> list[Step]:
     feature cache are computed once and shared by every row."""
     b = _Builder(cfg, test_split)
     out = [
-        b.pretrain(),
+        *b.pretrain(),
         b.finetune("finetune", enabled=True),
         b.finetune("finetune-none", enabled=False),
     ]
@@ -323,7 +371,7 @@ def table2_steps(cfg: RCNNConfig, test_split: str) -> list[Step]:
         star = "*"
     if onet is not None:
         out += [
-            b.pretrain("pretrain-onet", onet),
+            *b.pretrain("pretrain-onet", onet),
             b.finetune("finetune-onet", "pretrain-onet", enabled=True),
             b.features("features-onet", "finetune-onet", ("fc7", "pool5")),
             b.svm("svm-fc7-onet", "features-onet", "fc7", finetune="finetune-onet"),

@@ -1,8 +1,11 @@
-"""R-CNN training steps: supervised pretraining and (N+1)-way fine-tuning on warped proposals (§2.3),
-run under Ray Train."""
+"""R-CNN training steps: the pretraining crops, supervised pretraining and (N+1)-way fine-tuning on
+warped proposals (§2.3), run under Ray Train. Training examples reach the workers as references to
+artifacts (crop shards, images), never by value in the training config (issue 19)."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,7 +16,6 @@ if TYPE_CHECKING:  # torch loads in the steps that use it, not with the pipeline
 
 from pipelines.engine import StepContext
 from pipelines.rcnn.common import (
-    WarpedWindows,
     _classes,
     _objects_by_image,
     _proposals,
@@ -52,11 +54,9 @@ def _image_folder_crops(root: str, size: int) -> tuple[torch.Tensor, np.ndarray,
 
 def _crops_and_distractors(
     dataset_dir: Path, size: int, *, padding: int, warp: str, backgrounds_per_image: int, seed: int
-) -> tuple[torch.Tensor, np.ndarray]:
-    """Ground-truth object crops of the training split (label = class) plus random windows that
-    overlap no object by more than 0.3 (label = N, "distractor")."""
-    import torch
-
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Per training image: ground-truth object crops (label = class) plus random windows that
+    overlap no object by more than 0.3 (label = N, "distractor"), as ``((n, S, S, 3), (n,))``."""
     from data.voc import load_image
     from stages.detection.boxes import box_iou_voc
     from stages.detection.warp import warp_regions
@@ -65,7 +65,6 @@ def _crops_and_distractors(
     train_split, _ = _splits(dataset_dir)
     objects = _objects_by_image(dataset_dir, train_split, classes)
     rng = np.random.default_rng(seed)
-    crops, labels = [], []
     for row in read_images(dataset_dir, train_split):
         image, obj = load_image(row["path"]), objects[row["image_id"]]
         h, w = image.shape[:2]
@@ -78,10 +77,48 @@ def _crops_and_distractors(
         cand = cand[:backgrounds_per_image]
         boxes = np.concatenate([obj["boxes"], cand]).astype(np.float32)
         if len(boxes):
-            crops.append(warp_regions(image, boxes, size=size, padding=padding, mode=warp))
-            labels += list(obj["cls"]) + [len(classes)] * len(cand)
-    images = torch.from_numpy(np.concatenate(crops)).permute(0, 3, 1, 2).contiguous()
-    return images, np.asarray(labels)
+            crops = warp_regions(image, boxes, size=size, padding=padding, mode=warp)
+            yield crops, np.asarray(list(obj["cls"]) + [len(classes)] * len(cand), np.int64)
+
+
+def pretrain_crops(
+    ctx: StepContext,
+    *,
+    model: str,
+    model_kwargs: dict,
+    padding: int,
+    backgrounds_per_image: int,
+    seed: int,
+    warp: str = "warp",  # App. A variants: warp | square_context | square_mean
+    image_folder: str = "",
+) -> None:
+    """The pretraining examples as crop shards in the store (``write_crop_shards``): an
+    ImageFolder's whole images, else the training split's object crops + distractors, streamed
+    image by image. The pretrain step's workers read them through a reference; before issue 19
+    the driver built them all (≈21 GB float32 for VOC2007 trainval) and sent them in the training
+    config, to the object store and every worker. Same crops, same order: same model as before."""
+    from stages.training.rcnn import write_crop_shards
+
+    size = create_size(model, model_kwargs)
+    if image_folder:  # whole images, held in memory by this task alone (modest sets)
+        images, labels, num_classes = _image_folder_crops(image_folder, size)
+        chunks = [(images.permute(0, 2, 3, 1).numpy(), labels)]
+    else:
+        dataset_dir = ctx.input_dir("dataset")
+        chunks = _crops_and_distractors(
+            dataset_dir,
+            size,
+            padding=padding,
+            warp=warp,
+            backgrounds_per_image=backgrounds_per_image,
+            seed=seed,
+        )
+        num_classes = len(_classes(dataset_dir)) + 1
+    index = write_crop_shards(chunks, ctx.out_dir)
+    if index["count"] == 0:
+        raise ValueError(f"pretraining: no crops ({image_folder or 'the training split'} is empty)")
+    ctx.write_json("metrics.json", {"pretrain_examples": index["count"]})
+    ctx.write_json("classes.json", {"num_classes": num_classes})
 
 
 def pretrain(
@@ -89,20 +126,16 @@ def pretrain(
     *,
     model: str,
     model_kwargs: dict,
-    padding: int,
     weights_path: str,
     epochs: int,
     batch_size: int,
     lr: float,
-    backgrounds_per_image: int,
     seed: int,
     num_workers: int = 1,
-    warp: str = "warp",  # App. A variants: warp | square_context | square_mean
-    image_folder: str = "",
 ) -> None:
     """Supervised pretraining (§2.3): local ImageNet weights when given, else image-level
-    classification of an ImageFolder, else of the training split's object crops + distractors."""
-    from stages.training.rcnn import pretrain_train_fn
+    classification of the ``pretrain_crops`` step's crops, which each worker reads itself."""
+    from stages.training.rcnn import CropShards, pretrain_train_fn
 
     if weights_path:  # ImageNet weights from a local file (§2.3); never downloaded
         from stages.models.rcnn_backbones import resolve_weights_path
@@ -119,28 +152,18 @@ def pretrain(
         )
         ctx.write_json("metrics.json", {"pretrain_weights": weights_path})
         return
-    dataset_dir = ctx.input_dir("dataset")
-    size = create_size(model, model_kwargs)
-    if image_folder:
-        images, labels, num_classes = _image_folder_crops(image_folder, size)
-    else:
-        images, labels = _crops_and_distractors(
-            dataset_dir,
-            size,
-            padding=padding,
-            warp=warp,
-            backgrounds_per_image=backgrounds_per_image,
-            seed=seed,
-        )
-        num_classes = len(_classes(dataset_dir)) + 1
+    # two small files of the crops' artifact, read alone: input_dir would copy every shard of an
+    # object store's artifact to this node, which only the workers read
+    crops = ctx.inputs["crops"]
+    num_classes = json.loads(crops.read_bytes("classes.json"))["num_classes"]
+    examples = json.loads(crops.read_bytes("metrics.json"))["pretrain_examples"]
     result = ctx.train(
         pretrain_train_fn,
         {
             "model": model,
             "model_kwargs": model_kwargs,
             "num_classes": num_classes,
-            "images": images,
-            "labels": labels,
+            "crops": CropShards(ctx.input_file("crops")),  # a reference, resolved by each worker
             "epochs": epochs,
             "batch_size": batch_size,
             "lr": lr,
@@ -160,7 +183,7 @@ def pretrain(
         "metrics.json",
         {
             "pretrain_train_accuracy": result.metrics["train_accuracy"],
-            "pretrain_examples": len(labels),
+            "pretrain_examples": examples,
         },
     )
 
@@ -183,7 +206,7 @@ def finetune(
 ) -> None:
     import torch
 
-    from stages.training.rcnn import assign_labels, finetune_train_fn
+    from stages.training.rcnn import ImageWindows, assign_labels, finetune_train_fn
 
     dataset_dir = ctx.input_dir("dataset")
     pretrained = load_model(ctx.input_dir("pretrain") / "model.pt")
@@ -202,7 +225,7 @@ def finetune(
     train_split, _ = _splits(dataset_dir)
     objects = _objects_by_image(dataset_dir, train_split, classes)
     proposals = _proposals(ctx.input_dir("proposals"))
-    paths, index, boxes, labels = [], [], [], []
+    paths, sizes, index, boxes, labels = [], [], [], [], []
     for i, row in enumerate(read_images(dataset_dir, train_split, ref=ctx.input_file("dataset"))):
         obj = objects[row["image_id"]]
         cand = np.concatenate([obj["boxes"], proposals.get(row["image_id"], np.zeros((0, 4)))])
@@ -212,11 +235,13 @@ def finetune(
             else (np.zeros(len(cand), np.int64), None)
         )
         paths.append(row["path"])
+        sizes.append((row["width"], row["height"]))
         index.append(np.full(len(cand), i))
         boxes.append(cand)
         labels.append(lab)
-    source = WarpedWindows(
+    source = ImageWindows(  # images decoded and windows warped by each worker, ahead of the model
         paths,
+        np.asarray(sizes),
         np.concatenate(index),
         np.concatenate(boxes).astype(np.float32),
         np.concatenate(labels),
@@ -224,7 +249,6 @@ def finetune(
         padding=padding,
         warp=warp,
     )
-    state = {k: v for k, v in pretrained.state_dict().items() if not k.startswith("fc8.")}
     result = ctx.train(
         finetune_train_fn,
         {
@@ -232,13 +256,16 @@ def finetune(
             "model_kwargs": arch["model_kwargs"],
             "num_classes": len(classes),
             "window_source": source,
-            "init_state": state,
+            "init_state": ctx.input_file("pretrain", "model.pt"),  # each worker loads it
             "iterations": iterations,
             "batch_size": batch_size,
             "lr": lr,
             "lr_step": lr_step,
             "seed": seed,
             "report_every": max(1, iterations // 5),
+            # warping threads beside the model's (scheduling only: the windows and so the model
+            # are the same for any number)
+            "input_threads": 2,
         },
         num_workers=num_workers,
     )

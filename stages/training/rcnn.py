@@ -11,7 +11,12 @@ draws ``batch_size / world_size`` samples, so the averaged DDP gradient matches 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import collections
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -19,6 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from stages.detection.boxes import max_iou_assign
+from stages.detection.warp import (
+    IMAGENET_MEAN_BGR,
+    check_boxes,
+    crop_geometry,
+    paste_window,
+    round_half_away,
+)
 from stages.models.registry import create
 
 
@@ -102,9 +114,122 @@ class WindowSource(Protocol):
     def get(self, indices: np.ndarray) -> torch.Tensor: ...  # (B, 3, S, S) float
 
 
+class ImageWindows:
+    """A ``WindowSource`` of proposal windows warped from their images, on the worker that trains.
+
+    ``paths`` ``(I,)`` image files (or ``ArtifactFile`` references, resolved where this runs),
+    ``image_sizes`` ``(I, 2)`` their ``(width, height)``; per window ``image_index`` ``(W,)``,
+    ``boxes`` ``(W, 4)`` VOC 1-based xyxy and ``labels`` ``(W,)``. Crops equal ``warp_regions``'s
+    byte for byte, but each image is decoded once per process (kept as uint8: VOC2007 trainval ≈
+    2.8 GB) and only each window's pixels are converted to float, never the whole image per window
+    (2.9 of 3.3 ms per window before, issue 19); the crop geometry of a batch is one vectorised
+    call. Thread-safe, so batches can be warped ahead on background threads (``prefetch``).
+    Picklable: only paths, boxes and labels travel; the decoded images stay where they are made.
+    """
+
+    def __init__(
+        self,
+        paths: list,
+        image_sizes: np.ndarray,
+        image_index: np.ndarray,
+        boxes: np.ndarray,
+        labels: np.ndarray,
+        *,
+        size: int,
+        padding: int,
+        warp: str = "warp",
+        mean_bgr=IMAGENET_MEAN_BGR,
+    ):
+        self.paths, self.sizes = list(paths), np.asarray(image_sizes, np.int64).reshape(-1, 2)
+        self.image_index = np.asarray(image_index, np.int64)
+        self.boxes, self.labels = np.asarray(boxes, np.float32), np.asarray(labels, np.int64)
+        if len(self.sizes) != len(self.paths) or not (
+            len(self.image_index) == len(self.boxes) == len(self.labels)
+        ):
+            raise ValueError(
+                f"ImageWindows: {len(self.paths)} paths need {len(self.paths)} image sizes (got "
+                f"{len(self.sizes)}), and image_index, boxes, labels one row per window (got "
+                f"{len(self.image_index)}, {len(self.boxes)}, {len(self.labels)})"
+            )
+        w, h = self.sizes[self.image_index].T
+        # every window checked here, before training starts, not at its first draw
+        check_boxes(self.boxes, w, h, name_of=lambda i: os.fspath(self.paths[self.image_index[i]]))
+        self.size, self.padding, self.warp = size, padding, warp
+        self.mean = np.asarray(mean_bgr, np.float32).reshape(3)
+        self._cache: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_cache": {}}  # decoded images never travel
+
+    def image(self, i: int) -> np.ndarray:
+        """Image ``i`` decoded (once per process) as ``(H, W, 3)`` BGR uint8."""
+        image = self._cache.get(i)
+        if image is None:
+            from data.voc import load_image  # checks the size against the dataset's table
+
+            image = self._cache.setdefault(
+                i, load_image(os.fspath(self.paths[i]), expected_size=tuple(self.sizes[i]))
+            )
+        return image
+
+    def get(self, indices: np.ndarray) -> torch.Tensor:
+        """Windows ``indices`` warped: ``(B, 3, size, size)`` float32, BGR minus the mean."""
+        indices = np.asarray(indices, np.int64)
+        images, boxes = self.image_index[indices], self.boxes[indices]
+        w, h = self.sizes[images].T
+        square = self.warp != "warp"
+        geometry = crop_geometry(
+            boxes.astype(np.float64), w, h, size=self.size, padding=self.padding, square=square
+        )
+        tight = round_half_away(boxes).astype(np.int64)
+        out = np.zeros((len(indices), 3, self.size, self.size), np.float32)  # (B, 3, S, S)
+        for row, i in enumerate(images):
+            # pasted straight into the channels-first batch through a (S, S, 3) view: a batched
+            # permute afterwards took twice as long at 227 px
+            view = out[row].transpose(1, 2, 0)
+            paste_window(
+                self.image(int(i)), geometry[row], tight[row], view, mode=self.warp, mean=self.mean
+            )
+        return torch.from_numpy(out)
+
+
+def prefetch(fn: Callable[[int], object], items: Iterable[int], *, threads: int, depth: int = 0):
+    """``fn(item)`` for each of ``items``, in order, computed up to ``depth`` (default
+    ``2 * threads``) items ahead on ``threads`` background threads while the caller works on the
+    current one; ``threads=0`` computes each when it is asked for. ``fn`` must depend on its
+    item only, so that the results (and the bytes trained on) do not depend on ``threads``."""
+    if threads <= 0:
+        yield from map(fn, items)
+        return
+    depth = depth or 2 * threads
+    items = iter(items)
+    with ThreadPoolExecutor(threads, thread_name_prefix="prefetch") as pool:
+        pending: collections.deque = collections.deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= depth:
+                break
+        try:
+            while pending:
+                result = pending.popleft().result()
+                for item in items:  # top the queue up by one before handing the result out
+                    pending.append(pool.submit(fn, item))
+                    break
+                yield result
+        finally:
+            for f in pending:  # the caller stopped early (error, generator closed)
+                f.cancel()
+
+
 FINETUNE_DEFAULTS = {
     "model_kwargs": {},
-    "init_state": None,  # pretrained weights; fc8 is dropped (replaced by the (N+1)-way layer)
+    # pretrained weights (a state dict, or a saved model's path / ArtifactFile, loaded by each
+    # worker: 233 MB for AlexNet need not travel in the config); fc8 is dropped (replaced by the
+    # (N+1)-way layer)
+    "init_state": None,
     "iterations": 70_000,  # released nets; gains saturate ~40k (App. B, code)
     "batch_size": 128,  # 32 fg + 96 bg windows (§2.3)
     "fg_fraction": 0.25,
@@ -118,6 +243,9 @@ FINETUNE_DEFAULTS = {
     "flip": True,  # random horizontal flip of windows (code)
     "seed": 0,
     "report_every": 1000,
+    # background threads warping the next minibatches while the model trains on this one (each
+    # minibatch depends only on (seed, rank, iteration): the result does not depend on this)
+    "input_threads": 2,
 }
 PRETRAIN_DEFAULTS = {
     "model_kwargs": {},
@@ -157,7 +285,9 @@ def _flip(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     return x
 
 
-def _load_backbone(model: torch.nn.Module, init_state: dict) -> None:
+def _load_backbone(model: torch.nn.Module, init_state) -> None:
+    if isinstance(init_state, str | os.PathLike):  # a saved model, read where training runs
+        init_state = torch.load(os.fspath(init_state), map_location="cpu", weights_only=True)
     state = init_state["model"] if isinstance(init_state.get("model"), dict) else init_state
     state = {k: v for k, v in state.items() if not k.startswith("fc8.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -232,18 +362,24 @@ def finetune_train_fn(ctx, config: dict) -> None:
         fg_fraction=cfg["fg_fraction"],
         seed=seed + ctx.rank,  # each worker draws its own windows
     )
+
+    # All randomness of iteration `it` (windows, flips, dropout) derives from (seed, rank, it), so
+    # a resumed run replays exactly what an uninterrupted one would have done, and the windows of
+    # later iterations can be warped ahead on other threads.
+    def windows(it: int) -> tuple[np.ndarray, torch.Tensor]:
+        rng = np.random.default_rng([seed, ctx.rank, it])
+        rng.integers(2**62)  # the draw that seeds torch (dropout) in the loop below
+        idx = sampler.sample(it)
+        crops = torch.as_tensor(source.get(idx), dtype=torch.float32)  # (B, 3, S, S)
+        return idx, _flip(crops, rng) if cfg["flip"] else crops
+
     model.train()
     sums = np.zeros(5)  # loss, fg correct, fg seen, bg correct, bg seen since the last report
     steps = 0
-    for it in range(start, cfg["iterations"]):
-        # All randomness of iteration `it` (windows, flips, dropout) derives from (seed, rank, it),
-        # so a resumed run replays exactly what an uninterrupted one would have done.
+    batches = prefetch(windows, range(start, cfg["iterations"]), threads=cfg["input_threads"])
+    for it, (idx, crops) in zip(range(start, cfg["iterations"]), batches, strict=True):
         rng = np.random.default_rng([seed, ctx.rank, it])
         torch.manual_seed(int(rng.integers(2**62)))
-        idx = sampler.sample(it)
-        crops = torch.as_tensor(source.get(idx), dtype=torch.float32)  # (B, 3, S, S)
-        if cfg["flip"]:
-            crops = _flip(crops, rng)
         target = torch.from_numpy(labels[idx]).to(ctx.device)  # (B,)
         logits = model(crops.to(ctx.device))  # (B, N + 1)
         loss = F.cross_entropy(logits, target)
@@ -279,32 +415,140 @@ def finetune_train_fn(ctx, config: dict) -> None:
             sums[:], steps = 0.0, 0
 
 
+CROPS_INDEX = "crops.json"
+
+
+def write_crop_shards(
+    chunks: Iterable[tuple[np.ndarray, np.ndarray]], folder: Path, *, crops_per_shard: int = 512
+) -> dict:
+    """Write ``(crops (n, S, S, 3) float32, labels (n,))`` chunks (``warp_regions`` output) as
+    ``crops-NNNNN.npy`` shards ``(K, 3, S, S)`` float32 + ``labels.npy`` + ``crops.json`` in
+    ``folder``, holding at most one shard in memory. ``.npy`` rather than Parquet: training reads
+    single crops in a random order, which a memory map serves without decoding (``CropShards``).
+    Returns the index written to ``crops.json``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shards, labels, pending, size = [], [], [], None
+
+    def flush(rows: np.ndarray) -> None:
+        name = f"crops-{len(shards):05d}.npy"
+        np.save(folder / name, np.ascontiguousarray(rows.transpose(0, 3, 1, 2)))  # (K, 3, S, S)
+        shards.append({"file": name, "rows": len(rows)})
+
+    for crops, chunk_labels in chunks:
+        crops = np.asarray(crops, np.float32)
+        if crops.ndim != 4 or crops.shape[3] != 3 or len(crops) != len(chunk_labels):
+            raise ValueError(f"crop chunks must be (n, S, S, 3) with n labels, got {crops.shape}")
+        size = size or crops.shape[1]
+        pending.append(crops)
+        labels.append(np.asarray(chunk_labels, np.int64))
+        if sum(len(c) for c in pending) >= crops_per_shard:
+            rows = np.concatenate(pending)
+            for start in range(0, len(rows) - crops_per_shard + 1, crops_per_shard):
+                flush(rows[start : start + crops_per_shard])
+            rest = rows[len(rows) - len(rows) % crops_per_shard :]
+            pending = [rest] if len(rest) else []
+    if pending:
+        flush(np.concatenate(pending))
+    all_labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+    np.save(folder / "labels.npy", all_labels)
+    index = {"count": len(all_labels), "size": size, "shards": shards}
+    (folder / CROPS_INDEX).write_text(json.dumps(index, indent=1))
+    return index
+
+
+class CropShards(torch.utils.data.Dataset):
+    """The crops of ``write_crop_shards`` as a map-style dataset of ``(crop (3, S, S) float32,
+    label)``, read where training runs: ``folder`` is a path or an ``ArtifactFile`` reference,
+    resolved (and its shards memory-mapped) at first use in each process, so only the reference
+    travels to Train workers, and the page cache, not each worker's heap, holds the crops
+    (VOC2007 trainval ≈ 21 GB at 227 px, issue 19)."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self._open: tuple | None = None  # (labels, shard offsets, memory maps), per process
+
+    def __getstate__(self) -> dict:
+        return {"folder": self.folder, "_open": None}
+
+    def _load(self) -> tuple:
+        if self._open is None:
+            folder = Path(os.fspath(self.folder))
+            try:
+                index = json.loads((folder / CROPS_INDEX).read_text())
+                labels = np.load(folder / "labels.npy")
+                maps = [np.load(folder / s["file"], mmap_mode="r") for s in index["shards"]]
+            except (OSError, ValueError, KeyError) as e:
+                raise ValueError(
+                    f"{folder}: not a crop-shard folder of write_crop_shards ({e})"
+                ) from None
+            for shard, rows in zip(index["shards"], maps, strict=True):
+                if rows.dtype != np.float32 or rows.shape[1:] != (3, index["size"], index["size"]):
+                    raise ValueError(
+                        f"{folder / shard['file']}: expected (K, 3, {index['size']}, "
+                        f"{index['size']}) float32 crops, got {rows.shape} {rows.dtype}"
+                    )
+            offsets = np.cumsum([0] + [len(m) for m in maps])
+            if offsets[-1] != len(labels) or len(labels) != index["count"]:
+                raise ValueError(
+                    f"{folder}: {offsets[-1]} crops in the shards, {len(labels)} labels, "
+                    f"{index['count']} in {CROPS_INDEX}; expected the same number"
+                )
+            self._open = (labels, offsets, maps)
+        return self._open
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._load()[0]
+
+    def __len__(self) -> int:
+        return len(self._load()[0])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels, offsets, maps = self._load()
+        shard = int(np.searchsorted(offsets, i, side="right")) - 1
+        crop = np.array(maps[shard][i - offsets[shard]])  # a copy: the map is read-only
+        return torch.from_numpy(crop), torch.tensor(labels[i], dtype=torch.int64)
+
+
 def pretrain_train_fn(ctx, config: dict) -> None:
     """Supervised image-level classification pretraining (§2.3; see ``PRETRAIN_DEFAULTS``).
 
-    Required keys: ``model``, ``num_classes``, ``images`` ``(N, 3, S, S)`` (uint8 0-255 or float),
-    ``labels`` ``(N,)`` 0-based. Inputs become float minus ``pixel_mean`` (default: the set's own
-    per-channel mean for uint8, as R-CNN subtracts the training mean, App. A; 0 for float); the
-    checkpoint stores it as ``"pixel_mean"`` so warped crops can be normalised the same way later.
+    Required keys: ``model``, ``num_classes``, and the examples: ``crops`` (a map-style dataset of
+    ``(image (3, S, S), label)`` with ``.labels``, e.g. ``CropShards``: read by each worker) or
+    in memory ``images`` ``(N, 3, S, S)`` (uint8 0-255 or float) with ``labels`` ``(N,)`` 0-based.
+    Inputs become float minus ``pixel_mean`` (default: an in-memory uint8 set's own per-channel
+    mean, as R-CNN subtracts the training mean, App. A; else 0); the checkpoint stores it as
+    ``"pixel_mean"`` so warped crops can be normalised the same way later.
     Reports ``{"epoch", "loss", "train_accuracy"}`` per epoch with checkpoint ``{"model",
     "optimizer", "scheduler", "epoch", "pixel_mean"}``; resumes from ``ctx.load_checkpoint()``.
     """
-    cfg = _resolve(
-        config, ("model", "num_classes", "images", "labels"), PRETRAIN_DEFAULTS, "pretrain"
-    )
-    # copies: arrays that come through Ray's object store are read-only, and torch warns that
-    # writing to a tensor made from one is undefined behaviour (issue 22)
-    images, seed = torch.as_tensor(np.array(cfg["images"])), int(cfg["seed"])
-    labels = torch.as_tensor(np.array(cfg["labels"]), dtype=torch.int64)
-    if (
-        images.ndim != 4
-        or images.shape[1] != 3
-        or len(images) == 0
-        or labels.shape != (len(images),)
-    ):
-        raise ValueError(
-            f"images must be (N, 3, S, S), N > 0, and labels (N,): {images.shape}, {labels.shape}"
-        )
+    defaults = {**PRETRAIN_DEFAULTS, "crops": None, "images": None, "labels": None}
+    cfg = _resolve(config, ("model", "num_classes"), defaults, "pretrain")
+    seed = int(cfg["seed"])
+    if (cfg["crops"] is None) == (cfg["images"] is None or cfg["labels"] is None):
+        raise KeyError("pretrain config: give either crops or images and labels")
+    if cfg["crops"] is not None:
+        dataset = cfg["crops"]
+        labels = torch.as_tensor(np.asarray(dataset.labels), dtype=torch.int64)
+        if len(dataset) == 0 or labels.shape != (len(dataset),):
+            raise ValueError(f"crops: {len(dataset)} examples with labels {labels.shape}")
+        images = None
+    else:
+        # copies: arrays that come through Ray's object store are read-only, and torch warns that
+        # writing to a tensor made from one is undefined behaviour (issue 22)
+        images = torch.as_tensor(np.array(cfg["images"]))
+        labels = torch.as_tensor(np.array(cfg["labels"]), dtype=torch.int64)
+        if (
+            images.ndim != 4
+            or images.shape[1] != 3
+            or len(images) == 0
+            or labels.shape != (len(images),)
+        ):
+            raise ValueError(
+                f"images must be (N, 3, S, S), N > 0, and labels (N,): {images.shape}, "
+                f"{labels.shape}"
+            )
+        dataset = torch.utils.data.TensorDataset(images, labels)
     if labels.min() < 0 or labels.max() >= cfg["num_classes"]:
         raise ValueError(
             f"labels must lie in [0, {cfg['num_classes']}), got {labels.min()}..{labels.max()}"
@@ -314,7 +558,7 @@ def pretrain_train_fn(ctx, config: dict) -> None:
             f"batch_size {cfg['batch_size']} is not divisible by {ctx.world_size} workers"
         )
     mean = cfg["pixel_mean"]
-    if mean is None and images.dtype == torch.uint8:  # float64 sums, no float copy of the set
+    if mean is None and images is not None and images.dtype == torch.uint8:  # float64 sums
         mean = images.sum((0, 2, 3), dtype=torch.float64) / (images.numel() // 3)
     mean = torch.zeros(3) if mean is None else torch.as_tensor(mean, dtype=torch.float32)
 
@@ -330,7 +574,7 @@ def pretrain_train_fn(ctx, config: dict) -> None:
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step, gamma=0.1)
     shuffle = torch.Generator()
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(images, labels),
+        dataset,
         batch_size=cfg["batch_size"] // ctx.world_size,
         shuffle=True,
         generator=shuffle,
