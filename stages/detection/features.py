@@ -46,6 +46,7 @@ half-to-single conversion (~150 M values/s here) then dominates the read.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from os import PathLike
 from pathlib import Path
@@ -55,6 +56,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 FEATURE_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
+# Off unless set (benchmarks/bench_scale.py): a file every shard read appends "path<TAB>bytes" to,
+# from whatever process reads it (Ray workers inherit the variable), to count cache passes.
+READ_LOG_ENV = "PAPERLINE_FEATURE_READ_LOG"
 BOX_COLUMNS = ("x1", "y1", "x2", "y2")
 # Keys of `read_feature_shard`'s dict = `write_feature_shard`'s keywords, so they round-trip.
 FIELDS = ("image_ids", "box_index", "is_gt", "boxes", "gt_class", "max_iou", "features")
@@ -201,6 +205,9 @@ def read_feature_shard(path: str | PathLike, columns: Iterable[str] | None = Non
         raise ValueError(
             f"{path}: not a readable feature shard with columns {names}: {err}"
         ) from err
+    if log := os.environ.get(READ_LOG_ENV):
+        with open(log, "a") as f:  # one short O_APPEND write per read: whole lines
+            f.write(f"{path}\t{table.nbytes}\n")
     out = {}
     for w in wanted:
         if w == "features":

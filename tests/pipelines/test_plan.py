@@ -88,3 +88,30 @@ def test_plan_without_the_data_names_what_it_needs(capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "/no/such/set" in err and "ImageSets/Main" in err
+
+
+def test_feature_read_log_counts_each_read_only_when_asked(tmp_path, monkeypatch):
+    """The counter benchmarks/bench_scale.py reads: one line per shard read, the Arrow bytes of
+    the columns read (a 10 x 256 float32 feature column is 10 240 B of them); off by default."""
+    import numpy as np
+
+    from stages.detection import features as F
+
+    path = tmp_path / "s.parquet"
+    n = 10
+    F.write_feature_shard(
+        path, image_ids=["a"] * n, box_index=np.arange(n), is_gt=np.zeros(n, bool),
+        boxes=np.ones((n, 4)), gt_class=-np.ones(n, int), max_iou=np.zeros((n, 2)),
+        features=np.ones((n, 256), np.float32),
+    )  # fmt: skip
+    log = tmp_path / "reads.log"
+    monkeypatch.delenv(F.READ_LOG_ENV, raising=False)
+    F.read_feature_shard(path)
+    assert not log.exists()
+    monkeypatch.setenv(F.READ_LOG_ENV, str(log))
+    F.read_feature_shard(path, ["features"])
+    F.read_feature_shard(path, ["features", "max_iou"])
+    lines = [line.split("\t") for line in log.read_text().splitlines()]
+    assert [p for p, _ in lines] == [str(path)] * 2
+    assert int(lines[0][1]) == n * 256 * 4
+    assert int(lines[1][1]) == n * 256 * 4 + n * 2 * 4  # + the (N, 2) float32 overlaps
