@@ -263,9 +263,10 @@ def finetune(
             "lr_step": lr_step,
             "seed": seed,
             "report_every": max(1, iterations // 5),
-            # warping threads beside the model's (scheduling only: the windows and so the model
-            # are the same for any number)
-            "input_threads": 2,
+            # warping threads beside the model's, as many as the worker's CPUs (a GPU worker's
+            # CPUs feed it: ≈ 1400 AlexNet windows/s per thread, benchmarks/bench_rcnn_input.py);
+            # scheduling only: the windows, and so the model, are the same for any number
+            "input_threads": max(2, int(ctx.resources.cpus)),
         },
         num_workers=num_workers,
     )
