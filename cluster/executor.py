@@ -8,6 +8,7 @@ batch scheduler) subclasses it and fills in the five methods.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -18,6 +19,19 @@ from cluster.resources import Resources
 
 # A bar appears once its step has run this long: short steps keep to their start/end lines.
 BAR_DELAY_S = 5.0
+
+
+def plain_report(metrics: dict) -> dict:
+    """A trial's report as both executors return it: exactly the keys the trial reported, values
+    made JSON-plain (numpy scalars and arrays to Python numbers and lists). Tune adds its own
+    bookkeeping to every result (date, hostname, pid, trial_id, config/...) and its history table
+    fills keys a report lacks with NaN; an artifact built from trial reports must not depend on
+    the executor (same key, same bytes)."""
+    return json.loads(json.dumps(metrics, default=_json_plain))
+
+
+def _json_plain(value):
+    return value.tolist() if hasattr(value, "tolist") else str(value)
 
 
 def progress_bar(total: int | None, desc: str, unit: str, *, enabled: bool = True):

@@ -16,7 +16,14 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cluster.executor import Executor, TrainResult, progress_bar, train_position, train_total
+from cluster.executor import (
+    Executor,
+    TrainResult,
+    plain_report,
+    progress_bar,
+    train_position,
+    train_total,
+)
 from cluster.resources import Resources, pinned_threads
 from cluster.space import expand
 
@@ -173,7 +180,7 @@ class LocalExecutor(Executor):
             error = None
             try:
                 with pinned_threads(resources_per_trial.threads()):
-                    trainable(config, history.append)
+                    trainable(config, lambda m, h=history: h.append(plain_report(m)))
             except Exception as e:  # a failed trial is a result, as under Tune
                 error = f"{type(e).__name__}: {e}"
             result = {

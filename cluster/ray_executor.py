@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import tempfile
 import threading
@@ -18,7 +19,14 @@ from typing import Any
 import pyarrow as pa
 import ray
 
-from cluster.executor import Executor, TrainResult, progress_bar, train_position, train_total
+from cluster.executor import (
+    Executor,
+    TrainResult,
+    plain_report,
+    progress_bar,
+    train_position,
+    train_total,
+)
 from cluster.resources import Resources, limit_threads
 from cluster.space import Choice, Grid, Uniform, expand
 from data.store import join_uri
@@ -314,7 +322,19 @@ def _tune_trial(trainable: Callable, threads: int, config: dict) -> None:
     from ray import tune
 
     limit_threads(threads)
-    trainable(config.get(_TRIAL, config), tune.report)
+
+    def report(metrics: dict) -> None:  # the exact report rides along, for `_reported`
+        tune.report({**metrics, _REPORT: json.dumps(plain_report(metrics))})
+
+    trainable(config.get(_TRIAL, config), report)
+
+
+_REPORT = "__paperline_report__"
+
+
+def _reported(result: dict) -> dict:
+    """What the trial reported (``plain_report``), out of a Tune result or history row."""
+    return json.loads(result[_REPORT]) if isinstance(result.get(_REPORT), str) else {}
 
 
 _TRIAL = "__paperline_trial__"  # one grid value per pre-drawn trial config (see _tune_space)
@@ -672,13 +692,12 @@ class RayExecutor(Executor):
         grid = tuner.fit()
         results = []
         for r in grid:
-            history = (
-                r.metrics_dataframe.to_dict("records") if r.metrics_dataframe is not None else []
-            )
+            rows = r.metrics_dataframe.to_dict("records") if r.metrics_dataframe is not None else []
+            history = [_reported(row) for row in rows]
             results.append(
                 {
                     "config": r.config.get(_TRIAL, r.config),
-                    "metrics": dict(r.metrics or {}),
+                    "metrics": _reported(r.metrics or {}),
                     "history": history,
                     "error": _one_line(original_error(r.error)) if r.error else None,
                 }

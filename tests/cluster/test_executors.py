@@ -269,3 +269,26 @@ def test_ray_sweep_trials_pinned_to_the_driver_node_run_there(ray_executor, tmp_
     assert key == f"node:{ray.util.get_node_ip_address()}"
     monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "10.9.9.9")  # a Ray Client
     assert rx._driver_node_resource() == {}
+
+
+@pytest.mark.ray
+def test_trial_reports_come_back_the_same_from_tune_as_in_process(ray_executor, tmp_path):
+    """Same key, same bytes: Tune adds date, hostname, pid, trial_id, config/... to every result
+    and fills a report's missing keys with NaN in its history; BN's finals.json carried them."""
+    from tests.cluster.workloads import uneven_trial
+
+    kw = dict(metric="best", mode="max", resources_per_trial=Resources(cpus=1))
+    space = {"x": Grid((1.0, 2.0))}
+    on_ray = ray_executor.sweep(
+        uneven_trial, space, storage_path=str(tmp_path / "r"), name="u", **kw
+    )
+    local = LocalExecutor(progress=False).sweep(
+        uneven_trial, space, storage_path=str(tmp_path / "l"), name="u", **kw
+    )
+    by_x = lambda rs: {r["config"]["x"]: (r["metrics"], r["history"]) for r in rs}  # noqa: E731
+    assert repr(by_x(on_ray)) == repr(by_x(local))  # repr: NaN == NaN, types compared too
+    metrics, history = by_x(local)[2.0]
+    assert metrics == {"final": True, "best": 2.0, "curve": [0, 1, 2]}
+    assert [sorted(h) for h in history] == [["acc", "best", "loss", "step"]] * 2 + [
+        ["best", "curve", "final"]
+    ]

@@ -113,3 +113,13 @@ def threads_train(ctx, config: dict) -> None:
     the metrics of reports that carry one)."""
     n = torch.get_num_threads()
     ctx.report({"threads": n}, checkpoint={"threads": n})
+
+
+def uneven_trial(config: dict, report) -> None:
+    """Reports whose keys differ (a closing record with keys of its own, as BN's trials end),
+    numpy values and a NaN: what a sweep returns must be these reports, whatever the executor."""
+    import numpy as np
+
+    for step in range(2):
+        report({"step": step, "loss": np.float32(1.0 / (step + 1)), "acc": float("nan"), "best": 0})
+    report({"final": True, "best": np.float64(config["x"]), "curve": np.arange(3)})
