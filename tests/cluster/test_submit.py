@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -94,6 +95,7 @@ def ray_head(tmp_path_factory):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     log.close()
+    shutil.rmtree(temp_dir, ignore_errors=True)  # the head's session logs: CI runs in /tmp
 
 
 def paperline(*args: str, env: dict, cwd: Path = REPO) -> subprocess.CompletedProcess:
