@@ -23,22 +23,8 @@ from pipelines.rcnn.features import Pool5Head, _identity, feature_shards, layer_
 
 
 # ----------------------------------------------------------------------------------------------
-# Shared by svm and bbox_regression: which shard rows the mean-norm sample takes, what a task holds
-def norm_sample_plan(rows_per_shard: list[int], num_rows: int, seed: int) -> list[np.ndarray]:
-    """Per shard, the (sorted) local rows of the mean-norm sample: the rows that
-    `stages.detection.features.sample_rows_for_norm` reads for shards in this (sorted) order, so
-    the sample is taken inside a pass that reads every shard anyway instead of by a pass of its own
-    in the driver (issue 19)."""
-    counts = np.asarray(rows_per_shard, dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(counts)])
-    total = int(starts[-1])
-    if total == 0:
-        raise ValueError(f"no rows to sample in {len(counts)} feature shard(s)")
-    picked = np.sort(np.random.default_rng(seed).choice(total, min(num_rows, total), replace=False))
-    shard_of = np.searchsorted(starts, picked, side="right") - 1
-    return [picked[shard_of == k] - starts[k] for k in range(len(counts))]
-
-
+# Shared by svm and bbox_regression: what a task holds (the mean-norm sample's rows come from
+# stages.detection.features.norm_sample_plan)
 def _shard_rows(features_dir, split: str) -> list[int]:
     """Rows of each shard of ``split``, in `feature_shards`' order (sorted names; every layer's
     shard of a batch has the same rows), from the features step's manifest: no shard is read."""
@@ -204,7 +190,7 @@ def mine_svms(
     per shard and ``round_shards=1`` the SVMs are those of per-class, per-image mining exactly.
     ``map_fn(fn, items, memory_mb, desc)`` runs the tasks (``ctx.map`` with a memory request).
     """
-    from stages.detection.features import feature_norm_scale
+    from stages.detection.features import feature_norm_scale, norm_sample_plan
     from stages.detection.svm import HardNegativeSVM, MiningModels
 
     if round_shards < 1:
@@ -457,7 +443,7 @@ def fit_box_regressors(
     split) that gathers all classes' pairs and the mean-norm sample at once; fitted in the step,
     one class after another. Returns one ``{"coef", "intercept", "n"}`` per class and the scale."""
     from stages.detection.bbox_regression import BoxRegressor
-    from stages.detection.features import feature_norm_scale
+    from stages.detection.features import feature_norm_scale, norm_sample_plan
 
     picks = norm_sample_plan(rows_per_shard, norm_sample_rows, seed)
     items = list(zip(shards, picks, strict=True))

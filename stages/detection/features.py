@@ -252,18 +252,27 @@ def sample_rows_for_norm(paths: Iterable[str | PathLike], num_rows: int, seed: i
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} feature shard(s) not found: {missing[:5]}")
-    counts = np.array([pq.ParquetFile(p).metadata.num_rows for p in paths], dtype=np.int64)
+    counts = [pq.ParquetFile(p).metadata.num_rows for p in paths]
+    parts = [
+        read_feature_shard(path, ["features"])["features"][rows]
+        for path, rows in zip(paths, norm_sample_plan(counts, num_rows, seed), strict=True)
+        if len(rows)
+    ]
+    return np.concatenate(parts)
+
+
+def norm_sample_plan(rows_per_shard: list[int], num_rows: int, seed: int) -> list[np.ndarray]:
+    """Per shard (in sorted-path order), the sorted local rows of the seeded uniform sample of
+    `sample_rows_for_norm`: from the row counts alone, so a pass that reads every shard anyway
+    (R-CNN's SVM and box-regression passes) takes the sample without a pass of its own."""
+    counts = np.asarray(rows_per_shard, dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(counts)])
     total = int(starts[-1])
     if total == 0:
-        raise ValueError(f"no rows to sample in {len(paths)} feature shard(s)")
+        raise ValueError(f"no rows to sample in {len(counts)} feature shard(s)")
     picked = np.sort(np.random.default_rng(seed).choice(total, min(num_rows, total), replace=False))
     shard_of = np.searchsorted(starts, picked, side="right") - 1
-    parts = []
-    for s in np.unique(shard_of):
-        feats = read_feature_shard(paths[s], ["features"])["features"]
-        parts.append(feats[picked[shard_of == s] - starts[s]])
-    return np.concatenate(parts)
+    return [picked[shard_of == k] - starts[k] for k in range(len(counts))]
 
 
 def feature_norm_scale(sample_features: np.ndarray, target_norm: float = 20.0) -> float:

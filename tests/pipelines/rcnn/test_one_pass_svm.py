@@ -17,11 +17,11 @@ from pipelines.rcnn.detect import (
     _train_class_svm,
     fit_box_regressors,
     mine_svms,
-    norm_sample_plan,
 )
 from stages.detection.boxes import box_iou_voc
 from stages.detection.features import (
     feature_norm_scale,
+    norm_sample_plan,
     sample_rows_for_norm,
     write_feature_shard,
 )
