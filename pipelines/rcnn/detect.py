@@ -5,6 +5,7 @@ function here takes explicit arguments."""
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import replace
 
 import numpy as np
@@ -21,10 +22,22 @@ from pipelines.rcnn.common import (
 )
 from pipelines.rcnn.features import Pool5Head, _identity, feature_shards, layer_source
 
-
 # ----------------------------------------------------------------------------------------------
 # Shared by svm and bbox_regression: what a task holds (the mean-norm sample's rows come from
 # stages.detection.features.norm_sample_plan)
+_SOLVER_IMPORT = threading.Lock()
+
+
+def _import_solvers() -> None:
+    """The first import of the scikit-learn solvers, one thread at a time. svm and
+    bbox_regression solve in the step's own process, and the engine runs them concurrently in
+    the driver's threads: importing scikit-learn from both at once failed on its circular
+    imports ("cannot import name 'clone' from partially initialized module 'sklearn.base'")."""
+    with _SOLVER_IMPORT:
+        import stages.detection.bbox_regression  # noqa: F401
+        import stages.detection.svm  # noqa: F401
+
+
 def _shard_rows(features_dir, split: str) -> list[int]:
     """Rows of each shard of ``split``, in `feature_shards`' order (sorted names; every layer's
     shard of a batch has the same rows), from the features step's manifest: no shard is read."""
@@ -191,6 +204,8 @@ def mine_svms(
     ``map_fn(fn, items, memory_mb, desc)`` runs the tasks (``ctx.map`` with a memory request).
     """
     from stages.detection.features import feature_norm_scale, norm_sample_plan
+
+    _import_solvers()
     from stages.detection.svm import HardNegativeSVM, MiningModels
 
     if round_shards < 1:
@@ -442,6 +457,7 @@ def fit_box_regressors(
     """Every class's `BoxRegressor` from one pass over the pool5 ``shards`` (sorted, training
     split) that gathers all classes' pairs and the mean-norm sample at once; fitted in the step,
     one class after another. Returns one ``{"coef", "intercept", "n"}`` per class and the scale."""
+    _import_solvers()
     from stages.detection.bbox_regression import BoxRegressor
     from stages.detection.features import feature_norm_scale, norm_sample_plan
 
