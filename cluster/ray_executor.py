@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import ray
 
@@ -125,6 +126,23 @@ def _get(refs):
         return ray.get(refs)
     except ray.exceptions.RayTaskError as e:
         raise original_error(e) from None
+
+
+def _owned(obj):
+    """``obj`` with every numpy array copied out of the object store. ``ray.get`` maps arrays
+    zero-copy onto the store's shared memory, which pins the object for as long as the array lives:
+    a map that kept its results that way would hold every task's result in the store until the
+    step ends (issue 19: the store's peak grew with the number of tasks). Containers (dict, list,
+    tuple) are walked; other objects are returned as they are."""
+    if isinstance(obj, np.ndarray):
+        return obj if obj.flags.owndata and obj.flags.writeable else obj.copy()
+    if isinstance(obj, dict):
+        return {k: _owned(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_owned(v) for v in obj]
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(_owned(v) for v in obj)
+    return obj
 
 
 def _call(fn: Callable, threads: int, *args, **kwargs):
@@ -448,14 +466,24 @@ class RayExecutor(Executor):
         and reaches each node once, not pickled into every task (issue 19)."""
         remote = _remote_call.options(**self._options(resources), max_retries=3)
         fn_ref = ray.put(fn) if items else None
-        refs = [remote.remote(fn_ref, resources.threads(), (item,), {}) for item in items]
-        bar = progress_bar(len(refs), desc, "item", enabled=self.progress)
-        pending = list(refs)
-        while pending:  # no ray.get in a loop: wait for whichever finishes next
-            done, pending = ray.wait(pending, num_returns=1)
-            bar.update(len(done))
-        bar.close()
-        return _get(refs)
+        pending = [remote.remote(fn_ref, resources.threads(), (item,), {}) for item in items]
+        position = {ref: i for i, ref in enumerate(pending)}
+        results: list = [None] * len(pending)
+        bar = progress_bar(len(pending), desc, "item", enabled=self.progress)
+        try:
+            while pending:  # whichever finishes next, fetched and released at once
+                done, pending = ray.wait(pending, num_returns=1)
+                for ref in done:
+                    results[position.pop(ref)] = _owned(_get(ref))
+                del done, ref  # the last references: the result leaves the object store now
+                bar.update(1)
+        except BaseException:
+            for ref in pending:  # a failed item fails the map: stop the rest
+                ray.cancel(ref)
+            raise
+        finally:
+            bar.close()
+        return results
 
     def infer(
         self,

@@ -13,6 +13,8 @@ from cluster.resources import Resources
 from cluster.space import Choice, Grid, Uniform, expand
 from tests.cluster.workloads import (
     AffinePredictor,
+    big_result,
+    fail_on_three,
     linear_regression_train,
     make_table,
     pid_trial,
@@ -44,6 +46,37 @@ def ex(request):
 def test_map_keeps_order(ex):
     out = ex.map(threads_and_double, list(range(7)), resources=Resources(cpus=1))
     assert [v for _, v in out] == [0, 2, 4, 6, 8, 10, 12]
+
+
+def _object_store_bytes() -> int:
+    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+    state = get_state_from_address(ray.get_runtime_context().gcs_address)
+    return int(get_memory_info_reply(state).store_stats.object_store_bytes_used)
+
+
+@pytest.mark.ray
+def test_ray_map_results_leave_the_object_store_as_they_are_fetched(ray_executor):
+    """Issue 19: a map's results held by the step must not pin one object per task in the store
+    (``ray.get`` maps arrays zero-copy onto it), or the store's peak grows with the tasks."""
+    import time
+
+    before = _object_store_bytes()
+    out = ray_executor.map(big_result, list(range(8)), resources=Resources(cpus=1))
+    assert [r["i"] for r in out] == list(range(8))
+    assert all(float(r["array"][-1]) == r["i"] for r in out)
+    assert all(r["array"].flags.writeable and r["array"].flags.owndata for r in out)
+    assert out[5]["parts"][0].tolist() == [5, 6, 7]
+    deadline = time.monotonic() + 10  # the owner frees released objects asynchronously
+    while (held := _object_store_bytes() - before) > 1 << 20 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert held < 1 << 20, f"{held / 2**20:.1f} MiB still in the store for 32 MiB of results"
+
+
+@both
+def test_a_failed_map_item_raises_its_own_error(ex):
+    with pytest.raises(ValueError, match="item 3 is bad"):
+        ex.map(fail_on_three, list(range(6)), resources=Resources(cpus=1))
 
 
 @pytest.mark.ray

@@ -13,6 +13,17 @@ def threads_and_double(x: int) -> tuple[int, int]:
     return torch.get_num_threads(), 2 * x
 
 
+def big_result(i: int) -> dict:
+    """4 MiB of float32 (object-store sized, not inlined in the reply) and its index."""
+    return {"i": i, "array": np.full((1 << 20,), i, np.float32), "parts": [np.arange(3) + i]}
+
+
+def fail_on_three(i: int) -> int:
+    if i == 3:
+        raise ValueError("item 3 is bad")
+    return i
+
+
 class AffinePredictor:
     """A 'model' loaded once per actor; counts its constructions in a file to prove reuse."""
 
