@@ -14,8 +14,10 @@ import contextlib
 import ipaddress
 import logging
 import os
+import select
 import socket
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import ray
@@ -57,6 +59,11 @@ def connect(
     address = address or os.environ.get("RAY_ADDRESS")
     if verbose is None:
         verbose = is_verbose()
+    if not verbose:
+        # Tune's default console output prints a configuration table, "View detailed results
+        # here" and a TensorBoard hint for every sweep step even at ``verbose=0`` (issue 22);
+        # its older reporter at verbosity 0 prints nothing. The engine draws the trials' bar.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if not ray.is_initialized():
         # workers log at WARNING: Ray Train's per-report INFO lines drown the progress output
         common = dict(
@@ -112,6 +119,8 @@ def connect(
                     **common,
                 )
             _require_loopback_node()
+    if not verbose and FILTER_NATIVE_STDERR:
+        filter_native_stderr()
     # also where Ray was already initialised: a Tune trial (`paperline sweep`) runs its pipeline's
     # Ray Data steps from the trial's process, whose DataContext showed the bars (issue 22)
     quiet_data(verbose)
@@ -217,3 +226,86 @@ class _NoCpuWarning(logging.Filter):
 def shutdown() -> None:
     if ray.is_initialized():
         ray.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray's C++ core worker writes to the process's file descriptor 2 directly, past Python's logging.
+# Lines known not to concern a healthy run are dropped there; everything else passes unchanged.
+FILTER_NATIVE_STDERR = False  # the CLI sets it: library users keep their stderr as it is
+HARMLESS_NATIVE_LINES: tuple[bytes, ...] = (
+    # Ray Data passes its actor pool's data context and map function as object references and
+    # asks for restarts; it holds both references for as long as the pool lives, so the restart
+    # this warns about cannot lose them (Ray's issue 53727). Printed by the core worker at ERROR
+    # for every inference step (issue 22). max_restarts=0 would silence it and lose the restarts.
+    b"has constructor arguments in the object store and max_restarts > 0",
+)
+_filter: _NativeStderrFilter | None = None
+
+
+class _NativeStderrFilter(threading.Thread):
+    """fd 2 becomes a pipe read by this thread, which writes to the original stderr every line
+    except those containing one of ``drop``. Bytes after the last newline go on at once unless
+    they start a log line (``[``, as the core worker's ``[date time E pid tid] file:line``
+    prefix), which waits for its newline (at most ``hold_s``): progress bars (``\\r`` updates)
+    are not delayed."""
+
+    def __init__(self, drop: Sequence[bytes], hold_s: float = 0.2):
+        super().__init__(name="paperline-native-stderr", daemon=True)
+        self.drop, self.hold_s = tuple(drop), hold_s
+        self.original = os.dup(2)
+        self.read_fd, write_fd = os.pipe()
+        os.dup2(write_fd, 2)
+        os.close(write_fd)
+        self.dropped = 0
+
+    def _emit(self, data: bytes) -> None:
+        while data:
+            data = data[os.write(self.original, data) :]
+
+    def _lines(self, buf: bytes) -> bytes:
+        """Emit ``buf``'s complete lines (dropping the harmless ones); return the rest."""
+        *lines, rest = buf.split(b"\n")
+        for line in lines:
+            if any(d in line for d in self.drop):
+                self.dropped += 1
+            else:
+                self._emit(line + b"\n")
+        return rest
+
+    def run(self) -> None:
+        try:
+            self._forward()
+        except BaseException:  # never leave fd 2 on a pipe nobody reads: writers would block
+            os.dup2(self.original, 2)
+            raise
+
+    def _forward(self) -> None:
+        buf = b""
+        while True:
+            ready, _, _ = select.select([self.read_fd], [], [], self.hold_s if buf else None)
+            chunk = os.read(self.read_fd, 1 << 16) if ready else b""
+            if ready and not chunk:  # every writer closed fd 2: drain and stop
+                self._emit(buf)
+                return
+            buf = self._lines(buf + chunk)
+            if buf and (not ready or not buf.lstrip(b"\r").startswith(b"[")):
+                self._emit(buf)  # a partial line: a progress bar, or a log line held too long
+                buf = b""
+
+    def stop(self) -> None:
+        """Put the original stderr back; what was already written still comes out."""
+        os.dup2(self.original, 2)  # closes the pipe's last write end: the thread drains, stops
+        self.join(timeout=2)
+
+
+def filter_native_stderr(drop: Sequence[bytes] = HARMLESS_NATIVE_LINES) -> None:
+    """Drop ``drop``'s lines from what this process writes to fd 2 (once per process; undone at
+    exit). Installed after Ray has started, so Ray's own processes keep their stderr."""
+    global _filter
+    if _filter is not None:
+        return
+    import atexit
+
+    _filter = _NativeStderrFilter(drop)
+    _filter.start()
+    atexit.register(_filter.stop)

@@ -547,6 +547,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["PAPERLINE_TRUST_STORE"] = "1"
     if getattr(args, "verbose", False):  # read where Ray starts (cluster.runtime.connect)
         os.environ["PAPERLINE_VERBOSE"] = "1"
+    elif args.command in ("run", "sweep"):  # Ray's known-harmless native lines (issue 22)
+        from cluster import runtime
+
+        runtime.FILTER_NATIVE_STDERR = True
     try:
         if args.command == "list":
             return cmd_list(args.pipeline, args.preset)

@@ -197,6 +197,18 @@ def test_sweep_runs_every_grid_point(ex, tmp_path):
 
 
 @pytest.mark.ray
+def test_a_quiet_ray_sweep_prints_nothing_of_tunes_own(ray_executor, tmp_path, capfd):
+    """Issue 22: Tune's console output (a configuration table, "View detailed results here", a
+    TensorBoard hint) for every sweep step; the engine's bar is the progress display."""
+    capfd.readouterr()
+    ray_executor.sweep(quadratic_trial, {"x": Grid([0.0, 1.0])}, metric="score", mode="max",
+                       storage_path=str(tmp_path / "tune"), name="quiet")  # fmt: skip
+    out = "".join(capfd.readouterr())
+    for noise in ("Configuration for experiment", "View detailed results", "tensorboard"):
+        assert noise not in out, out[-2000:]
+
+
+@pytest.mark.ray
 def test_ray_sweep_reuses_trial_actors_with_threads_pinned_per_trial(ray_executor, tmp_path):
     results = ray_executor.sweep(
         pid_trial,

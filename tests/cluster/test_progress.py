@@ -1,5 +1,7 @@
 """Issue 22: one progress display, Ray's own output off unless -v."""
 
+from pathlib import Path
+
 from cluster import runtime
 from cluster.executor import train_position, train_total
 from cluster.local import LocalExecutor
@@ -59,3 +61,43 @@ def test_the_no_cpu_warning_is_dropped_only_when_quiet():
         assert log.filter(record)
     finally:
         runtime.quiet_data()
+
+
+def test_native_stderr_filter_drops_only_the_known_harmless_lines(tmp_path):
+    """Ray's core worker writes to fd 2 past Python's logging (issue 22): the CLI drops the lines
+    known not to concern a healthy run, keeps every other byte in order, and lets a progress bar's
+    partial line through before its newline."""
+    import subprocess
+    import sys
+
+    script = """
+import os, time
+from cluster import runtime
+runtime.filter_native_stderr()
+w = lambda b: os.write(2, b)
+w(b"[2026-12-03 14:48:51,576 E 1 1] core_worker.cc:2465: Actor with class name: 'MapWorker' "
+  b"has constructor arguments in the object store and max_restarts > 0. If the arguments\\n")
+w(b"[2026-12-03 14:48:51,577 E 1 1] core_worker.cc:99: a real error\\n")
+w(b"\\rstep:  50%|#####     | 1/2")
+time.sleep(0.5)
+print("<half a second later>", flush=True)
+w(b"\\rstep: 100%|##########| 2/2\\n[pipe")
+w(b"line] computed in 1.0 s\\n")
+import sys; sys.stderr.write("python's own stderr\\n"); sys.stderr.flush()
+w(b"no newline at exit")
+"""
+    out = subprocess.run(  # stdout and stderr into one pipe: their order shows the timing
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=Path(__file__).resolve().parents[2],
+        timeout=60,
+    )
+    text = out.stdout.decode()
+    assert out.returncode == 0, text
+    assert "constructor arguments in the object store" not in text
+    assert text == (
+        "[2026-12-03 14:48:51,577 E 1 1] core_worker.cc:99: a real error\n"
+        "\rstep:  50%|#####     | 1/2<half a second later>\n\rstep: 100%|##########| 2/2\n"
+        "[pipeline] computed in 1.0 s\npython's own stderr\nno newline at exit"
+    )
