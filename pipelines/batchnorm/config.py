@@ -117,6 +117,16 @@ class VariantsConfig:
     eval_every: int = 500
     max_train: int = 0  # 0 = every training image
     max_test: int = 0
+    # §4.2.1's two data changes for the accelerated rows. "blocks": fixed minibatches whose order
+    # is reshuffled each pass (the examples "always appearing in a mini-batch together" that the
+    # paper's within-shard shuffling ended); the accelerated rows reshuffle every example ("full").
+    shuffle: Literal["blocks", "full"] = "blocks"
+    # photometric distortion strength of the non-accelerated rows (random brightness ±0.25·s and
+    # contrast ×[1 − 0.3·s, 1 + 0.3·s] per image per step, in standardised units; 0 = none); the
+    # accelerated rows train at ``distortion * distortion_reduction``. Magnitudes are ours: the
+    # paper says only "reduce".
+    distortion: float = 1.0
+    distortion_reduction: float = 0.5
 
     def __post_init__(self):
         unknown = set(self.variants) - set(VARIANTS)
@@ -127,6 +137,10 @@ class VariantsConfig:
         check(
             8 <= self.image_px <= 32, f"variants.image_px must be in [8, 32], got {self.image_px}"
         )
+        check(self.shuffle in ("blocks", "full"),
+              f"variants.shuffle must be 'blocks' or 'full', got {self.shuffle!r}")  # fmt: skip
+        check(self.distortion >= 0 and 0 <= self.distortion_reduction <= 1,
+              "variants.distortion >= 0 and variants.distortion_reduction in [0, 1]")  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -128,6 +128,9 @@ def variant_settings(name: str, p: dict) -> dict:
         "weight_decay": p["weight_decay"] / 5 if fast else p["weight_decay"],  # L2 ÷ 5
         "lr_decay_steps": max(1, p["lr_decay_steps"] // 6) if fast else p["lr_decay_steps"],
         "lrn": False if fast else p["lrn"],  # remove local response normalisation
+        # shuffle training examples more thoroughly; reduce the photometric distortions
+        "shuffle": "full" if fast else p["shuffle"],
+        "distortion": p["distortion"] * p["distortion_reduction"] if fast else p["distortion"],
     }
 
 

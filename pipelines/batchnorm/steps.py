@@ -68,8 +68,9 @@ def steps(cfg: BatchNormConfig) -> list[Step]:
                 kind="sweep",
                 inputs=("cifar_data",),
                 params={f: getattr(v, f) for f in _VARIANT_FIELDS},
-                # 2: He-initialised convolutions; 3: all 11 modules of the small Inception
-                version="3",
+                # 2: He-initialised convolutions; 3: all 11 modules of the small Inception;
+                # 4: §4.2.1's shuffling and photometric changes
+                version="4",
                 resources=trial,
                 description="§4.2 / Figs. 2-3: BN variants on a small Inception-style net",
             )
@@ -143,6 +144,7 @@ _MNIST_FIELDS = (
 _VARIANT_FIELDS = (
     "variants", "seeds", "steps", "batch_size", "lr", "momentum", "weight_decay", "dropout", "lrn",
     "lr_decay_rate", "lr_decay_steps", "width", "image_px", "eval_every", "max_train", "max_test",
+    "shuffle", "distortion", "distortion_reduction",
 )  # fmt: skip
 REPORT_FILES = (
     "report.md", "metrics.json", "curves.parquet", "figure1.png", "figure2.png", "batch_size.png",

@@ -92,6 +92,48 @@ def test_sampler_visits_every_example_once_per_pass_and_lr_decay():
     assert lr_at(200, 0.1, 0.5, 0) == 0.1
 
 
+def test_block_shuffling_keeps_minibatches_together_and_full_shuffling_does_not():
+    """§4.2.1: without "more thorough" shuffling the same examples always share a minibatch."""
+
+    def passes(shuffle):
+        s = MinibatchSampler(12, 3, seed=1, shuffle=shuffle)
+        return [[frozenset(s.next().tolist()) for _ in range(4)] for _ in range(5)]
+
+    blocks = passes("blocks")
+    assert all(set(p) == set(blocks[0]) for p in blocks)  # the same four minibatches every pass
+    assert len({tuple(p) for p in blocks}) > 1  # in a new order
+    assert sorted(i for b in blocks[0] for i in b) == list(range(12))
+    full = passes("full")
+    assert len({b for p in full for b in p}) > 4 * 3  # minibatches change composition
+    # "full" is the sampler as before the option: same draws for the same seed
+    g = torch.Generator().manual_seed(1)
+    assert (
+        MinibatchSampler(12, 3, seed=1).next().tolist()
+        == torch.randperm(12, generator=g)[:3].tolist()
+    )
+    with pytest.raises(ValueError, match="shuffle"):
+        MinibatchSampler(12, 3, seed=1, shuffle="none")
+
+
+def test_photometric_distortion_per_image_and_strength():
+    from stages.training.bn_experiments import BRIGHTNESS, CONTRAST, photometric
+
+    x = torch.randn(64, 3, 8, 8)
+    assert photometric(x, 0.0, torch.Generator().manual_seed(0)) is x
+    y = photometric(x, 1.0, torch.Generator().manual_seed(0))
+    # per image: y = (x − mean) · c + mean + b, with |b| ≤ 0.25 and |c − 1| ≤ 0.3
+    mx, my = x.mean(dim=(1, 2, 3)), y.mean(dim=(1, 2, 3))
+    c = (y - my.view(-1, 1, 1, 1)).flatten(1).std(1) / (x - mx.view(-1, 1, 1, 1)).flatten(1).std(1)
+    b = my - mx
+    assert ((c - 1).abs() <= CONTRAST + 1e-5).all() and ((c - 1).abs() > CONTRAST / 2).any()
+    assert (b.abs() <= BRIGHTNESS + 1e-5).all() and (b.abs() > BRIGHTNESS / 2).any()
+    half = photometric(x, 0.5, torch.Generator().manual_seed(0))  # same draws, half the strength
+    ch = (half - half.mean(dim=(1, 2, 3), keepdim=True)).flatten(1).std(1) / (
+        x - mx.view(-1, 1, 1, 1)).flatten(1).std(1)  # fmt: skip
+    assert torch.allclose(ch - 1, (c - 1) / 2, atol=1e-5)
+    assert torch.allclose(half.mean(dim=(1, 2, 3)) - mx, b / 2, atol=1e-5)
+
+
 def _blobs(n, seed):
     g = torch.Generator().manual_seed(seed)
     y = torch.arange(n) % 10

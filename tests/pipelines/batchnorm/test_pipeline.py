@@ -133,12 +133,18 @@ def test_output_contract(ci_run):
 
 
 def test_accelerated_variants_follow_section_4_2_1():
-    p = dict(lr=0.01, dropout=0.4, weight_decay=4e-5, lr_decay_steps=600, lrn=True)
+    p = dict(lr=0.01, dropout=0.4, weight_decay=4e-5, lr_decay_steps=600, lrn=True,
+             shuffle="blocks", distortion=1.0, distortion_reduction=0.5)  # fmt: skip
     base, x30 = variant_settings("BN-Baseline", p), variant_settings("BN-x30", p)
-    assert base == {**p, "bn": True, "activation": "relu"}
+    assert base == {k: v for k, v in p.items() if k != "distortion_reduction"} | {
+        "bn": True, "activation": "relu"}  # fmt: skip
     assert x30.pop("weight_decay") == pytest.approx(4e-5 / 5)  # L2 ÷ 5
+    # all seven changes: lr ×30, no dropout, L2 ÷ 5, decay 6× faster, no LRN, shuffle every
+    # example every pass, photometric distortions halved
     assert x30 == {"lr": 0.3, "bn": True, "activation": "relu", "dropout": 0.0,
-                   "lr_decay_steps": 100, "lrn": False}  # fmt: skip
+                   "lr_decay_steps": 100, "lrn": False, "shuffle": "full",
+                   "distortion": 0.5}  # fmt: skip
+    assert variant_settings("Baseline-x30", p)["shuffle"] == "full"  # the control changes too
     assert variant_settings("BN-x5-Sigmoid", p)["activation"] == "sigmoid"
 
 
