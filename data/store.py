@@ -265,6 +265,14 @@ class OutputRef:
             pafs.copy_files(str(tmp), dest, destination_filesystem=store.fs)
         return meta
 
+    def open_input(self):
+        """This file, written through `write` by this step, for reading back before the step
+        publishes it (a pyarrow file: local, or streamed from the object store's prefix)."""
+        store = ArtifactStore(self.store_uri)
+        if store.is_local:
+            return pafs.LocalFileSystem().open_input_file(str(Path(self.location) / self.name))
+        return store.fs.open_input_file(f"{self.location}/{self.name}")
+
 
 def filesystem_from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
     """``(filesystem, root path)`` of a non-local store URI (one place, for tests to stand in)."""

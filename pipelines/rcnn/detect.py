@@ -424,21 +424,71 @@ def _box_rows(s: dict, gt: dict[str, dict], min_iou: float) -> tuple[np.ndarray,
     return tuple(np.concatenate(p) for p in zip(*parts, strict=True))
 
 
-def _bbox_pass(item: tuple, *, gt: dict[str, dict], min_iou: float) -> dict:
-    """One pool5 shard: every class's training pairs (unscaled features) and the norm sample."""
+PAIR_COLUMNS = ("features", "proposals", "targets", "ious")
+
+
+def _column(a: np.ndarray) -> pa.Array:
+    """A numpy column as Arrow without changing a bit: 2-D as fixed-size lists of its dtype."""
+    if a.ndim == 1:
+        return pa.array(a)
+    return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), a.shape[1])
+
+
+def _array(col: pa.ChunkedArray) -> np.ndarray:
+    """`_column`'s inverse."""
+    if pa.types.is_fixed_size_list(col.type):
+        width = col.type.list_size
+        flat = pa.concat_arrays([c.flatten() for c in col.chunks]) if col.num_chunks else []
+        return np.asarray(flat).reshape(-1, width)
+    return col.to_numpy()
+
+
+def _bbox_pass(item: tuple, *, gt: dict[str, dict], min_iou: float, out, num_classes: int) -> dict:
+    """One pool5 shard: every class's App. C training pairs, written to ``out / pairs /
+    part-NNNNN.parquet`` (rows grouped by class, one row group per class, original order within
+    it), and the norm sample. Returns the sample, the file's marker entry and per-class counts:
+    what comes back by value does not grow with the shard's pairs (issue 19)."""
     from stages.detection.features import read_feature_shard
 
-    path, sample_rows = item
+    index, path, sample_rows = item
     s = read_feature_shard(path, ["image_ids", "is_gt", "boxes", "max_iou", "features"])
     rows, cls, targets, ious = _box_rows(s, gt, min_iou)
-    return {
-        "sample": s["features"][sample_rows],
-        "features": s["features"][rows],
-        "proposals": s["boxes"][rows],
-        "cls": cls,
-        "targets": targets,
-        "ious": ious,
-    }
+    order = np.argsort(cls, kind="stable")
+    cols = {"cls": cls[order].astype(np.int32), "features": s["features"][rows[order]],
+            "proposals": s["boxes"][rows[order]], "targets": targets[order], "ious": ious[order]}  # fmt: skip
+    table = pa.table({k: _column(v) for k, v in cols.items()})
+    counts = np.bincount(cols["cls"], minlength=num_classes)
+
+    def write(dest):
+        with pq.ParquetWriter(dest, table.schema) as w:
+            start = 0
+            for n in counts[counts > 0]:
+                w.write_table(table.slice(start, int(n)), row_group_size=int(n))
+                start += int(n)
+            if not len(table):
+                w.write_table(table)
+
+    name = f"pairs/part-{index:05d}.parquet"
+    return {"sample": s["features"][sample_rows], "name": name, "counts": counts,
+            "file": (out / name).write(write)}  # fmt: skip
+
+
+def _class_pairs(out, parts: list[dict], c: int) -> dict[str, np.ndarray]:
+    """Class ``c``'s pairs from the files `_bbox_pass` wrote, in shard order: only its row
+    groups are read."""
+    pieces = []
+    for p in parts:
+        if not p["counts"][c]:
+            continue
+        with (out / p["name"]).open_input() as f:
+            pf = pq.ParquetFile(f)
+            groups = [
+                g for g in range(pf.num_row_groups)
+                if pf.metadata.row_group(g).column(0).statistics.min == c
+            ]  # fmt: skip
+            pieces.append(pf.read_row_groups(groups, columns=list(PAIR_COLUMNS)))
+    table = pa.concat_tables(pieces)
+    return {k: _array(table[k]) for k in PAIR_COLUMNS}
 
 
 def fit_box_regressors(
@@ -448,38 +498,42 @@ def fit_box_regressors(
     num_classes: int,
     gt: dict[str, dict],
     map_fn,
+    out,
     alpha: float,
     min_iou: float,
     norm_sample_rows: int,
     seed: int,
     row_bytes: int = 0,
-) -> tuple[list[dict], float]:
+) -> tuple[list[dict], float, dict[str, dict]]:
     """Every class's `BoxRegressor` from one pass over the pool5 ``shards`` (sorted, training
-    split) that gathers all classes' pairs and the mean-norm sample at once; fitted in the step,
-    one class after another. Returns one ``{"coef", "intercept", "n"}`` per class and the scale."""
+    split) that writes all classes' pairs to ``out`` (an `OutputRef`: the step's artifact, from
+    the node that computed them) and returns the mean-norm sample; fitted in the step, one class
+    after another, each reading only its own rows: the step holds one class's pairs at a time
+    (at VOC2007's scale all classes' pool5 pairs are ≈ 17 GB). Returns one ``{"coef",
+    "intercept", "n"}`` per class, the scale, and the marker entries of the files written."""
     _import_solvers()
     from stages.detection.bbox_regression import BoxRegressor
     from stages.detection.features import feature_norm_scale, norm_sample_plan
 
     picks = norm_sample_plan(rows_per_shard, norm_sample_rows, seed)
-    items = list(zip(shards, picks, strict=True))
+    items = [(i, p, picks[i]) for i, p in enumerate(shards)]
     mem = _memory_mb(max(rows_per_shard), row_bytes)
-    parts = map_fn(functools.partial(_bbox_pass, gt=gt, min_iou=min_iou), items, mem,
-                   "bbox regression: one pass")  # fmt: skip
+    fn = functools.partial(_bbox_pass, gt=gt, min_iou=min_iou, out=out, num_classes=num_classes)
+    parts = map_fn(fn, items, mem, "bbox regression: one pass")
     scale = feature_norm_scale(np.concatenate([p["sample"] for p in parts]))
-    cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k != "sample"}
     results = []
     for c in range(num_classes):
-        m = cols["cls"] == c
-        if not m.any():
+        if not any(p["counts"][c] for p in parts):
             results.append({"coef": None, "intercept": None, "n": 0})
             continue
+        pairs = _class_pairs(out, parts, c)
         reg = BoxRegressor(alpha=alpha, min_iou=min_iou).fit(
-            cols["features"][m] * scale, cols["proposals"][m], cols["targets"][m], cols["ious"][m]
+            pairs["features"] * scale, pairs["proposals"], pairs["targets"], pairs["ious"]
         )
+        del pairs
         coef, intercept = reg.coef_.astype(np.float32), reg.intercept_.astype(np.float32)
         results.append({"coef": coef, "intercept": intercept, "n": reg.n_train_})
-    return results, scale
+    return results, scale, {p["name"]: p["file"] for p in parts}
 
 
 def _train_class_regressor(
@@ -530,12 +584,13 @@ def train_box_regressors(
     classes = _classes(dataset_dir)
     train_split, _ = _splits(dataset_dir)
     shards = feature_shards(features_dir, "pool5", train_split, ctx.input_file("features"))
-    results, scale = fit_box_regressors(
+    results, scale, files = fit_box_regressors(
         shards,
         _shard_rows(features_dir, train_split),
         num_classes=len(classes),
         gt=_objects_by_image(dataset_dir, train_split, classes),
         map_fn=lambda fn, items, mb, desc: _map(ctx, fn, items, mb, desc),
+        out=ctx.output(""),
         alpha=alpha,
         min_iou=min_iou,
         norm_sample_rows=norm_sample_rows,
@@ -556,6 +611,7 @@ def train_box_regressors(
         scale=np.float32(scale),
         trained=np.array([r["n"] > 0 for r in results]),
     )
+    ctx.add_files(files)  # the training pairs, as written by the map tasks
     ctx.write_json("bbox_stats.json", {c: r["n"] for c, r in zip(classes, results, strict=True)})
 
 

@@ -76,6 +76,14 @@ def _cache(directory, *, num_classes, shards, images_per_shard, seed=0, proposal
     return paths, rows, gt
 
 
+def _out(tmp_path):
+    """Where box regression writes its pairs: a local store's staging directory."""
+    from data.store import OutputRef
+
+    (tmp_path / "staging").mkdir(parents=True, exist_ok=True)
+    return OutputRef(str(tmp_path / "store"), str(tmp_path / "staging"))
+
+
 def local_map(fn, items, memory_mb, desc):
     return [fn(item) for item in items]
 
@@ -162,17 +170,33 @@ def test_rounds_of_shards_equal_per_class_mining_that_retrains_at_the_rounds_end
     assert differs >= 1  # the rounds change something here; the test above pins that 1 = none
 
 
-def test_box_regressors_from_one_pass_equal_one_pass_per_class(three_image_shards):
+def test_box_regressors_from_one_pass_equal_one_pass_per_class(three_image_shards, tmp_path):
+    """The pairs go through files (one per shard, a row group per class) and come back bit for
+    bit: the regressors equal the per-class reference's; each file holds its shard's pairs."""
+    import pyarrow.parquet as pq
+
     paths, rows, gt = three_image_shards
     kw = dict(alpha=1000.0, min_iou=0.6)
-    got, scale = fit_box_regressors(paths, rows, num_classes=3, gt=gt, map_fn=local_map,
-                                    norm_sample_rows=300, seed=0, **kw)  # fmt: skip
+    got, scale, files = fit_box_regressors(paths, rows, num_classes=3, gt=gt, map_fn=local_map,
+                                           out=_out(tmp_path), norm_sample_rows=300, seed=0,
+                                           **kw)  # fmt: skip
     assert scale == feature_norm_scale(sample_rows_for_norm(paths, 300, 0))
     for c, g in enumerate(got):
         ref = _train_class_regressor(c, shards=paths, scale=scale, gt=gt, **kw)
         assert g["n"] == ref["n"] > 5
         np.testing.assert_array_equal(g["coef"], ref["coef"])
         np.testing.assert_array_equal(g["intercept"], ref["intercept"])
+    assert sorted(files) == [f"pairs/part-{i:05d}.parquet" for i in range(len(paths))]
+    total = 0
+    for name, entry in files.items():
+        f = tmp_path / "staging" / name
+        assert entry["size"] == f.stat().st_size
+        meta = pq.ParquetFile(f).metadata
+        classes = [meta.row_group(g).column(0).statistics for g in range(meta.num_row_groups)]
+        assert all(st.min == st.max for st in classes)  # one class per row group
+        assert [st.min for st in classes] == sorted({st.min for st in classes})
+        total += meta.num_rows
+    assert total == sum(g["n"] for g in got)  # every pair kept (the regressor filters none here)
 
 
 @pytest.mark.parametrize("num_classes", [4, 20])
@@ -194,7 +218,8 @@ def test_shard_reads_do_not_grow_with_the_classes(tmp_path, monkeypatch, num_cla
     assert sum(s["trained"] for s in svms) == len({c for o in gt.values() for c in o["cls"]}) >= 4
     reads.clear()
     fit_box_regressors(paths, rows, num_classes=num_classes, gt=gt, map_fn=local_map,
-                       alpha=1000.0, min_iou=0.6, norm_sample_rows=200, seed=0)  # fmt: skip
+                       out=_out(tmp_path), alpha=1000.0, min_iou=0.6, norm_sample_rows=200,
+                       seed=0)  # fmt: skip
     assert sorted(reads) == sorted(paths)
 
 
@@ -210,7 +235,7 @@ def test_map_requests_its_own_memory_estimate():
 
 
 @pytest.mark.ray
-def test_on_ray_the_same_svms_and_regressors(three_image_shards, ray_executor):
+def test_on_ray_the_same_svms_and_regressors(three_image_shards, ray_executor, tmp_path):
     """Mining and gathering tasks on Ray (with their memory requests) give the in-process bytes."""
     paths, rows, gt = three_image_shards
     ctx = SimpleNamespace(resources=Resources(cpus=1), executor=ray_executor)
@@ -227,8 +252,9 @@ def test_on_ray_the_same_svms_and_regressors(three_image_shards, ray_executor):
         np.testing.assert_array_equal(a["coef"], b["coef"])
         assert a["intercept"] == b["intercept"] and a["cache"] == b["cache"]
     bkw = dict(num_classes=3, gt=gt, alpha=1000.0, min_iou=0.6, norm_sample_rows=300, seed=0)
-    ray_boxes, _ = fit_box_regressors(paths, rows, map_fn=ray_map, **bkw)
-    local_boxes, _ = fit_box_regressors(paths, rows, map_fn=local_map, **bkw)
+    ray_boxes, _, _ = fit_box_regressors(paths, rows, map_fn=ray_map, out=_out(tmp_path), **bkw)
+    local_boxes, _, _ = fit_box_regressors(paths, rows, map_fn=local_map,
+                                           out=_out(tmp_path / "local"), **bkw)  # fmt: skip
     for a, b in zip(ray_boxes, local_boxes, strict=True):
         np.testing.assert_array_equal(a["coef"], b["coef"])
 
