@@ -140,6 +140,13 @@ class Executor(Protocol):
         same ``(storage_path, name)`` resumes from the last checkpoint."""
         ...
 
+    def train_capacity(
+        self, num_workers: int = 1, resources_per_worker: Resources = Resources()
+    ) -> int:
+        """How many `train` runs of ``num_workers`` × ``resources_per_worker`` can run side by
+        side now (at least 1): a step with independent runs starts that many at once."""
+        ...
+
     def sweep(
         self,
         trainable: Callable,

@@ -105,6 +105,12 @@ class LocalExecutor(Executor):
         bar.close()
         return pa.concat_tables(out) if out else pa.table({})
 
+    def train_capacity(
+        self, num_workers: int = 1, resources_per_worker: Resources = Resources()
+    ) -> int:
+        """1: in one process, concurrent runs would share torch's global RNG and thread pool."""
+        return 1
+
     def train(
         self,
         train_fn: Callable,

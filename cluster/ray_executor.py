@@ -534,6 +534,20 @@ class RayExecutor(Executor):
         blocks = [b for b in blocks if b.num_rows]
         return pa.concat_tables(blocks) if blocks else pa.table({})
 
+    def train_capacity(
+        self, num_workers: int = 1, resources_per_worker: Resources = Resources()
+    ) -> int:
+        """Runs of ``num_workers`` workers that fit in the cluster's CPUs (and GPUs, when a worker
+        asks for some) at once, counting what the nodes have, not what is free now: runs beyond
+        what is free wait for it (never beyond a node's size, `_schedulable_cpus`)."""
+        cpus = float(ray.cluster_resources().get("CPU", 0.0))
+        per_run = num_workers * max(resources_per_worker.cpus, 1e-3)
+        n = int(cpus // per_run)
+        gpus = resources_per_worker.resolve_gpus(self.cluster_gpus())
+        if gpus:
+            n = min(n, int(self.cluster_gpus() // (num_workers * gpus)))
+        return max(1, n)
+
     def train(
         self,
         train_fn: Callable,

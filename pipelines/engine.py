@@ -158,17 +158,29 @@ class StepContext:
         )
 
     def train(
-        self, train_fn: Callable, config: dict, *, num_workers: int = 1, max_failures: int = 0
+        self,
+        train_fn: Callable,
+        config: dict,
+        *,
+        num_workers: int = 1,
+        max_failures: int = 0,
+        part: str = "",
     ):
+        """One Train run of this step, named after its key (and ``part``, for a step that runs
+        several: each resumes from its own checkpoints)."""
         return self.executor.train(
             train_fn,
             config,
             num_workers=num_workers,
             resources_per_worker=self.resources,
             storage_path=self.work_uri,
-            name=f"{self.step}-{self.key}",
+            name=f"{self.step}-{self.key}" + (f"-{part}" if part else ""),
             max_failures=max_failures,
         )
+
+    def train_capacity(self, num_workers: int = 1) -> int:
+        """Train runs of ``num_workers`` workers with this step's resources that fit at once."""
+        return self.executor.train_capacity(num_workers, self.resources)
 
     def sweep(self, trainable: Callable, space: dict, *, metric: str, mode: str, **kwargs):
         """A Tune experiment under ``_work/`` named after the step's key: a step rerun after a

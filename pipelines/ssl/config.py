@@ -72,6 +72,9 @@ class ExperimentConfig:
     # (≈20 MB each for WRN-28-2) until `paperline gc`: 2^15 steps = 32 per run.
     checkpoint_every: int = 2**15
     max_failures: int = 3  # worker-group restarts of a training step, each from its checkpoint
+    # Train jobs a method's runs (labels × seeds) are split into, started side by side; 0: as
+    # many as the cluster's CPUs/GPUs hold at once (1 in-process). Changes no result (not in key)
+    parallel_runs: int = 0
 
     def __post_init__(self):
         from stages.ssl.train import METHODS
@@ -83,8 +86,9 @@ class ExperimentConfig:
         check(not bad and self.methods, f"experiment.methods must be among {METHODS}, got {bad}")
         check(self.num_workers >= 1 and self.cpus_per_worker >= 1, "experiment.num_workers >= 1")
         check(
-            self.checkpoint_every >= 0 and self.max_failures >= 0,
-            "experiment.checkpoint_every and experiment.max_failures must be >= 0",
+            self.checkpoint_every >= 0 and self.max_failures >= 0 and self.parallel_runs >= 0,
+            "experiment.checkpoint_every, experiment.max_failures and experiment.parallel_runs "
+            "must be >= 0",
         )
 
 

@@ -91,7 +91,10 @@ def steps(cfg: SSLConfig) -> list[Step]:
                 f"train_{method}",
                 # execution knobs, outside the key: a resumed run ends as an uninterrupted one
                 functools.partial(
-                    train_method, checkpoint_every=e.checkpoint_every, max_failures=e.max_failures
+                    train_method,
+                    checkpoint_every=e.checkpoint_every,
+                    max_failures=e.max_failures,
+                    parallel_runs=e.parallel_runs,
                 ),
                 kind="train",
                 inputs=("dataset",),

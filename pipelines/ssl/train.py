@@ -20,23 +20,42 @@ def train_method(
     num_workers: int,
     checkpoint_every: int = 0,
     max_failures: int = 0,
+    parallel_runs: int = 0,
 ) -> None:
-    """Every (labelled size, seed) run of one method in one Ray Train job; rows → ``runs.pt``.
-    The job checkpoints every ``checkpoint_every`` steps and survives ``max_failures`` worker-group
-    losses, each resuming from the last checkpoint (``stages.ssl.train.ssl_train_fn``)."""
+    """Every (labelled size, seed) run of one method under Ray Train; rows → ``runs.pt``, in
+    ``runs`` order. The runs are independent (each seeds itself), so they are split into as many
+    contiguous groups as Train runs fit on the cluster at once (``parallel_runs``; 0: the
+    executor's `train_capacity`, 1 in-process), each group one Train job started side by side;
+    with one group it is one job, as before. Each job checkpoints every ``checkpoint_every``
+    steps and survives ``max_failures`` worker-group losses, each resuming from its last
+    checkpoint (``stages.ssl.train.ssl_train_fn``). How the runs are grouped changes no result."""
     import torch
 
     from stages.ssl.train import ssl_train_fn
 
-    config = {
+    base = {
         "settings": settings,
-        "runs": runs,
         "val_per_class": val_per_class,
         "checkpoint_every": checkpoint_every,
         "data_path": ctx.input_file("dataset", "data.npz"),  # each worker resolves it
     }
-    result = ctx.train(ssl_train_fn, config, num_workers=num_workers, max_failures=max_failures)
-    torch.save(result.checkpoint["results"], ctx.out_dir / "runs.pt")
+    k = parallel_runs or ctx.train_capacity(num_workers)
+    groups = [g.tolist() for g in np.array_split(np.arange(len(runs)), max(1, min(k, len(runs))))]
+
+    def train(group: list[int]) -> list:
+        part = "" if len(groups) == 1 else f"runs{group[0]}-{group[-1]}"
+        result = ctx.train(ssl_train_fn, {**base, "runs": [runs[i] for i in group]},
+                           num_workers=num_workers, max_failures=max_failures, part=part)  # fmt: skip
+        return result.checkpoint["results"]
+
+    if len(groups) == 1:
+        rows = train(groups[0])
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(groups), thread_name_prefix=ctx.step) as pool:
+            rows = [row for part in pool.map(train, groups) for row in part]
+    torch.save(rows, ctx.out_dir / "runs.pt")
 
 
 def scalar_trial(config: dict, report, *, data_path: str, settings: dict, val_per_class: int):

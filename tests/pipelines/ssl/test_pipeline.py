@@ -168,3 +168,55 @@ def test_ci_through_ray_with_two_train_workers(ci_run, ray_session):
     for m in ("scalar", "learned"):
         assert 0.5 < rows[m]["accuracy"] <= 1.0
         assert abs(rows[m]["accuracy"] - local.metrics[f"accuracy_{m}"]) < 0.2
+
+
+@pytest.mark.ray
+def test_a_methods_runs_as_parallel_train_jobs_give_the_in_process_rows(ci_run, ray_session):
+    """Issue 19: with room for two 1-worker Train runs, `train_supervised` splits its runs into
+    two jobs started side by side; the rows equal the in-process single job's bit for bit."""
+    from cluster.ray_executor import RayExecutor
+    from data.store import ArtifactStore
+
+    kw, _ = ci_run  # its store, and torch at 1 thread in-process as in each Ray worker
+    overrides = {"experiment.methods": "supervised", "experiment.seeds": "0,1,2"}
+    local = runner.run("ssl", "ci", overrides, executor="local", **kw)
+    art = local.artifacts["train_supervised"]
+    before = torch.load(art.local_dir() / "runs.pt", weights_only=False)
+    assert len(before) == 3
+    assert RayExecutor(progress=False).train_capacity(1) == 2  # the 2-CPU test Ray
+    result = runner.run("ssl", "ci", overrides, executor="ray", force="train_supervised", **kw)
+    assert result.computed() == ["train_supervised", "report"]
+    after = torch.load(result.artifacts["train_supervised"].local_dir() / "runs.pt",
+                       weights_only=False)  # fmt: skip
+    assert len(after) == len(before)
+    for a, b in zip(after, before, strict=True):
+        _assert_same_row(a, b)
+    # two Train runs, named after the runs each held
+    store = ArtifactStore(kw["store"])
+    names = sorted(p.name for p in (store.local_root / "_work" / "ssl").iterdir()
+                   if p.name.startswith(f"train_supervised-{art.key}"))  # fmt: skip
+    assert names == [f"train_supervised-{art.key}-runs0-1", f"train_supervised-{art.key}-runs2-2"]
+
+
+def _assert_same_row(a: dict, b: dict) -> None:
+    """Every value equal bit for bit (nan = nan), wall-clock timings (``*_s``, ``*_ms``) aside."""
+    import re
+
+    timing = re.compile(r"(_s|_ms)$")
+    assert sorted(a) == sorted(b)
+    for k in a:
+        if timing.search(k):
+            continue
+        x, y = a[k], b[k]
+        if isinstance(x, torch.Tensor):
+            assert torch.equal(x, y) or (x.isnan() == y.isnan()).all() and torch.equal(
+                x.nan_to_num(), y.nan_to_num()), k  # fmt: skip
+        elif isinstance(x, np.ndarray):
+            np.testing.assert_array_equal(x, y, err_msg=k)
+        elif isinstance(x, float) and math.isnan(x):
+            assert math.isnan(y), k
+        elif isinstance(x, list) and x and isinstance(x[0], dict):
+            for u, v in zip(x, y, strict=True):
+                _assert_same_row(u, v)
+        else:
+            assert x == y, k
