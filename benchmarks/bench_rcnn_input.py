@@ -24,6 +24,7 @@ load a 2-thread model step slows far more than the input, its threads waiting fo
   that returns ready windows: the end-to-end cost of the input on this CPU (1.0 = free).
 
     python benchmarks/bench_rcnn_input.py [--images 64] [--batches 20] [--alexnet-steps 3]
+                                          [--device cuda]   # model on a GPU (gpu_check.sh)
 """
 
 from __future__ import annotations
@@ -102,21 +103,25 @@ def input_rate(source, draws: list[np.ndarray], threads: int | None) -> tuple[fl
     return n / (time.perf_counter() - t0), n / (time.process_time() - c0)
 
 
-def model_rate(name: str, steps: int, threads: int) -> tuple[float, float]:
-    """(windows/s, windows per CPU-second) of fine-tuning steps on ready windows."""
+def model_rate(name: str, steps: int, threads: int, device: str = "cpu") -> tuple[float, float]:
+    """(windows/s, windows per CPU-second) of fine-tuning steps on ready windows; on a GPU the
+    windows start in host memory, as the input pipeline delivers them, and each step copies them
+    over and waits for the device."""
     kwargs, size, _ = NETS[name]
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    net = create(name, num_classes=21, **kwargs).train()
+    net = create(name, num_classes=21, **kwargs).train().to(device)
     opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
     x, y = torch.randn(128, 3, size, size), torch.randint(0, 21, (128,))
 
     def step():
-        loss = F.cross_entropy(net(x), y)
+        loss = F.cross_entropy(net(x.to(device)), y.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if device != "cpu":
+            torch.cuda.synchronize()
 
     step()  # warm-up: allocator, oneDNN primitives
     t0, c0 = time.perf_counter(), time.process_time()
@@ -164,6 +169,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=20)
     ap.add_argument("--small-steps", type=int, default=10)
     ap.add_argument("--alexnet-steps", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="where the model step runs (cuda: a GPU)")
     args = ap.parse_args()
     threads = torch.get_num_threads()
     cv2.setNumThreads(threads)
@@ -176,10 +182,11 @@ def main() -> None:
         )
         for name, steps in (("rcnn_small", args.small_steps), ("rcnn_alexnet", args.alexnet_steps)):
             if steps > 0:
-                compare(name, steps, paths, index, boxes, labels, draws, args.proposals)
+                compare(name, steps, paths, index, boxes, labels, draws, args.proposals,
+                        args.device)  # fmt: skip
 
 
-def compare(name, steps, paths, index, boxes, labels, draws, proposals) -> None:
+def compare(name, steps, paths, index, boxes, labels, draws, proposals, device="cpu") -> None:
     _, size, padding = NETS[name]
     kw = dict(size=size, padding=padding)
     before = WholeImageConversion(paths, index, boxes, labels, **kw)
@@ -191,8 +198,8 @@ def compare(name, steps, paths, index, boxes, labels, draws, proposals) -> None:
         "before": lambda: input_rate(before, draws, None),
         "after, 0 threads": lambda: input_rate(after, draws, 0),
         "after, 2 threads": lambda: input_rate(after, draws, 2),
-        "model": lambda: model_rate(name, steps, threads),
-        "model, 1 thread": lambda: model_rate(name, steps, 1),
+        "model": lambda: model_rate(name, steps, threads, device),
+        "model, 1 thread": lambda: model_rate(name, steps, 1, device),
     }
     wall: dict[str, float] = {}
     cpu: dict[str, float] = {}
@@ -202,7 +209,7 @@ def compare(name, steps, paths, index, boxes, labels, draws, proposals) -> None:
             wall[arm], cpu[arm] = max(wall.get(arm, 0.0), w), max(cpu.get(arm, 0.0), c)
     model, model_cpu = wall["model"], cpu["model, 1 thread"]
     print(
-        f"{name} @ {size} px: model step {model:.0f} windows/s on {threads} threads, "
+        f"{name} @ {size} px on {device}: model step {model:.0f} windows/s on {threads} threads, "
         f"{model_cpu:.0f} windows per CPU-second on 1"
     )
     for arm in ("before", "after, 0 threads"):
@@ -215,6 +222,8 @@ def compare(name, steps, paths, index, boxes, labels, draws, proposals) -> None:
             f"  input {arm:17s} {wall[arm]:6.0f} windows/s = {wall[arm] / model:6.2f} x the"
             f" model's {threads}-thread step (goal >= 1.0)"
         )
+    if device != "cpu":  # finetune_train_fn in-process runs on the CPU
+        return
     fast = loop_rate(name, after, steps)
     ready = loop_rate(name, ReadyWindows(labels, size), steps)
     print(

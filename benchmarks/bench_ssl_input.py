@@ -17,6 +17,7 @@ batch 16 + 3·16), the default; ``paper`` = WRN-28-2 on 3×32×32, batch 64 + 7�
 takes 30 s to minutes per round on one CPU thread (so it is opt-in).
 
     python benchmarks/bench_ssl_input.py [--setups cpu,paper] [--rounds 5] [--threads 1]
+                                         [--device cuda]   # model on a GPU (gpu_check.sh)
 """
 
 from __future__ import annotations
@@ -69,18 +70,25 @@ def timed(fn, *args) -> float:
     return time.perf_counter() - t0
 
 
-def bench_setup(name: str, rounds: int) -> dict:
+def _sync(device: str) -> None:
+    if device != "cpu":
+        torch.cuda.synchronize()
+
+
+def bench_setup(name: str, rounds: int, device: str = "cpu") -> dict:
     model_name, kwargs, c, side, b, mu = SETUPS[name]
     bu = mu * b
     g = torch.Generator().manual_seed(0)
     pool = torch.randint(0, 256, (4 * (b + bu), c, side, side), dtype=torch.uint8, generator=g)
     torch.manual_seed(0)
-    net = create(model_name, num_classes=10, in_channels=c, **kwargs)
+    net = create(model_name, num_classes=10, in_channels=c, **kwargs).to(device)
     opt = torch.optim.SGD(net.parameters(), lr=0.03, momentum=0.9, nesterov=True)
-    y = torch.randint(0, 10, (b,), generator=g)
+    y = torch.randint(0, 10, (b,), generator=g).to(device)
     net.train()
 
     def model_step(x: torch.Tensor) -> None:
+        """As the loop: views built in host memory, copied to the device, one step, waited for."""
+        x = x.to(device)
         logits = net((x.float() / 255 - 0.5) / 0.25)
         weak = logits[b : b + bu].detach().softmax(1)
         conf, pl = weak.max(1)
@@ -90,8 +98,15 @@ def bench_setup(name: str, rounds: int) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        _sync(device)
 
-    arms = ("serial", "serial/8", "batched")
+    def on_device(lab: torch.Tensor, unl: torch.Tensor, seed: int) -> None:
+        """The batched views built from images already on the device (one candidate for a GPU
+        run; the loop builds them on the host today)."""
+        make_views(lab.to(device), unl.to(device), seed, "batched")
+        _sync(device)
+
+    arms = ("serial", "serial/8", "batched") + (("batched@device",) if device != "cpu" else ())
     times: dict[str, list[float]] = {a: [] for a in (*arms, "model")}
     views = make_views(pool[:b], pool[b : b + bu], 0, "batched")
     model_step(views)  # warm-up: first-call allocations
@@ -99,7 +114,10 @@ def bench_setup(name: str, rounds: int) -> dict:
         lab = pool[(r * b) % len(pool) :][:b]
         unl = pool[torch.randperm(len(pool), generator=g)[:bu]]
         for arm in arms:
-            times[arm].append(timed(make_views, lab, unl, r, arm))
+            if arm == "batched@device":
+                times[arm].append(timed(on_device, lab, unl, r))
+            else:
+                times[arm].append(timed(make_views, lab, unl, r, arm))
         times["model"].append(timed(model_step, views))
     return {arm: float(np.median(t)) for arm, t in times.items()} | {"examples": b + bu}
 
@@ -109,15 +127,17 @@ def main() -> None:
     ap.add_argument("--setups", default="cpu")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads, as one Ray worker")
+    ap.add_argument("--device", default="cpu", help="where the model step runs (cuda: a GPU)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch threads: {args.threads}; median of {args.rounds} interleaved rounds")
+    print(f"torch threads: {args.threads}; model on {args.device}; "
+          f"median of {args.rounds} interleaved rounds")  # fmt: skip
     print(f"{'setup':6} {'arm':9} {'step s':>8} {'examples/s':>11} {'input/model':>12}")
     for name in args.setups.split(","):
-        t = bench_setup(name, args.rounds)
+        t = bench_setup(name, args.rounds, args.device)
         n, model_s = t["examples"], t["model"]
         print(f"{name:6} {'model':9} {model_s:8.3f} {n / model_s:11.0f} {'':>12}")
-        for arm in ("serial", "serial/8", "batched"):
+        for arm in [a for a in ("serial", "serial/8", "batched", "batched@device") if a in t]:
             print(f"{name:6} {arm:9} {t[arm]:8.3f} {n / t[arm]:11.0f} {model_s / t[arm]:12.2f}")
         print(f"{name:6} batched vs serial: {t['serial'] / t['batched']:.1f}x faster input")
 
