@@ -52,6 +52,8 @@ class Step:
     # what is computed, for keys and store paths (default: the name). Variants of one stage in a
     # study ("svm-fc6-ft") share artifacts with the plain run when their params and inputs match.
     stage: str = ""
+    # trials a sweep step runs (for `paperline plan`; not in the key: the params decide them)
+    trials: int | None = None
 
     @property
     def identity(self) -> str:

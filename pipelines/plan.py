@@ -71,13 +71,13 @@ def _generic(step) -> dict:
     return {
         "step": step.name,
         "kind": step.kind,
-        "tasks": 1 if step.kind == "task" else None,
+        "tasks": 1 if step.kind == "task" else step.trials,
         "rows": None,
         "bytes_written": None,
         "peak_task_bytes": None,
         "cpu_core_hours": None,
         "gpu_hours": None,
-        "note": step.description,
+        "note": step.description + (f"; {step.trials} trials" if step.trials else ""),
         "rates": RATE_SOURCE,
     }
 
@@ -258,10 +258,18 @@ def _rcnn(cfg, steps) -> dict[str, dict]:
         elif s.kind == "train" and s.identity == "finetune":
             enabled = s.params.get("enabled", True)
             its = cfg.finetune.iterations * cfg.finetune.batch_size
+            # a worker: weights, gradients, momentum and the model's copy in flight (4×), two
+            # minibatches of windows (one training, one warped ahead), and every training image
+            # it decodes, kept as uint8 (stages.training.rcnn.ImageWindows)
+            window_batch = cfg.finetune.batch_size * 3 * c.input_size**2 * FLOAT32
+            decoded = idx["train"] * idx["size"][0] * idx["size"][1] * 3
             out[s.name] = {
                 "tasks": cfg.finetune.num_workers,
                 "rows": its if enabled else 0,
                 "bytes_written": param_bytes,
+                "peak_task_bytes": round(4 * param_bytes + 2 * window_batch + decoded)
+                if enabled
+                else None,
                 "note": f"{its} warped windows ({cfg.finetune.iterations} iterations)"
                 if enabled
                 else "no fine-tuning: the pretrained net",

@@ -55,6 +55,7 @@ def steps(cfg: BatchNormConfig) -> list[Step]:
                 inputs=("mnist_data",),
                 params=params,
                 resources=trial,
+                trials=2 * len(m.seeds),
                 description="§4.1 / Fig. 1: sigmoid MLP with vs without BN",
             )
         )
@@ -72,6 +73,7 @@ def steps(cfg: BatchNormConfig) -> list[Step]:
                 # 4: §4.2.1's shuffling and photometric changes
                 version="4",
                 resources=trial,
+                trials=len(v.variants) * len(v.seeds),
                 description="§4.2 / Figs. 2-3: BN variants on a small Inception-style net",
             )
         )
@@ -95,6 +97,7 @@ def steps(cfg: BatchNormConfig) -> list[Step]:
                     **mlp,
                 ),
                 resources=trial,
+                trials=len(b.sizes) * 2 * len(b.seeds),
                 version="2",  # batch-statistics accuracy: every test batch has exactly m examples
                 description="BN vs no BN across minibatch sizes; train vs inference mode",
             )

@@ -96,6 +96,9 @@ def steps(cfg: GeneralizationConfig) -> list[Step]:
                         conditions=cfg.randomization.conditions,
                     ),
                     resources=trial,
+                    trials=len(_models(cfg.randomization.models, cfg))
+                    * len(cfg.randomization.conditions)
+                    * len(t.seeds),
                     description="Tune: conditions x models x seeds until 100% train accuracy",
                 )
             )
@@ -110,6 +113,9 @@ def steps(cfg: GeneralizationConfig) -> list[Step]:
                         common, models=_models(cfg.corruption.models, cfg), ps=cfg.corruption.ps
                     ),
                     resources=trial,
+                    trials=len(_models(cfg.corruption.models, cfg))
+                    * len(cfg.corruption.ps)
+                    * len(t.seeds),
                     description="Tune: label corruption p x models (Figure 1b/1c)",
                 )
             )
@@ -130,6 +136,12 @@ def steps(cfg: GeneralizationConfig) -> list[Step]:
                         labels=r.labels,
                     ),
                     resources=trial,
+                    trials=len(_models(r.models, cfg))
+                    * len(r.weight_decays)
+                    * len(r.random_crops)
+                    * len(r.dropouts)
+                    * len(r.labels)
+                    * len(t.seeds),
                     description="Tune: weight decay x random crop x dropout (Table 1)",
                 )
             )

@@ -72,6 +72,7 @@ def steps(cfg: MobileNetConfig) -> list[Step]:
                 scheduler=s.scheduler,
             ),
             resources=trial,
+            trials=len(width_points(s)) * len(s.seeds),
             description="accuracy over width × resolution × seed, plus MobileNetV1 (Fig. 5)",
         ),
         Step(
@@ -88,6 +89,7 @@ def steps(cfg: MobileNetConfig) -> list[Step]:
                 scheduler="none",
             ),
             resources=trial,
+            trials=len(a.variants) * len(a.seeds),
             description="linear vs ReLU6 bottleneck; shortcut placement (Fig. 6)",
         ),
         Step(

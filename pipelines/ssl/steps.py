@@ -123,6 +123,7 @@ def steps(cfg: SSLConfig) -> list[Step]:
                     val_per_class=e.val_per_class,
                 ),
                 resources=Resources(cpus=e.cpus_per_worker, gpus="auto"),
+                trials=len(_scalar_grid(cfg)) * len(e.labels_per_class) * len(e.seeds),
                 description="one scalar λ for all unlabeled examples, tuned on validation (Tune)",
             )
         )

@@ -254,3 +254,16 @@ def test_drift_claim_is_judged_not_just_printed():
     assert med.estimate == pytest.approx(((0.05 - 0.12) + (0.04 - 0.15)) / 2)
     assert med.verdict == "fails" and med.high < 0
     assert r["mnist_spread_stable"].verdict == "fails"  # no spread change either way: exactly 0
+
+
+def test_plan_counts_the_trials_each_sweep_ran(ci_run):
+    """Issue 19: `paperline plan` gives a sweep step's trials; the ci run ran exactly those."""
+    from pipelines.plan import plan
+
+    _, result = ci_run
+    planned = {r["step"]: r["tasks"] for r in plan("batchnorm", "ci") if r["kind"] == "sweep"}
+    ran = {
+        s: len(json.loads((result.artifacts[s].local_dir() / "finals.json").read_text()))
+        for s in ("mnist", "variants", "batch_size")
+    }
+    assert planned == ran and all(n >= 2 for n in ran.values())
