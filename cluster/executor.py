@@ -59,7 +59,16 @@ def progress_bar(total: int | None, desc: str, unit: str, *, enabled: bool = Tru
 def train_position(metrics: dict, config: dict) -> tuple[float, float | None] | None:
     """How far a training run is, from one of its reports: ``(done, total)`` for the first of
     iteration/epoch/step that the report counts (total from the config's plural key, e.g.
-    ``iterations``), None when the report counts none of them."""
+    ``iterations``), None when the report counts none of them. A job of several runs (a config
+    ``runs`` list, reports counting ``runs_done`` and, mid-run, ``run_step`` of the settings'
+    ``steps``) counts runs, fractions included."""
+    runs = config.get("runs")
+    if isinstance(runs, list) and isinstance(metrics.get("runs_done"), int | float):
+        done = float(metrics["runs_done"])
+        steps = (config.get("settings") or {}).get("steps")
+        if isinstance(metrics.get("run_step"), int | float) and isinstance(steps, int | float):
+            done += min(1.0, metrics["run_step"] / steps) if steps else 0.0
+        return done, len(runs)
     for unit in TRAIN_UNITS:
         if isinstance(metrics.get(unit), int | float):
             total = config.get(f"{unit}s")
@@ -72,7 +81,10 @@ TRAIN_UNITS = ("iteration", "epoch", "step")
 
 def train_total(config: dict) -> tuple[str, int | None]:
     """The bar's unit and total before the first report: the first of ``iterations``/``epochs``/
-    ``steps`` the training config sets (the unit its reports count, ``train_position``)."""
+    ``steps`` the training config sets (the unit its reports count, ``train_position``); runs
+    for a job of several."""
+    if isinstance(config.get("runs"), list):
+        return "run", len(config["runs"])
     for unit in TRAIN_UNITS:
         if isinstance(config.get(f"{unit}s"), int | float):
             return unit, int(config[f"{unit}s"])

@@ -8,6 +8,11 @@ from cluster.local import LocalExecutor
 
 
 def test_train_position_reads_the_report_and_the_config_total():
+    # a job of several runs (SSL: a method's labels × seeds) counts runs, mid-run fractions too
+    runs = {"runs": [{"seed": 0}, {"seed": 1}, {"seed": 2}], "settings": {"steps": 400}}
+    assert train_total(runs) == ("run", 3)
+    assert train_position({"runs_done": 1, "run_step": 100, "run_index": 1}, runs) == (1.25, 3)
+    assert train_position({"runs_done": 2, "accuracy": 0.9, "steps": 400}, runs) == (2.0, 3)
     assert train_position({"iteration": 40, "loss": 1.0}, {"iterations": 200}) == (40, 200)
     assert train_position({"epoch": 3}, {}) == (3, None)
     assert train_position({"loss": 1.0}, {"iterations": 200}) is None
