@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -254,18 +255,57 @@ class Pool5Head:
     """fc6/fc7 recomputed from cached pool5 with the fine-tuned net's weights, as R-CNN's code
     did (it cached pool5 only: ≈740 GB for VOC07 trainval + test, against ≈1.07 TB with fc7 too;
     `paperline plan rcnn --preset voc2007`).
-    Matches ``RCNNBackbone.features`` in eval mode (ReLU after fc6 and fc7; dropout is off)."""
+    Matches ``RCNNBackbone.features`` in eval mode (ReLU after fc6 and fc7; dropout is off).
 
-    def __init__(self, net, layer: str):
-        self.layer = layer
+    ``device``: "auto" computes on the GPU when the task holding the head was given one (Ray sets
+    ``CUDA_VISIBLE_DEVICES``; the svm and detect steps ask for a GPU whenever the cluster has or
+    can start one) and in numpy otherwise, so a CPU's bytes never depend on the cluster; "numpy",
+    or a torch device ("cpu", "cuda") to choose. On a GPU the products round differently: the
+    scores agree with numpy's to float32 tolerance, not bit for bit (`tests/pipelines/rcnn/
+    test_features.py`, and its ``gpu`` test in ``benchmarks/gpu_check.sh``). The weights go to
+    the device once per process and never travel with the pickled head."""
+
+    def __init__(self, net, layer: str, device: str = "auto"):
+        self.layer, self.device = layer, device
         self.w6, self.b6 = net.fc6.weight.detach().numpy(), net.fc6.bias.detach().numpy()
         self.w7, self.b7 = net.fc7.weight.detach().numpy(), net.fc7.bias.detach().numpy()
+        self._on_device: tuple | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_on_device": None}
+
+    def _torch_device(self) -> str | None:
+        if self.device == "numpy":
+            return None
+        if self.device != "auto":
+            return self.device
+        if not os.environ.get("CUDA_VISIBLE_DEVICES"):  # no GPU given to this task
+            return None
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else None
 
     def __call__(self, pool5: np.ndarray) -> np.ndarray:
         if self.layer == "pool5":
             return pool5
+        device = self._torch_device()
+        if device is not None:
+            return self._torch(pool5, device)
         h = np.maximum(pool5 @ self.w6.T + self.b6, 0)  # (N, fc6)
         return h if self.layer == "fc6" else np.maximum(h @ self.w7.T + self.b7, 0)
+
+    def _torch(self, pool5: np.ndarray, device: str) -> np.ndarray:
+        import torch
+
+        if self._on_device is None or self._on_device[0] != device:
+            ws = (self.w6, self.b6, self.w7, self.b7)
+            self._on_device = (device, *(torch.from_numpy(w).to(device) for w in ws))
+        _, w6, b6, w7, b7 = self._on_device
+        with torch.no_grad():
+            h = torch.relu(torch.from_numpy(np.ascontiguousarray(pool5)).to(device) @ w6.T + b6)
+            if self.layer == "fc7":
+                h = torch.relu(h @ w7.T + b7)
+        return h.cpu().numpy()
 
 
 def _identity(x: np.ndarray) -> np.ndarray:

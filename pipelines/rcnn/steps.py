@@ -210,8 +210,15 @@ class _Builder:
             stage="svm",
             inputs=inputs,
             params=params,
+            resources=self._head_resources(layer or s.layer),
             description="per-class linear SVMs with hard negative mining",
         )
+
+    def _head_resources(self, layer: str) -> Resources:
+        """A GPU for each map task when fc6/fc7 are recomputed from cached pool5 (`Pool5Head`)
+        and the cluster has or can start one (issue 19); one CPU otherwise."""
+        recompute = self.cfg.features.cache == "pool5" and layer != "pool5"
+        return Resources(cpus=1, gpus="auto") if recompute else Resources(cpus=1)
 
     def bbox(self, name: str = "bbox_regression", features: str = "features") -> Step:
         b, s = self.cfg.bbox, self.cfg.svm
@@ -258,6 +265,7 @@ class _Builder:
                 nms_iou=det.nms_iou,
                 max_per_set_per_image=det.max_per_set_per_image,
             ),
+            resources=self._head_resources(layer or self.cfg.svm.layer),
             description="score proposals, top-k, bbox regression, per-class NMS",
         )
 

@@ -3,6 +3,7 @@ the number of classes (issue 19): the same models as one pass per class, and a c
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -291,3 +292,54 @@ def test_fc7_from_cached_pool5_once_per_shard(one_image_shards):
         4 * (DIM + 24 + 20 + 20),
         4 * (24 * DIM + 24 + 20 * 24 + 20),
     )
+
+
+def _head_net(d_in=64, d6=48, d7=32):
+    import torch
+
+    torch.manual_seed(0)
+    return SimpleNamespace(fc6=torch.nn.Linear(d_in, d6), fc7=torch.nn.Linear(d6, d7))
+
+
+@pytest.mark.parametrize("layer", ["fc6", "fc7"])
+def test_pool5_head_in_torch_matches_numpy_and_auto_stays_numpy_without_a_gpu(layer, monkeypatch):
+    """Issue 19: fc6/fc7 from pool5 on a GPU when the task has one. The torch path (here on the
+    CPU) agrees with numpy to float32 tolerance; "auto" in a task without a GPU is numpy, bit for
+    bit, so a CPU's bytes never depend on the cluster; the pickled head carries no device copy."""
+    import pickle
+
+    from pipelines.rcnn.features import Pool5Head
+
+    net = _head_net()
+    x = np.random.default_rng(0).standard_normal((37, 64)).astype(np.float32)
+    ref = Pool5Head(net, layer, device="numpy")(x)
+    assert ref.shape == (37, 48 if layer == "fc6" else 32) and (ref >= 0).all() and ref.any()
+    head = Pool5Head(net, layer, device="cpu")
+    np.testing.assert_allclose(head(x), ref, rtol=1e-5, atol=1e-5)
+    assert head._on_device is not None and pickle.loads(pickle.dumps(head))._on_device is None
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    auto = Pool5Head(net, layer)
+    np.testing.assert_array_equal(auto(x), ref)
+    assert auto._on_device is None
+
+
+def test_svm_and_detect_ask_for_a_gpu_only_when_they_recompute_fc7():
+    from pipelines.rcnn.config import RCNNConfig
+    from pipelines.rcnn.steps import _Builder
+
+    for cache, want in (("pool5", "auto"), ("layers", 0)):
+        cfg = RCNNConfig()
+        cfg = replace(cfg, features=replace(cfg.features, cache=cache))
+        b = _Builder(cfg, "test")
+        assert b.svm().resources.gpus == want and b.detect().resources.gpus == want
+        assert b.svm(layer="pool5").resources.gpus == 0  # pool5 SVMs need no head
+
+
+@pytest.mark.gpu
+def test_pool5_head_on_the_gpu_within_float32_tolerance_of_numpy():
+    from pipelines.rcnn.features import Pool5Head
+
+    net = _head_net(9216, 4096, 4096)  # AlexNet's sizes
+    x = np.abs(np.random.default_rng(1).standard_normal((512, 9216))).astype(np.float32)
+    ref = Pool5Head(net, "fc7", device="numpy")(x)
+    np.testing.assert_allclose(Pool5Head(net, "fc7", device="cuda")(x), ref, rtol=1e-3, atol=1e-4)
