@@ -68,7 +68,7 @@ def train_position(metrics: dict, config: dict) -> tuple[float, float | None] | 
         steps = (config.get("settings") or {}).get("steps")
         if isinstance(metrics.get("run_step"), int | float) and isinstance(steps, int | float):
             done += min(1.0, metrics["run_step"] / steps) if steps else 0.0
-        return done, len(runs)
+        return round(done, 2), len(runs)  # the bar prints it: "2.67/6", not 2.6666666666666665
     for unit in TRAIN_UNITS:
         if isinstance(metrics.get(unit), int | float):
             total = config.get(f"{unit}s")
