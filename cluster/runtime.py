@@ -229,32 +229,36 @@ def shutdown() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Ray's C++ core worker writes to the process's file descriptor 2 directly, past Python's logging.
-# Lines known not to concern a healthy run are dropped there; everything else passes unchanged.
-FILTER_NATIVE_STDERR = False  # the CLI sets it: library users keep their stderr as it is
+# Ray prints a few messages past Python's logging: the C++ core worker writes to the process's
+# fd 2, and the driver's error listener prints the raylet's warnings to stdout. Lines known not to
+# concern a healthy run are dropped there; everything else passes unchanged.
+FILTER_NATIVE_STDERR = False  # the CLI sets it: library users keep their stdout/stderr as they are
 HARMLESS_NATIVE_LINES: tuple[bytes, ...] = (
     # Ray Data passes its actor pool's data context and map function as object references and
     # asks for restarts; it holds both references for as long as the pool lives, so the restart
     # this warns about cannot lose them (Ray's issue 53727). Printed by the core worker at ERROR
     # for every inference step (issue 22). max_restarts=0 would silence it and lose the restarts.
     b"has constructor arguments in the object store and max_restarts > 0",
+    # "(raylet) WARNING: N PYTHON worker processes have been started on node ... 5x the maximum
+    # expected startup concurrency": what concurrent Tune trials and Train workers do on a
+    # machine with few CPUs (the SSL `tiny` preset: four Train jobs and a sweep on 2 cores)
+    b"PYTHON worker processes have been started on node",
 )
-_filter: _NativeStderrFilter | None = None
+_filters: list[_LineFilter] = []
 
 
-class _NativeStderrFilter(threading.Thread):
-    """fd 2 becomes a pipe read by this thread, which writes to the original stderr every line
-    except those containing one of ``drop``. Bytes after the last newline go on at once unless
-    they start a log line (``[``, as the core worker's ``[date time E pid tid] file:line``
-    prefix), which waits for its newline (at most ``hold_s``): progress bars (``\\r`` updates)
-    are not delayed."""
+class _LineFilter(threading.Thread):
+    """``fd`` becomes a pipe read by this thread, which writes to the original every line except
+    those containing one of ``drop``. Bytes after the last newline wait for it (at most
+    ``hold_s``), unless they hold a ``\\r``: progress bars redraw without newlines and are never
+    delayed."""
 
-    def __init__(self, drop: Sequence[bytes], hold_s: float = 0.2):
-        super().__init__(name="paperline-native-stderr", daemon=True)
-        self.drop, self.hold_s = tuple(drop), hold_s
-        self.original = os.dup(2)
+    def __init__(self, fd: int, drop: Sequence[bytes], hold_s: float = 0.2):
+        super().__init__(name=f"paperline-line-filter-{fd}", daemon=True)
+        self.fd, self.drop, self.hold_s = fd, tuple(drop), hold_s
+        self.original = os.dup(fd)
         self.read_fd, write_fd = os.pipe()
-        os.dup2(write_fd, 2)
+        os.dup2(write_fd, fd)
         os.close(write_fd)
         self.dropped = 0
 
@@ -275,8 +279,8 @@ class _NativeStderrFilter(threading.Thread):
     def run(self) -> None:
         try:
             self._forward()
-        except BaseException:  # never leave fd 2 on a pipe nobody reads: writers would block
-            os.dup2(self.original, 2)
+        except BaseException:  # never leave the fd on a pipe nobody reads: writers would block
+            os.dup2(self.original, self.fd)
             raise
 
     def _forward(self) -> None:
@@ -284,28 +288,32 @@ class _NativeStderrFilter(threading.Thread):
         while True:
             ready, _, _ = select.select([self.read_fd], [], [], self.hold_s if buf else None)
             chunk = os.read(self.read_fd, 1 << 16) if ready else b""
-            if ready and not chunk:  # every writer closed fd 2: drain and stop
+            if ready and not chunk:  # every writer closed the pipe: drain and stop
                 self._emit(buf)
                 return
             buf = self._lines(buf + chunk)
-            if buf and (not ready or not buf.lstrip(b"\r").startswith(b"[")):
-                self._emit(buf)  # a partial line: a progress bar, or a log line held too long
+            if buf and (not ready or b"\r" in buf):
+                self._emit(buf)  # a progress bar, or a partial line held long enough
                 buf = b""
 
     def stop(self) -> None:
-        """Put the original stderr back; what was already written still comes out."""
-        os.dup2(self.original, 2)  # closes the pipe's last write end: the thread drains, stops
+        """Put the original back; what was already written still comes out."""
+        os.dup2(self.original, self.fd)  # closes the pipe's last write end: drain, stop
         self.join(timeout=2)
 
 
 def filter_native_stderr(drop: Sequence[bytes] = HARMLESS_NATIVE_LINES) -> None:
-    """Drop ``drop``'s lines from what this process writes to fd 2 (once per process; undone at
-    exit). Installed after Ray has started, so Ray's own processes keep their stderr."""
-    global _filter
-    if _filter is not None:
+    """Drop ``drop``'s lines from what this process writes to fds 1 and 2 (once per process;
+    undone at exit). Installed after Ray has started, so Ray's own processes keep theirs."""
+    if _filters:
         return
     import atexit
+    import sys
 
-    _filter = _NativeStderrFilter(drop)
-    _filter.start()
-    atexit.register(_filter.stop)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()  # what Python buffered so far goes out before the fd changes
+    for fd in (1, 2):
+        f = _LineFilter(fd, drop)
+        f.start()
+        _filters.append(f)
+        atexit.register(f.stop)

@@ -69,8 +69,8 @@ def test_the_no_cpu_warning_is_dropped_only_when_quiet():
 
 
 def test_native_stderr_filter_drops_only_the_known_harmless_lines(tmp_path):
-    """Ray's core worker writes to fd 2 past Python's logging (issue 22): the CLI drops the lines
-    known not to concern a healthy run, keeps every other byte in order, and lets a progress bar's
+    """Ray writes to fds 1 and 2 past Python's logging (issue 22): the CLI drops the lines known
+    not to concern a healthy run, keeps every other byte in order, and lets a progress bar's
     partial line through before its newline."""
     import subprocess
     import sys
@@ -83,6 +83,8 @@ w = lambda b: os.write(2, b)
 w(b"[2026-12-03 14:48:51,576 E 1 1] core_worker.cc:2465: Actor with class name: 'MapWorker' "
   b"has constructor arguments in the object store and max_restarts > 0. If the arguments\\n")
 w(b"[2026-12-03 14:48:51,577 E 1 1] core_worker.cc:99: a real error\\n")
+os.write(1, b"\\x1b[33m(raylet)\\x1b[0m WARNING: 10 PYTHON worker processes have been started on "
+         b"node: abc with address: 127.0.0.1, which is 5x the maximum expected startup\\n")
 w(b"\\rstep:  50%|#####     | 1/2")
 time.sleep(0.5)
 print("<half a second later>", flush=True)
@@ -101,6 +103,7 @@ w(b"no newline at exit")
     text = out.stdout.decode()
     assert out.returncode == 0, text
     assert "constructor arguments in the object store" not in text
+    assert "PYTHON worker processes" not in text
     assert text == (
         "[2026-12-03 14:48:51,577 E 1 1] core_worker.cc:99: a real error\n"
         "\rstep:  50%|#####     | 1/2<half a second later>\n\rstep: 100%|##########| 2/2\n"
