@@ -114,7 +114,7 @@ def _svm_first_pass(item: tuple, *, transform, num_classes: int, neg_iou: float,
     of the mean-norm sample, and for the first shard the first image's negatives (the first
     round: all of them, unscaled since the scale is known only after this pass). Only these rows
     go through ``transform``."""
-    from stages.detection.features import read_feature_shard
+    from stages.detection.features import feature_norms, read_feature_shard
 
     index, path, sample_rows = item
     s = read_feature_shard(path, SVM_COLUMNS)
@@ -131,7 +131,7 @@ def _svm_first_pass(item: tuple, *, transform, num_classes: int, neg_iou: float,
     return {
         "gt_features": take(gt_rows),
         "gt_class": s["gt_class"][gt_rows],
-        "sample": take(sample_rows),
+        "sample_norms": feature_norms(take(sample_rows)),  # N floats, not N × D
         "num_images": len(images),
         "first_image": _negatives_of_image(s, take, first, 0, **kw) if len(first) else None,
     }
@@ -203,7 +203,7 @@ def mine_svms(
     per shard and ``round_shards=1`` the SVMs are those of per-class, per-image mining exactly.
     ``map_fn(fn, items, memory_mb, desc)`` runs the tasks (``ctx.map`` with a memory request).
     """
-    from stages.detection.features import feature_norm_scale, norm_sample_plan
+    from stages.detection.features import norm_sample_plan, norm_scale
 
     _import_solvers()
     from stages.detection.svm import HardNegativeSVM, MiningModels
@@ -219,7 +219,7 @@ def mine_svms(
     mem = _memory_mb(max(rows_per_shard), row_bytes, fixed_bytes)
     first = map_fn(functools.partial(_svm_first_pass, transform=transform, **kw), items, mem,
                    "svm: positives and norm sample")  # fmt: skip
-    scale = feature_norm_scale(np.concatenate([f["sample"] for f in first]))
+    scale = norm_scale(np.concatenate([f["sample_norms"] for f in first]))
     gt_X = np.concatenate([f["gt_features"] for f in first])
     gt_class = np.concatenate([f["gt_class"] for f in first])
     miners: dict[int, HardNegativeSVM] = {}
@@ -446,9 +446,9 @@ def _array(col: pa.ChunkedArray) -> np.ndarray:
 def _bbox_pass(item: tuple, *, gt: dict[str, dict], min_iou: float, out, num_classes: int) -> dict:
     """One pool5 shard: every class's App. C training pairs, written to ``out / pairs /
     part-NNNNN.parquet`` (rows grouped by class, one row group per class, original order within
-    it), and the norm sample. Returns the sample, the file's marker entry and per-class counts:
-    what comes back by value does not grow with the shard's pairs (issue 19)."""
-    from stages.detection.features import read_feature_shard
+    it), and the norm sample. Returns the sample rows' norms, the file's marker entry and
+    per-class counts: what comes back by value does not grow with the shard's pairs (issue 19)."""
+    from stages.detection.features import feature_norms, read_feature_shard
 
     index, path, sample_rows = item
     s = read_feature_shard(path, ["image_ids", "is_gt", "boxes", "max_iou", "features"])
@@ -469,7 +469,7 @@ def _bbox_pass(item: tuple, *, gt: dict[str, dict], min_iou: float, out, num_cla
                 w.write_table(table)
 
     name = f"pairs/part-{index:05d}.parquet"
-    return {"sample": s["features"][sample_rows], "name": name, "counts": counts,
+    return {"sample_norms": feature_norms(s["features"][sample_rows]), "name": name, "counts": counts,
             "file": (out / name).write(write)}  # fmt: skip
 
 
@@ -513,14 +513,14 @@ def fit_box_regressors(
     "intercept", "n"}`` per class, the scale, and the marker entries of the files written."""
     _import_solvers()
     from stages.detection.bbox_regression import BoxRegressor
-    from stages.detection.features import feature_norm_scale, norm_sample_plan
+    from stages.detection.features import norm_sample_plan, norm_scale
 
     picks = norm_sample_plan(rows_per_shard, norm_sample_rows, seed)
     items = [(i, p, picks[i]) for i, p in enumerate(shards)]
     mem = _memory_mb(max(rows_per_shard), row_bytes)
     fn = functools.partial(_bbox_pass, gt=gt, min_iou=min_iou, out=out, num_classes=num_classes)
     parts = map_fn(fn, items, mem, "bbox regression: one pass")
-    scale = feature_norm_scale(np.concatenate([p["sample"] for p in parts]))
+    scale = norm_scale(np.concatenate([p["sample_norms"] for p in parts]))
     results = []
     for c in range(num_classes):
         if not any(p["counts"][c] for p in parts):

@@ -284,7 +284,21 @@ def feature_norm_scale(sample_features: np.ndarray, target_norm: float = 20.0) -
     x = np.asarray(sample_features, dtype=np.float64)
     if x.ndim != 2 or len(x) == 0:
         raise ValueError(f"sample_features must be a non-empty (N, D) array, got {x.shape}")
-    mean_norm = float(np.linalg.norm(x, axis=1).mean())
+    return norm_scale(feature_norms(x), target_norm)
+
+
+def feature_norms(features: np.ndarray) -> np.ndarray:
+    """Each row's L2 norm in float64, ``(N,)``: row by row, so the norms of a shard's sample rows
+    equal those of the same rows inside the whole sample, and a task can return N floats instead
+    of N × D (issue 19: the sample no longer travels by value)."""
+    return np.linalg.norm(np.asarray(features, dtype=np.float64), axis=1)
+
+
+def norm_scale(norms: np.ndarray, target_norm: float = 20.0) -> float:
+    """``target_norm / mean(norms)``: `feature_norm_scale` from the sample's row norms."""
+    if len(norms) == 0:
+        raise ValueError("need the norms of at least one sampled feature row")
+    mean_norm = float(np.asarray(norms, dtype=np.float64).mean())
     if not np.isfinite(mean_norm) or mean_norm <= 0:
         raise ValueError(f"mean feature norm must be finite and > 0, got {mean_norm}")
     return float(target_norm) / mean_norm

@@ -162,3 +162,16 @@ def test_norm_scale_gives_mean_norm_20():
     assert feature_norm_scale(np.array([[3.0, 4.0], [9.0, 12.0]])) == pytest.approx(2.0)
     with pytest.raises(ValueError, match="> 0"):
         feature_norm_scale(np.zeros((3, 4)))
+
+
+def test_norms_of_parts_give_the_scale_of_the_whole_sample_bit_for_bit():
+    """Issue 19: map tasks return their sample rows' norms, not the rows; the scale from the
+    concatenated norms equals `feature_norm_scale` of the concatenated rows exactly."""
+    from stages.detection.features import feature_norms, norm_scale
+
+    rng = np.random.default_rng(3)
+    parts = [rng.standard_normal((n, 37)).astype(np.float32) * 3 for n in (5, 1, 12, 40)]
+    whole = feature_norm_scale(np.concatenate(parts))
+    assert norm_scale(np.concatenate([feature_norms(p) for p in parts])) == whole
+    with pytest.raises(ValueError, match="at least one"):
+        norm_scale(np.zeros(0))
