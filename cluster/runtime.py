@@ -279,6 +279,8 @@ class _LineFilter(threading.Thread):
     def run(self) -> None:
         try:
             self._forward()
+        except OSError:  # the reader went away (`paperline run ... | head`): as without a filter
+            os.dup2(self.original, self.fd)
         except BaseException:  # never leave the fd on a pipe nobody reads: writers would block
             os.dup2(self.original, self.fd)
             raise
