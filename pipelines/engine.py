@@ -21,6 +21,8 @@ import hashlib
 import json
 import shutil
 import socket
+import sys
+import threading
 import time
 import traceback
 import uuid
@@ -35,6 +37,18 @@ from pipelines.config import ConfigError
 from pipelines.fingerprint import code_fingerprint
 
 KINDS = ("task", "map", "infer", "train", "sweep")
+
+
+_PRINT_LOCK = threading.Lock()
+
+
+def print_line(line: str) -> None:
+    """``print`` for the step lines of concurrent steps: the text and its newline in one write
+    under a lock (``print`` writes them separately, so two steps starting at once printed
+    "[rcnn] proposals: running (map)[rcnn] pretrain_crops: running (task)" on one line)."""
+    with _PRINT_LOCK:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
 
 
 @dataclass(frozen=True)
@@ -411,7 +425,7 @@ def run_steps(
     executor,
     force: str | None = None,
     run_dir: Path | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = print_line,
 ) -> RunResult:
     """Run ``steps`` (skipping completed keys) and return their manifest and merged metrics."""
     select_steps(steps, force=force)

@@ -11,7 +11,7 @@ from typing import Any
 from data.store import ArtifactStore
 from pipelines import registry
 from pipelines.config import config_hash, to_dict
-from pipelines.engine import RunResult, pending_steps, run_steps, select_steps
+from pipelines.engine import RunResult, pending_steps, print_line, run_steps, select_steps
 
 
 def run_dir_for(runs_root: str | Path, pipeline: str, preset: str, cfg) -> Path:
@@ -49,7 +49,7 @@ def run(
     force: str | None = None,
     until: str | None = None,
     progress: bool = True,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = print_line,
     ray_init: Mapping[str, Any] | None = None,
 ) -> RunResult:
     spec = registry.get(pipeline)

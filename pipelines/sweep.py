@@ -32,6 +32,7 @@ from cluster.resources import Resources
 from cluster.space import Choice, Grid, Uniform, expand
 from pipelines import registry
 from pipelines.config import ConfigError
+from pipelines.engine import print_line
 
 _SAMPLE = re.compile(r"^\s*(uniform|loguniform|choice)\((.*)\)\s*$")
 
@@ -254,7 +255,7 @@ def run_sweep(
     resume: bool = False,
     max_concurrent: int | None = None,
     trial_resources: Resources | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = print_line,
     ray_init: Mapping[str, Any] | None = None,
 ) -> SweepResult:
     """Run every trial of ``plan`` as a Tune trial (``executor="ray"``) or in turn in-process."""

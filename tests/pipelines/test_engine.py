@@ -394,3 +394,27 @@ def test_paperline_verify_on_a_store_and_a_run_directory(tmp_path, counter, caps
     assert cli.main(["verify", str(tmp_path / "store")]) == 1
     out = capsys.readouterr().out
     assert "BAD toy/squares/" in out and "1 problems" in out
+
+
+def test_step_lines_of_concurrent_steps_never_share_a_line(capfd):
+    """Issue 22: ``print`` writes a line and its newline separately, so two steps starting at
+    once printed "[rcnn] proposals: running (map)[rcnn] pretrain_crops: running (task)"."""
+    import threading
+
+    from pipelines.engine import print_line
+
+    lines = [f"[toy] step{i}: running (task)" for i in range(8)]
+    barrier = threading.Barrier(len(lines))
+
+    def emit(line):
+        barrier.wait()
+        for _ in range(200):
+            print_line(line)
+
+    threads = [threading.Thread(target=emit, args=(line,)) for line in lines]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out = capfd.readouterr().out.splitlines()
+    assert len(out) == 8 * 200 and set(out) == set(lines)
