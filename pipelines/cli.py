@@ -547,7 +547,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["PAPERLINE_TRUST_STORE"] = "1"
     if getattr(args, "verbose", False):  # read where Ray starts (cluster.runtime.connect)
         os.environ["PAPERLINE_VERBOSE"] = "1"
-    elif args.command in ("run", "sweep"):  # Ray's known-harmless native lines (issue 22)
+    elif argv is None and args.command in ("run", "sweep"):
+        # the command line's own process (not main() called in-process, as tests do): drop
+        # Ray's known-harmless lines from its stdout/stderr (issue 22)
         from cluster import runtime
 
         runtime.FILTER_NATIVE_STDERR = True
