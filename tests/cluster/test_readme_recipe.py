@@ -12,6 +12,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +74,8 @@ def test_readme_cluster_recipe_runs_as_written(tmp_path):
             cwd=REPO,
             capture_output=True,
         )
+        head_json_left = Path(head_dir, "head.json").exists()
+        shutil.rmtree(head_dir, ignore_errors=True)  # its session logs (7 MB) stayed in /tmp
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "SUCCEEDED" in proc.stdout and "stopped" in proc.stdout.splitlines()[-1]
@@ -86,7 +89,7 @@ def test_readme_cluster_recipe_runs_as_written(tmp_path):
     assert metrics["mAP_voc07"] > 0.3
     # the attached driver found every step cached (the submitted job computed them)
     assert "not started, every step is cached" in proc.stdout, proc.stdout[-3000:]
-    assert not Path(head_dir, "head.json").exists()
+    assert not head_json_left
 
 
 def test_a_wrong_token_is_one_line_naming_its_source(tmp_path):
@@ -113,6 +116,7 @@ def test_a_wrong_token_is_one_line_naming_its_source(tmp_path):
         subprocess.run(
             [sys.executable, "-m", "pipelines", "head", "stop", "--temp-dir", head_dir], cwd=REPO
         )
+        shutil.rmtree(head_dir, ignore_errors=True)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr
