@@ -72,8 +72,9 @@ class ExperimentConfig:
     # (≈20 MB each for WRN-28-2) until `paperline gc`: 2^15 steps = 32 per run.
     checkpoint_every: int = 2**15
     max_failures: int = 3  # worker-group restarts of a training step, each from its checkpoint
-    # Train jobs a method's runs (labels × seeds) are split into, started side by side; 0: as
-    # many as the cluster's CPUs/GPUs hold at once (1 in-process). Changes no result (not in key)
+    # at most this many Train jobs a method's runs (labels × seeds) are split into, started side
+    # by side; 0: as many as the cluster's CPUs/GPUs hold at once (always 1 in-process). Changes
+    # no result (not in the key)
     parallel_runs: int = 0
 
     def __post_init__(self):

@@ -24,8 +24,8 @@ def train_method(
 ) -> None:
     """Every (labelled size, seed) run of one method under Ray Train; rows → ``runs.pt``, in
     ``runs`` order. The runs are independent (each seeds itself), so they are split into as many
-    contiguous groups as Train runs fit on the cluster at once (``parallel_runs``; 0: the
-    executor's `train_capacity`, 1 in-process), each group one Train job started side by side;
+    contiguous groups as Train runs fit on the cluster at once (the executor's `train_capacity`,
+    1 in-process; ``parallel_runs`` > 0 caps it), each group one Train job started side by side;
     with one group it is one job, as before. Each job checkpoints every ``checkpoint_every``
     steps and survives ``max_failures`` worker-group losses, each resuming from its last
     checkpoint (``stages.ssl.train.ssl_train_fn``). How the runs are grouped changes no result."""
@@ -39,7 +39,9 @@ def train_method(
         "checkpoint_every": checkpoint_every,
         "data_path": ctx.input_file("dataset", "data.npz"),  # each worker resolves it
     }
-    k = parallel_runs or ctx.train_capacity(num_workers)
+    k = ctx.train_capacity(num_workers)  # 1 in-process: threads would share torch's RNG
+    if parallel_runs:
+        k = min(k, parallel_runs)
     groups = [g.tolist() for g in np.array_split(np.arange(len(runs)), max(1, min(k, len(runs))))]
 
     def train(group: list[int]) -> list:
