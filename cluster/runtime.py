@@ -119,8 +119,8 @@ def connect(
                     **common,
                 )
             _require_loopback_node()
-    if not verbose and FILTER_NATIVE_STDERR:
-        filter_native_stderr()
+    if not verbose and FILTER_RAY_NOISE:
+        filter_ray_noise()
     # also where Ray was already initialised: a Tune trial (`paperline sweep`) runs its pipeline's
     # Ray Data steps from the trial's process, whose DataContext showed the bars (issue 22)
     quiet_data(verbose)
@@ -232,8 +232,8 @@ def shutdown() -> None:
 # Ray prints a few messages past Python's logging: the C++ core worker writes to the process's
 # fd 2, and the driver's error listener prints the raylet's warnings to stdout. Lines known not to
 # concern a healthy run are dropped there; everything else passes unchanged.
-FILTER_NATIVE_STDERR = False  # the CLI sets it: library users keep their stdout/stderr as they are
-HARMLESS_NATIVE_LINES: tuple[bytes, ...] = (
+FILTER_RAY_NOISE = False  # the CLI sets it: library users keep their stdout/stderr as they are
+HARMLESS_RAY_LINES: tuple[bytes, ...] = (
     # Ray Data passes its actor pool's data context and map function as object references and
     # asks for restarts; it holds both references for as long as the pool lives, so the restart
     # this warns about cannot lose them (Ray's issue 53727). Printed by the core worker at ERROR
@@ -260,7 +260,6 @@ class _LineFilter(threading.Thread):
         self.read_fd, write_fd = os.pipe()
         os.dup2(write_fd, fd)
         os.close(write_fd)
-        self.dropped = 0
 
     def _emit(self, data: bytes) -> None:
         while data:
@@ -270,9 +269,7 @@ class _LineFilter(threading.Thread):
         """Emit ``buf``'s complete lines (dropping the harmless ones); return the rest."""
         *lines, rest = buf.split(b"\n")
         for line in lines:
-            if any(d in line for d in self.drop):
-                self.dropped += 1
-            else:
+            if not any(d in line for d in self.drop):
                 self._emit(line + b"\n")
         return rest
 
@@ -304,7 +301,7 @@ class _LineFilter(threading.Thread):
         self.join(timeout=2)
 
 
-def filter_native_stderr(drop: Sequence[bytes] = HARMLESS_NATIVE_LINES) -> None:
+def filter_ray_noise(drop: Sequence[bytes] = HARMLESS_RAY_LINES) -> None:
     """Drop ``drop``'s lines from what this process writes to fds 1 and 2 (once per process;
     undone at exit). Installed after Ray has started, so Ray's own processes keep theirs."""
     if _filters:

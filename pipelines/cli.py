@@ -552,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
         # Ray's known-harmless lines from its stdout/stderr (issue 22)
         from cluster import runtime
 
-        runtime.FILTER_NATIVE_STDERR = True
+        runtime.FILTER_RAY_NOISE = True
     try:
         if args.command == "list":
             return cmd_list(args.pipeline, args.preset)
