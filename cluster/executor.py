@@ -15,10 +15,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import pyarrow as pa
 
+from cluster.progress import progress_bar  # noqa: F401 - the executors' bars
 from cluster.resources import Resources
-
-# A bar appears once its step has run this long: short steps keep to their start/end lines.
-BAR_DELAY_S = 5.0
 
 
 def plain_report(metrics: dict) -> dict:
@@ -32,28 +30,6 @@ def plain_report(metrics: dict) -> dict:
 
 def _json_plain(value):
     return value.tolist() if hasattr(value, "tolist") else str(value)
-
-
-def progress_bar(total: int | None, desc: str, unit: str, *, enabled: bool = True):
-    """The one progress display of a long unit of work (map items, inference rows, training
-    iterations, sweep trials), with rate and ETA when ``total`` is known. On a pipe (``| tee``)
-    it redraws every 30 s, on its own line: concurrent bars there would move the cursor with
-    escape codes."""
-    import sys
-
-    from tqdm.auto import tqdm
-
-    tty = sys.stderr.isatty()
-    return tqdm(
-        total=total,
-        desc=desc,
-        unit=unit,
-        disable=not enabled,
-        delay=BAR_DELAY_S,
-        mininterval=0.5 if tty else 30.0,
-        dynamic_ncols=tty,
-        **({} if tty else {"position": 0}),
-    )
 
 
 def train_position(metrics: dict, config: dict) -> tuple[float, float | None] | None:

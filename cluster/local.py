@@ -65,13 +65,14 @@ class LocalExecutor(Executor):
         resources: Resources = Resources(),
         desc: str = "map",
     ) -> list:
-        bar = progress_bar(len(items), desc, "item", enabled=self.progress)
         out = []
-        with pinned_threads(resources.threads()):
+        with (
+            pinned_threads(resources.threads()),
+            progress_bar(len(items), desc, "item", enabled=self.progress) as bar,
+        ):
             for item in items:
                 out.append(fn(item))
                 bar.update(1)
-        bar.close()
         return out
 
     def infer(
@@ -97,12 +98,11 @@ class LocalExecutor(Executor):
             if isinstance(source, pa.Table)
             else sum(pq.ParquetFile(p).metadata.num_rows for p in source)
         )
-        bar = progress_bar(rows, desc, "row", enabled=self.progress)
         out = []
-        for batch in iter_batches(source, batch_size):
-            out.append(model(batch))
-            bar.update(batch.num_rows)
-        bar.close()
+        with progress_bar(rows, desc, "row", enabled=self.progress) as bar:
+            for batch in iter_batches(source, batch_size):
+                out.append(model(batch))
+                bar.update(batch.num_rows)
         return pa.concat_tables(out) if out else pa.table({})
 
     def train_capacity(
@@ -137,9 +137,11 @@ class LocalExecutor(Executor):
                 bar.update(position[0] - bar.n)
 
         ctx.report = report_and_show  # type: ignore[method-assign]
-        with pinned_threads(resources_per_worker.threads()):
-            train_fn(ctx, config)
-        bar.close()
+        try:
+            with pinned_threads(resources_per_worker.threads()):
+                train_fn(ctx, config)
+        finally:
+            bar.close()
         metrics = ctx.history[-1] if ctx.history else {}
         checkpoint = ctx.last_checkpoint or ctx.load_checkpoint()
         return TrainResult(metrics=metrics, checkpoint=checkpoint, history=ctx.history)
@@ -176,30 +178,31 @@ class LocalExecutor(Executor):
         journal.write_text("".join(json.dumps(r, default=str) + "\n" for r in finished.values()))
         results = []
         configs = expand(space, num_samples, seed)
-        bar = progress_bar(len(configs), "trials", "trial", enabled=self.progress)
-        for config in configs:
+        with progress_bar(
+            len(configs), name.rsplit("-", 1)[0], "trial", enabled=self.progress
+        ) as bar:
+            for config in configs:
+                bar.update(len(results) - bar.n)
+                if _trial_id(config) in finished:
+                    results.append(finished[_trial_id(config)])
+                    continue
+                history: list[dict] = []
+                error = None
+                try:
+                    with pinned_threads(resources_per_trial.threads()):
+                        trainable(config, lambda m, h=history: h.append(plain_report(m)))
+                except Exception as e:  # a failed trial is a result, as under Tune
+                    error = f"{type(e).__name__}: {e}"
+                result = {
+                    "config": config,
+                    "metrics": history[-1] if history else {},
+                    "history": history,
+                    "error": error,
+                }
+                results.append(result)
+                with open(journal, "a") as f:
+                    f.write(json.dumps(result, default=str) + "\n")
             bar.update(len(results) - bar.n)
-            if _trial_id(config) in finished:
-                results.append(finished[_trial_id(config)])
-                continue
-            history: list[dict] = []
-            error = None
-            try:
-                with pinned_threads(resources_per_trial.threads()):
-                    trainable(config, lambda m, h=history: h.append(plain_report(m)))
-            except Exception as e:  # a failed trial is a result, as under Tune
-                error = f"{type(e).__name__}: {e}"
-            result = {
-                "config": config,
-                "metrics": history[-1] if history else {},
-                "history": history,
-                "error": error,
-            }
-            results.append(result)
-            with open(journal, "a") as f:
-                f.write(json.dumps(result, default=str) + "\n")
-        bar.update(len(results) - bar.n)
-        bar.close()
         return results
 
 

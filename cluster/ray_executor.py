@@ -194,7 +194,8 @@ class _RemoteBar:
     def __init__(self, total: float | None, desc: str, unit: str, enabled: bool):
         self.enabled = enabled
         self.actor = _Progress.remote() if enabled else None
-        self.bar = progress_bar(total, desc, unit, enabled=enabled)
+        self._bar_args = (total, desc, unit)
+        self.bar = None  # drawn from `with` on: its clock starts with the work
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
@@ -212,6 +213,7 @@ class _RemoteBar:
         self.bar.update(done - self.bar.n)
 
     def __enter__(self) -> _RemoteBar:
+        self.bar = progress_bar(*self._bar_args, enabled=self.enabled)
         if self.enabled:
             self._thread.start()
         return self
@@ -380,23 +382,27 @@ def _tune_space(space: dict, num_samples: int, seed: int) -> tuple[dict, int]:
     return out, num_samples
 
 
-def _trial_bar(total: int, enabled: bool):
-    """A Tune callback (it runs on the driver) counting finished trials on one bar."""
+def _trial_bar(total: int, desc: str, enabled: bool):
+    """A Tune callback (it runs on the driver) counting finished trials on one bar, from the
+    experiment's start (``setup``) to its end; ``close()`` ends it if Tune stopped early."""
     from ray import tune
 
     class TrialBar(tune.Callback):
         def __init__(self):
-            self.bar = None  # made on first use
+            self.bar = None  # made when the experiment starts (a restored one starts again)
 
         def _bar(self):
             if self.bar is None:
-                self.bar = progress_bar(total, "trials", "trial", enabled=enabled)
+                self.bar = progress_bar(total, desc, "trial", enabled=enabled)
             return self.bar
 
         def __getstate__(self):
-            # Tune pickles its run config (callbacks included) with the experiment state; a
-            # pickled tqdm bar unpickles broken (endless __getattr__ recursion on resume)
+            # Tune pickles its run config (callbacks included) with the experiment state; a bar
+            # holds the display's lock and is the driver's own
             return {**self.__dict__, "bar": None}
+
+        def setup(self, **info):
+            self._bar()
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._bar().update(1)
@@ -405,8 +411,12 @@ def _trial_bar(total: int, enabled: bool):
             self._bar().update(1)
 
         def on_experiment_end(self, trials, **info):
+            self.close()
+
+        def close(self):
             if self.bar is not None:
                 self.bar.close()
+                self.bar = None
 
     return TrialBar()
 
@@ -689,6 +699,9 @@ class RayExecutor(Executor):
             _named_trial(trainable, resources_per_trial.threads(), name), request
         )
         path = join_uri(storage_path, name)
+        trial_bar = _trial_bar(
+            len(expand(space, num_samples, seed)), name.rsplit("-", 1)[0], self.progress
+        )
         if resume and tune.Tuner.can_restore(path):
             if "://" in path and not path.startswith("file://") and not trust_store():
                 # Tuner.restore unpickles the experiment state: from an object store anyone
@@ -728,10 +741,13 @@ class RayExecutor(Executor):
                     name=name,
                     storage_path=storage_path,
                     verbose=0,
-                    callbacks=[_trial_bar(len(expand(space, num_samples, seed)), self.progress)],
+                    callbacks=[trial_bar],
                 ),
             )
-        grid = tuner.fit()
+        try:
+            grid = tuner.fit()
+        finally:
+            trial_bar.close()
         results = []
         for r in grid:
             rows = r.metrics_dataframe.to_dict("records") if r.metrics_dataframe is not None else []

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import ray
 
+from cluster import progress
+
 # Small machines: Ray's default object store (30% of RAM) starves torch; large arrays go through the
 # store's Parquet files, not the object store, so 2 GiB is plenty for the embedded case.
 EMBEDDED_OBJECT_STORE_BYTES = 2 << 30
@@ -313,6 +315,7 @@ def filter_ray_noise(drop: Sequence[bytes] = HARMLESS_RAY_LINES) -> None:
         stream.flush()  # what Python buffered so far goes out before the fd changes
     for fd in (1, 2):
         f = _LineFilter(fd, drop)
+        progress.remember_terminal(fd, f.original)  # isatty(fd) says no from here on
         f.start()
         _filters.append(f)
         atexit.register(f.stop)

@@ -21,8 +21,6 @@ import hashlib
 import json
 import shutil
 import socket
-import sys
-import threading
 import time
 import traceback
 import uuid
@@ -31,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cluster.progress import DISPLAY, progress_bar
 from cluster.resources import Resources
 from data.store import Artifact, ArtifactStore, OutputRef, join_uri
 from pipelines.config import ConfigError
@@ -39,16 +38,10 @@ from pipelines.fingerprint import code_fingerprint
 KINDS = ("task", "map", "infer", "train", "sweep")
 
 
-_PRINT_LOCK = threading.Lock()
-
-
 def print_line(line: str) -> None:
-    """``print`` for the step lines of concurrent steps: the text and its newline in one write
-    under a lock (``print`` writes them separately, so two steps starting at once printed
-    "[rcnn] proposals: running (map)[rcnn] pretrain_crops: running (task)" on one line)."""
-    with _PRINT_LOCK:
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
+    """``print`` for the step lines of concurrent steps: through the one progress display
+    (``cluster.progress``), text and newline in one write, never inside a bar's line."""
+    DISPLAY.print_line(line)
 
 
 @dataclass(frozen=True)
@@ -483,16 +476,21 @@ def run_steps(
                 # experiment under the same key would otherwise be resumed, i.e. not rerun
                 store.clear_work(pipeline, f"{s.name}-{keys[s.name]}")
             if s.kind == "task":
-                out = executor.run_task(
-                    _execute_in_writer,
-                    store.uri,
-                    artifacts[s.name],
-                    ctx,
-                    s.fn,
-                    dict(s.params),
-                    info,
-                    resources=s.resources,
-                )
+                # a single call has no count to show: its bar says it is running, and for how
+                # long (the step line says when it ends)
+                with progress_bar(
+                    None, s.name, "", enabled=getattr(executor, "progress", True), final=False
+                ):
+                    out = executor.run_task(
+                        _execute_in_writer,
+                        store.uri,
+                        artifacts[s.name],
+                        ctx,
+                        s.fn,
+                        dict(s.params),
+                        info,
+                        resources=s.resources,
+                    )
             else:
                 out = _execute_in_writer(
                     store.uri, artifacts[s.name], ctx, s.fn, dict(s.params), info
