@@ -73,6 +73,16 @@ def _driver_node_resource() -> dict[str, float]:
     return {key: 0.001} if ray.cluster_resources().get(key) else {}
 
 
+def _worker_resources(resources: Resources, gpus: float) -> dict:
+    """A Train worker's resource request: its CPUs, GPUs and memory (the step's estimate)."""
+    out: dict[str, float] = {"CPU": resources.cpus}
+    if gpus:
+        out["GPU"] = gpus
+    if resources.memory_mb:
+        out["memory"] = _capped_memory(resources.memory_mb * (1 << 20))
+    return out
+
+
 def _capped_memory(request: int) -> int:
     """A unit's memory request (bytes, from its step's own estimate), at most the largest live
     node's ``memory`` resource: a request no node can grant would wait for ever (a whole node it
@@ -535,6 +545,7 @@ class RayExecutor(Executor):
             compute=ray.data.ActorPoolStrategy(size=num_actors),
             num_cpus=opts["num_cpus"],
             num_gpus=opts["num_gpus"],
+            **({"memory": opts["memory"]} if "memory" in opts else {}),
         )
         try:
             with remote_bar:
@@ -593,10 +604,7 @@ class RayExecutor(Executor):
             scaling_config=ScalingConfig(
                 num_workers=num_workers,
                 use_gpu=gpus > 0,
-                resources_per_worker={
-                    "CPU": resources_per_worker.cpus,
-                    **({"GPU": gpus} if gpus else {}),
-                },
+                resources_per_worker=_worker_resources(resources_per_worker, gpus),
             ),
             run_config=RunConfig(
                 name=name,

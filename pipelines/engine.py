@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -154,14 +155,19 @@ class StepContext:
         *,
         batch_size: int,
         num_actors: int = 1,
+        memory_mb: int = 0,
     ):
-        """The predictor's output rows (``pa.Table``): see ``cluster.executor.Executor.infer``."""
+        """The predictor's output rows (``pa.Table``): see ``cluster.executor.Executor.infer``.
+        ``memory_mb``: each actor's memory request, from the step's own estimate."""
+        resources = self.resources
+        if memory_mb > resources.memory_mb:
+            resources = dataclasses.replace(resources, memory_mb=int(memory_mb))
         return self.executor.infer(
             source,
             predictor,
             predictor_kwargs,
             batch_size=batch_size,
-            resources=self.resources,
+            resources=resources,
             num_actors=num_actors,
             desc=self.step,
         )
@@ -174,14 +180,19 @@ class StepContext:
         num_workers: int = 1,
         max_failures: int = 0,
         part: str = "",
+        memory_mb: int = 0,
     ):
         """One Train run of this step, named after its key (and ``part``, for a step that runs
-        several: each resumes from its own checkpoints)."""
+        several: each resumes from its own checkpoints). ``memory_mb``: each worker's memory
+        request, from the step's own estimate (the step's resources ask at least that)."""
+        resources = self.resources
+        if memory_mb > resources.memory_mb:
+            resources = dataclasses.replace(resources, memory_mb=int(memory_mb))
         return self.executor.train(
             train_fn,
             config,
             num_workers=num_workers,
-            resources_per_worker=self.resources,
+            resources_per_worker=resources,
             storage_path=self.work_uri,
             name=f"{self.step}-{self.key}" + (f"-{part}" if part else ""),
             max_failures=max_failures,

@@ -25,6 +25,7 @@ import numpy as np
 
 from pipelines import registry
 from pipelines.config import ConfigError, remote_data_paths
+from pipelines.rcnn.common import features_actor_bytes, train_worker_bytes
 
 # Throughputs measured by benchmarks/ on the 2-core development machine, no GPU (README,
 # Benchmarks). CPU hours below are core-hours at these rates; no GPU rate has been measured yet.
@@ -250,7 +251,9 @@ def _rcnn(cfg, steps) -> dict[str, dict]:
                 "bytes_written": param_bytes,
                 # the workers memory-map the crop shards (issue 19): weights, gradients, momentum
                 # and a batch in the heap; the page cache holds what fits of the shards
-                "peak_task_bytes": param_bytes if weights else round(4 * param_bytes + 2 * batch),
+                "peak_task_bytes": param_bytes
+                if weights
+                else round(train_worker_bytes(param_bytes, batch)),
                 "note": "local ImageNet weights: nothing trained"
                 if weights
                 else f"{crops:.0f} crops read by each worker from the crop shards",
@@ -267,7 +270,7 @@ def _rcnn(cfg, steps) -> dict[str, dict]:
                 "tasks": cfg.finetune.num_workers,
                 "rows": its if enabled else 0,
                 "bytes_written": param_bytes,
-                "peak_task_bytes": round(4 * param_bytes + 2 * window_batch + decoded)
+                "peak_task_bytes": round(train_worker_bytes(param_bytes, window_batch, decoded))
                 if enabled
                 else None,
                 "note": f"{its} warped windows ({cfg.finetune.iterations} iterations)"
@@ -348,7 +351,7 @@ def _rcnn_features(step, cfg, idx, images, per_image, dims, param_bytes) -> dict
         "rows": round(rows),
         "bytes_written": round(total),
         # the actor's CNN plus one shard's features, concatenated once before the write
-        "peak_task_bytes": round(param_bytes + 2 * shard_feats),
+        "peak_task_bytes": round(features_actor_bytes(param_bytes, shard_feats)),
         "by_layer": {k: round(v) for k, v in by_layer.items()},
         "cpu_core_hours": rows / rate * 2 / 3600 if rate else None,
         "note": f"{shards} shards on {num_actors or 'auto'} actor(s); "

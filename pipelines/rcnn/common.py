@@ -77,6 +77,52 @@ def _build_model(model: str, model_kwargs: dict, num_outputs: int, state: dict |
     return net.eval()
 
 
+# ----------------------------------------------------------------------------------------------
+# memory requests (issue 19): each unit of work asks Ray for its own estimate, so concurrent
+# units never exhaust a node; `paperline plan` prints the same estimates (without the base)
+FLOAT32 = 4
+# what a worker process holds before its model and data: the interpreter, torch, pyarrow
+WORKER_BASE_BYTES = 512 << 20
+
+
+def train_worker_bytes(param_bytes: int, batch_bytes: int, decoded_bytes: int = 0) -> int:
+    """A training worker's peak: weights, gradients, momentum and the model's copy in flight
+    (4×), two minibatches (one training, one prepared ahead) and the images it keeps decoded."""
+    return 4 * param_bytes + 2 * batch_bytes + decoded_bytes
+
+
+def features_actor_bytes(param_bytes: int, shard_feature_bytes: int) -> int:
+    """A feature actor's peak: its CNN and one shard's features, concatenated once to write."""
+    return param_bytes + 2 * shard_feature_bytes
+
+
+def memory_request_mb(nbytes: int) -> int:
+    """Megabytes to ask Ray for: the estimate plus the worker's base."""
+    return -(-(WORKER_BASE_BYTES + int(nbytes)) // (1 << 20))
+
+
+def param_bytes(net) -> int:
+    return FLOAT32 * sum(p.numel() for p in net.parameters())
+
+
+def meta_net(model: str, model_kwargs: dict, num_outputs: int):
+    """The net built on torch's meta device: its shapes, no memory, no weights."""
+    import torch
+
+    from stages.models.registry import create
+
+    with torch.device("meta"):
+        net = create(model, **model_kwargs)
+        if net.num_outputs != num_outputs:
+            net.replace_head(num_outputs)
+    return net
+
+
+def meta_param_bytes(model: str, model_kwargs: dict, num_outputs: int) -> int:
+    """float32 parameter bytes of the net (built on the meta device)."""
+    return param_bytes(meta_net(model, model_kwargs, num_outputs))
+
+
 def create_size(model: str, model_kwargs: dict) -> int:
     return {"rcnn_alexnet": 227, "rcnn_vgg16": 224}.get(model, model_kwargs.get("input_size", 64))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,11 +19,16 @@ if TYPE_CHECKING:  # torch loads in the steps that use it, not with the pipeline
 from data.store import OutputRef
 from pipelines.engine import StepContext
 from pipelines.rcnn.common import (
+    FLOAT32,
     _classes,
     _objects_by_image,
     _proposals,
     _splits,
+    features_actor_bytes,
     load_model,
+    memory_request_mb,
+    meta_net,
+    param_bytes,
 )
 
 
@@ -187,6 +193,23 @@ def default_chunk(device: torch.device, amp: str = "none") -> int:
     return 64 if amp == "bf16" else 16
 
 
+def _actor_memory_mb(ctx: StepContext, layers: tuple[str, ...], images_per_shard: int) -> int:
+    """An actor's memory request: its CNN and one shard of the largest images' rows (ground
+    truth + proposals) in every cached layer."""
+    import torch
+
+    model_pt = ctx.input_dir("finetune") / "model.pt"
+    arch = torch.load(model_pt, mmap=True, weights_only=True)["arch"]
+    net = meta_net(arch["model"], arch["model_kwargs"], arch["num_outputs"])
+    counts = Counter(pq.read_table(ctx.input_dir("proposals") / "proposals.parquet",
+                                   columns=["image_id"])["image_id"].to_pylist())  # fmt: skip
+    # ground-truth rows too: a handful per image, next to ≈ 2000 proposals
+    per_image = max(counts.values(), default=0) + 64
+    dims = sum(net.feature_dims[x] for x in layers)
+    shard = images_per_shard * per_image * dims * FLOAT32
+    return memory_request_mb(features_actor_bytes(param_bytes(net), shard))
+
+
 def extract_features(
     ctx: StepContext,
     *,
@@ -228,6 +251,7 @@ def extract_features(
         kwargs,
         batch_size=images_per_shard,
         num_actors=num_actors,
+        memory_mb=_actor_memory_mb(ctx, layers, images_per_shard),
     )
     for files in result["files"].to_pylist():
         ctx.add_files(json.loads(files))

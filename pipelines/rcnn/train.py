@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # torch loads in the steps that use it, not with the pipeline
 
 from pipelines.engine import StepContext
 from pipelines.rcnn.common import (
+    FLOAT32,
     _classes,
     _objects_by_image,
     _proposals,
@@ -23,7 +24,11 @@ from pipelines.rcnn.common import (
     _splits,
     create_size,
     load_model,
+    memory_request_mb,
+    meta_param_bytes,
+    param_bytes,
     read_images,
+    train_worker_bytes,
 )
 
 
@@ -157,6 +162,11 @@ def pretrain(
     crops = ctx.inputs["crops"]
     num_classes = json.loads(crops.read_bytes("classes.json"))["num_classes"]
     examples = json.loads(crops.read_bytes("metrics.json"))["pretrain_examples"]
+    # the worker memory-maps the crop shards: its heap holds the net's state and two batches
+    size = create_size(model, model_kwargs)
+    worker = train_worker_bytes(
+        meta_param_bytes(model, model_kwargs, num_classes), batch_size * 3 * size**2 * FLOAT32
+    )
     result = ctx.train(
         pretrain_train_fn,
         {
@@ -171,6 +181,7 @@ def pretrain(
             "checkpoint_every_epochs": max(1, epochs // 3),  # each checkpoint costs seconds on Ray
         },
         num_workers=num_workers,
+        memory_mb=memory_request_mb(worker),
     )
     _save_model(
         ctx.out_dir / "model.pt",
@@ -249,6 +260,13 @@ def finetune(
         padding=padding,
         warp=warp,
     )
+    # a worker decodes every training image once and keeps it (uint8), beside the net's state
+    # and two minibatches of windows
+    worker = train_worker_bytes(
+        param_bytes(pretrained),
+        batch_size * 3 * pretrained.input_size**2 * FLOAT32,
+        decoded_bytes=sum(3 * w * h for w, h in sizes),
+    )
     result = ctx.train(
         finetune_train_fn,
         {
@@ -269,6 +287,7 @@ def finetune(
             "input_threads": max(2, int(ctx.resources.cpus)),
         },
         num_workers=num_workers,
+        memory_mb=memory_request_mb(worker),
     )
     _save_model(
         ctx.out_dir / "model.pt",

@@ -88,3 +88,66 @@ def test_a_memory_request_no_node_can_grant_is_capped_to_the_largest_node(monkey
     assert ex._options(Resources(memory_mb=40_000))["memory"] == 16 * 2**30  # the largest node
     monkeypatch.setattr(state.state, "get_cluster_config", lambda: object())  # autoscaler
     assert ex._options(Resources(memory_mb=40_000))["memory"] == 40_000 * 2**20
+
+
+def test_train_workers_and_feature_actors_ask_for_their_steps_estimate(monkeypatch, tmp_path):
+    """Issue 19: a Train worker's request carries the step's memory estimate (capped as tasks'
+    are), and ``StepContext.train``/``infer`` raise the step's request to the estimate they pass."""
+    import ray
+    from ray._private import state
+
+    from cluster import ray_executor
+    from cluster.resources import Resources
+    from pipelines.engine import StepContext
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 2.0, "memory": 8.0 * 2**30}}]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    monkeypatch.setattr(state.state, "get_cluster_config", lambda: None)
+    worker = ray_executor._worker_resources
+    assert worker(Resources(cpus=2), 0) == {"CPU": 2}
+    assert worker(Resources(cpus=1, memory_mb=3000), 1.0) == {
+        "CPU": 1,
+        "GPU": 1.0,
+        "memory": 3000 * 2**20,
+    }
+    assert worker(Resources(cpus=1, memory_mb=20_000), 0)["memory"] == 8 * 2**30
+
+    seen = []
+
+    class Recorder:
+        def train(self, fn, config, *, resources_per_worker, **kw):
+            seen.append(resources_per_worker)
+
+        def infer(self, source, predictor, kwargs, *, resources, **kw):
+            seen.append(resources)
+
+    ctx = StepContext(pipeline="p", step="s", key="k", inputs={}, out_dir=tmp_path,
+                      resources=Resources(cpus=2, memory_mb=1000), work_uri=str(tmp_path),
+                      executor=Recorder())  # fmt: skip
+    ctx.train(print, {}, memory_mb=2500)
+    ctx.train(print, {}, memory_mb=500)  # below the step's own request: the step's stands
+    ctx.infer(None, object, {}, batch_size=1, memory_mb=1800)
+    assert [r.memory_mb for r in seen] == [2500, 1000, 1800]
+    assert all(r.cpus == 2 for r in seen)
+
+
+def test_rcnn_memory_estimates_match_the_plan_formulas():
+    """The estimates the R-CNN steps ask for are the ones `paperline plan` prints (plus a
+    worker's base): AlexNet fine-tuning on VOC-sized images, by hand."""
+    from pipelines.rcnn.common import (
+        WORKER_BASE_BYTES,
+        features_actor_bytes,
+        memory_request_mb,
+        meta_param_bytes,
+        train_worker_bytes,
+    )
+
+    params = meta_param_bytes("rcnn_alexnet", {}, 21)
+    # conv1-5 2,469,696 + fc6 37,752,832 + fc7 16,781,312 + the 21-way head 86,037, float32
+    assert params == 4 * 57_089_877
+    batch = 128 * 3 * 227 * 227 * 4
+    decoded = 5011 * 500 * 375 * 3
+    assert train_worker_bytes(params, batch, decoded) == 4 * params + 2 * batch + decoded
+    assert features_actor_bytes(params, 10 << 20) == params + (20 << 20)
+    assert memory_request_mb(0) == WORKER_BASE_BYTES >> 20
+    assert memory_request_mb(1) == (WORKER_BASE_BYTES >> 20) + 1  # rounded up
