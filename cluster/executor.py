@@ -15,7 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import pyarrow as pa
 
-from cluster.progress import progress_bar  # noqa: F401 - the executors' bars
+from cluster.progress import bar_desc, progress_bar  # noqa: F401 - the executors' bars
 from cluster.resources import Resources
 
 

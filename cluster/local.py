@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from cluster.executor import (
     Executor,
     TrainResult,
+    bar_desc,
     plain_report,
     progress_bar,
     train_position,
@@ -126,7 +127,7 @@ class LocalExecutor(Executor):
 
         ctx = LocalTrainContext(checkpoint_dir=Path(storage_path) / name / "local")
         unit, total = train_total(config)
-        bar = progress_bar(total, name.rsplit("-", 1)[0], unit, enabled=self.progress)
+        bar = progress_bar(total, bar_desc(name), unit, enabled=self.progress)
         report = ctx.report
 
         def report_and_show(metrics: dict, checkpoint: dict | None = None) -> None:
@@ -178,9 +179,7 @@ class LocalExecutor(Executor):
         journal.write_text("".join(json.dumps(r, default=str) + "\n" for r in finished.values()))
         results = []
         configs = expand(space, num_samples, seed)
-        with progress_bar(
-            len(configs), name.rsplit("-", 1)[0], "trial", enabled=self.progress
-        ) as bar:
+        with progress_bar(len(configs), bar_desc(name), "trial", enabled=self.progress) as bar:
             for config in configs:
                 bar.update(len(results) - bar.n)
                 if _trial_id(config) in finished:

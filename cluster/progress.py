@@ -16,6 +16,7 @@ replaces ended up drawn once every 30 s, at one shared position, or not at all).
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 import time
@@ -65,6 +66,12 @@ def columns(stream) -> int:
     return width if width > 0 else DEFAULT_COLUMNS
 
 
+def bar_desc(name: str) -> str:
+    """A Train run's or Tune experiment's bar label from its name, ``<step>-<16-hex key>[-part]``:
+    the step and the part (``train_learned-2f597ad24cbbca1d-runs5`` → ``train_learned runs5``)."""
+    return re.sub(r"-[0-9a-f]{16}(?=-|$)", "", name).replace("-", " ")
+
+
 def clock(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     hours, rest = divmod(seconds, 3600)
@@ -94,6 +101,7 @@ class Bar:
         self.n: float = 0
         self.start = display.now()
         self.last_line = float("-inf")  # off a terminal: when this bar's line was last printed
+        self.n_at_line: float = 0  # and at what count
 
     def update(self, n: float = 1) -> None:
         with self.display.lock:
@@ -236,14 +244,19 @@ class Display:
                 self._draw(stream, now)
                 return
             for b in self._shown(now):
-                if now - b.last_line >= LINE_INTERVAL_S:
-                    b.last_line = now
+                # a line when due and something moved: queued or stalled work (8 Train jobs on
+                # 2 CPUs) would repeat "0/5 run" every interval; a running indicator has no count
+                moved = b.n != b.n_at_line if b.unit else True
+                if now - b.last_line >= LINE_INTERVAL_S and moved:
+                    b.last_line, b.n_at_line = now, b.n
                     self._write(self.stderr, b.line(now) + "\n")
 
     def _draw(self, stream, now: float) -> None:
         shown = self._shown(now)
         if not shown and not self.drawn:
             return
+        # bars under way first: what is left of a narrow terminal goes to those that move
+        shown.sort(key=lambda b: b.n <= 0)
         text = " │ ".join(b.status(now) for b in shown)
         width = columns(stream) - 1
         if len(text) > width:

@@ -23,6 +23,7 @@ import ray
 from cluster.executor import (
     Executor,
     TrainResult,
+    bar_desc,
     plain_report,
     progress_bar,
     train_position,
@@ -595,7 +596,7 @@ class RayExecutor(Executor):
             )
         gpus = resources_per_worker.resolve_gpus(self.cluster_gpus())
         unit, total = train_total(config)
-        remote_bar = _RemoteBar(total, name.rsplit("-", 1)[0], unit, self.progress)
+        remote_bar = _RemoteBar(total, bar_desc(name), unit, self.progress)
         trainer = TorchTrainer(
             functools.partial(
                 _train_loop, train_fn, resources_per_worker.threads(), remote_bar.actor
@@ -707,9 +708,7 @@ class RayExecutor(Executor):
             _named_trial(trainable, resources_per_trial.threads(), name), request
         )
         path = join_uri(storage_path, name)
-        trial_bar = _trial_bar(
-            len(expand(space, num_samples, seed)), name.rsplit("-", 1)[0], self.progress
-        )
+        trial_bar = _trial_bar(len(expand(space, num_samples, seed)), bar_desc(name), self.progress)
         if resume and tune.Tuner.can_restore(path):
             if "://" in path and not path.startswith("file://") and not trust_store():
                 # Tuner.restore unpickles the experiment state: from an object store anyone

@@ -187,3 +187,46 @@ def test_engine_shows_a_running_task_and_a_map_bar_off_a_terminal(tmp_path, caps
     assert "waits: running, 00:00" in err  # the task's indicator, every interval
     assert [x for x in err.splitlines() if x.startswith("sleeping: 3/3 item in")]
     assert "waits:" not in err.split("sleeping")[-1]  # the indicator closed with its step
+
+
+def test_off_a_terminal_queued_bars_stay_quiet_until_they_move(capsys):
+    """Eight Train jobs on 2 CPUs: the waiting ones must not print "0/5 run" every interval."""
+    t = Clock()
+    d = Display(5, now=t, tick=False)
+    waiting = d.bar(5, "train_learned runs5", "run")
+    moving = d.bar(4, "train_supervised runs5", "run")
+    for _ in range(3):
+        t.t += 30
+        moving.update(1)
+        d.refresh()
+    assert capsys.readouterr().err.splitlines() == [
+        f"train_supervised runs5: {k}/4 run ({25 * k}%), {clock(30 * k)} elapsed, "
+        f"ETA {clock(30 * (4 - k))}"
+        for k in (1, 2, 3)
+    ]
+    waiting.update(0.5)
+    t.t += 30
+    d.refresh()
+    assert (
+        capsys.readouterr().err
+        == "train_learned runs5: 0.5/5 run (10%), 02:00 elapsed, ETA 18:00\n"
+    )
+
+
+def test_on_a_terminal_bars_under_way_come_first(pty_stdout):
+    t = Clock()
+    d = tty_display(pty_stdout, 0, t)
+    d.bar(5, "queued", "run")
+    d.bar(4, "moving", "run").update(1)
+    t.t += 1
+    d.refresh()
+    assert pty_stdout() == "\r\x1b[Kmoving 1/4 run 25% [00:01<00:03] │ queued 0/5 run 0% [00:01<?]"
+
+
+def test_bar_labels_drop_the_step_key():
+    from cluster.progress import bar_desc
+
+    assert bar_desc("train_learned-2f597ad24cbbca1d-runs5") == "train_learned runs5"
+    assert bar_desc("finetune-c77306604c66ef28") == "finetune"
+    assert bar_desc("width_sweep-3fb8d7f869c75bbe") == "width_sweep"
+    assert bar_desc("detect-nobb") == "detect nobb"  # no key: the name as it is
