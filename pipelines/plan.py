@@ -342,6 +342,7 @@ def _rcnn_features(step, cfg, idx, images, per_image, dims, param_bytes) -> dict
     rows = per_image * sum(images.values())
     shard_feats = per_shard * per_image * sum(dims[x] for x in layers) * FLOAT32
     c = cfg.cnn
+    crops = (step.fn.keywords.get("chunk") or 256) * 3 * c.input_size**2 * FLOAT32
     measured = c.model != "rcnn_small" or c.small_widths == (16, 32, 64, 128)
     rate = FEATURE_CROPS_PER_S_2CORES.get((c.model, c.input_size)) if measured else None
     if f.get("amp", "none") != "none":  # measured in float32 only here
@@ -351,7 +352,7 @@ def _rcnn_features(step, cfg, idx, images, per_image, dims, param_bytes) -> dict
         "rows": round(rows),
         "bytes_written": round(total),
         # the actor's CNN plus one shard's features, concatenated once before the write
-        "peak_task_bytes": round(features_actor_bytes(param_bytes, shard_feats)),
+        "peak_task_bytes": round(features_actor_bytes(param_bytes, shard_feats, crops)),
         "by_layer": {k: round(v) for k, v in by_layer.items()},
         "cpu_core_hours": rows / rate * 2 / 3600 if rate else None,
         "note": f"{shards} shards on {num_actors or 'auto'} actor(s); "

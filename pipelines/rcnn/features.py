@@ -193,9 +193,11 @@ def default_chunk(device: torch.device, amp: str = "none") -> int:
     return 64 if amp == "bf16" else 16
 
 
-def _actor_memory_mb(ctx: StepContext, layers: tuple[str, ...], images_per_shard: int) -> int:
-    """An actor's memory request: its CNN and one shard of the largest images' rows (ground
-    truth + proposals) in every cached layer."""
+def _actor_memory_mb(
+    ctx: StepContext, layers: tuple[str, ...], images_per_shard: int, chunk: int
+) -> int:
+    """An actor's memory request: its CNN, one shard of the largest images' rows (ground truth +
+    proposals) in every cached layer, and a chunk of crops (a GPU's default chunk, the larger)."""
     import torch
 
     model_pt = ctx.input_dir("finetune") / "model.pt"
@@ -207,7 +209,8 @@ def _actor_memory_mb(ctx: StepContext, layers: tuple[str, ...], images_per_shard
     per_image = max(counts.values(), default=0) + 64
     dims = sum(net.feature_dims[x] for x in layers)
     shard = images_per_shard * per_image * dims * FLOAT32
-    return memory_request_mb(features_actor_bytes(param_bytes(net), shard))
+    crops = (chunk or 256) * 3 * net.input_size**2 * FLOAT32
+    return memory_request_mb(features_actor_bytes(param_bytes(net), shard, crops))
 
 
 def extract_features(
@@ -251,7 +254,7 @@ def extract_features(
         kwargs,
         batch_size=images_per_shard,
         num_actors=num_actors,
-        memory_mb=_actor_memory_mb(ctx, layers, images_per_shard),
+        memory_mb=_actor_memory_mb(ctx, layers, images_per_shard, chunk),
     )
     for files in result["files"].to_pylist():
         ctx.add_files(json.loads(files))

@@ -149,5 +149,7 @@ def test_rcnn_memory_estimates_match_the_plan_formulas():
     decoded = 5011 * 500 * 375 * 3
     assert train_worker_bytes(params, batch, decoded) == 4 * params + 2 * batch + decoded
     assert features_actor_bytes(params, 10 << 20) == params + (20 << 20)
+    crops = 256 * 3 * 227 * 227 * 4  # a GPU's chunk: the warped crops and first activations
+    assert features_actor_bytes(params, 10 << 20, crops) == params + (20 << 20) + 3 * crops
     assert memory_request_mb(0) == WORKER_BASE_BYTES >> 20
     assert memory_request_mb(1) == (WORKER_BASE_BYTES >> 20) + 1  # rounded up
