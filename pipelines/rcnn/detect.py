@@ -774,11 +774,11 @@ def detect(
     mem = _memory_mb(max(rows, default=0), row_bytes, fixed_bytes)
     thresholds = None
     if max_per_set_per_image:  # rcnn_test.m: max_per_set = 40 × #images per class, before NMS
-        parts = _map(ctx, functools.partial(fn, scores_only=True), pairs, mem, "detect: caps")
+        parts = _map(ctx, functools.partial(fn, scores_only=True), pairs, mem, f"{ctx.step}: caps")
         per_class = [np.concatenate([p[k] for p in parts]) for k in range(len(classes))]
         thresholds = set_thresholds(per_class, max_per_set_per_image * len(sizes))
         fn = functools.partial(fn, min_scores=thresholds)
-    tables = _map(ctx, fn, pairs, mem, "detect")
+    tables = _map(ctx, fn, pairs, mem, ctx.step)
     table = pa.concat_tables([t for t in tables if t.num_rows] or [DETECTIONS_SCHEMA.empty_table()])
     pq.write_table(table, ctx.out_dir / "detections.parquet")
     info = {"detections": table.num_rows}
