@@ -15,6 +15,7 @@ replaces ended up drawn once every 30 s, at one shared position, or not at all).
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import sys
@@ -281,6 +282,15 @@ class Display:
             if stream is not None:
                 self._draw(stream, now)
 
+    def finish(self) -> None:
+        """At exit (an interrupted run leaves bars open): clear the status line, so the shell's
+        prompt does not start after it."""
+        with self.lock:
+            stream = self._status_stream()
+            if stream is not None and self.drawn:
+                self._write(stream, "\r\x1b[K")
+                self.drawn = False
+
 
 class _Off:
     """The bar of a display that is off: counts, draws nothing."""
@@ -302,6 +312,7 @@ class _Off:
 
 
 DISPLAY = Display()
+atexit.register(DISPLAY.finish)
 
 
 def progress_bar(total, desc: str, unit: str, *, enabled: bool = True, final: bool = True):

@@ -132,6 +132,11 @@ def test_on_a_terminal_bars_share_one_status_line_and_step_lines_clear_it(pty_st
     assert pty_stdout() == "\r\x1b[Kpretrain: 30/30 epoch in 31.4 s (1.05 s/epoch)\n"
     d.refresh()
     assert pty_stdout() == ""  # nothing open, nothing drawn
+    d.bar(3, "interrupted", "item")
+    t.t += 6
+    d.refresh()
+    d.finish()  # at exit with a bar still open: the status line is cleared for the prompt
+    assert pty_stdout().endswith("interrupted 0/3 item 0% [00:06<?]\r\x1b[K")
     assert d.stderr.getvalue() == ""
 
 
