@@ -427,20 +427,21 @@ def _box_rows(s: dict, gt: dict[str, dict], min_iou: float) -> tuple[np.ndarray,
 PAIR_COLUMNS = ("features", "proposals", "targets", "ious")
 
 
-def _column(a: np.ndarray) -> pa.Array:
-    """A numpy column as Arrow without changing a bit: 2-D as fixed-size lists of its dtype."""
-    if a.ndim == 1:
-        return pa.array(a)
-    return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), a.shape[1])
+def _pairs_table(cols: dict[str, np.ndarray]) -> pa.Table:
+    """The pairs as the feature cache lays matrices out: 2-D columns as fixed-size binary rows
+    (≈ 6× faster to read than Parquet fixed-size lists, stages/detection/features.py), bit for
+    bit; 1-D columns as they are."""
+    from stages.detection.features import matrix_array, matrix_field
 
-
-def _array(col: pa.ChunkedArray) -> np.ndarray:
-    """`_column`'s inverse."""
-    if pa.types.is_fixed_size_list(col.type):
-        width = col.type.list_size
-        flat = pa.concat_arrays([c.flatten() for c in col.chunks]) if col.num_chunks else []
-        return np.asarray(flat).reshape(-1, width)
-    return col.to_numpy()
+    fields, arrays = [], []
+    for k, v in cols.items():
+        if v.ndim == 2:
+            fields.append(matrix_field(k, v))
+            arrays.append(matrix_array(v))
+        else:
+            fields.append(pa.field(k, pa.from_numpy_dtype(v.dtype), nullable=False))
+            arrays.append(pa.array(v))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
 def _bbox_pass(item: tuple, *, gt: dict[str, dict], min_iou: float, out, num_classes: int) -> dict:
@@ -456,11 +457,11 @@ def _bbox_pass(item: tuple, *, gt: dict[str, dict], min_iou: float, out, num_cla
     order = np.argsort(cls, kind="stable")
     cols = {"cls": cls[order].astype(np.int32), "features": s["features"][rows[order]],
             "proposals": s["boxes"][rows[order]], "targets": targets[order], "ious": ious[order]}  # fmt: skip
-    table = pa.table({k: _column(v) for k, v in cols.items()})
+    table = _pairs_table(cols)
     counts = np.bincount(cols["cls"], minlength=num_classes)
 
     def write(dest):
-        with pq.ParquetWriter(dest, table.schema) as w:
+        with pq.ParquetWriter(dest, table.schema, compression="none") as w:
             start = 0
             for n in counts[counts > 0]:
                 w.write_table(table.slice(start, int(n)), row_group_size=int(n))
@@ -487,8 +488,15 @@ def _class_pairs(out, parts: list[dict], c: int) -> dict[str, np.ndarray]:
                 if pf.metadata.row_group(g).column(0).statistics.min == c
             ]  # fmt: skip
             pieces.append(pf.read_row_groups(groups, columns=list(PAIR_COLUMNS)))
+    from stages.detection.features import matrix_from
+
     table = pa.concat_tables(pieces)
-    return {k: _array(table[k]) for k in PAIR_COLUMNS}
+    return {
+        k: matrix_from(table[k], table.schema.field(k))
+        if pa.types.is_fixed_size_binary(table[k].type)
+        else table[k].to_numpy()
+        for k in PAIR_COLUMNS
+    }
 
 
 def fit_box_regressors(

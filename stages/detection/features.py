@@ -183,6 +183,46 @@ def _features_from(array: pa.FixedSizeBinaryArray, field: pa.Field, path) -> np.
     return flat.reshape(-1, dim).astype(np.float32, copy=False)  # (N, D), a view when float32
 
 
+MATRIX_DTYPES = {"float16", "float32", "float64", "int32", "int64"}
+
+
+def matrix_field(name: str, a: np.ndarray) -> pa.Field:
+    """The cache's matrix layout for any 2-D array: one fixed-size binary value per row (the
+    layout the benchmark above reads fastest), its dtype and width in the field's metadata."""
+    if a.ndim != 2 or a.dtype.name not in MATRIX_DTYPES:
+        raise ValueError(f"{name}: a 2-D array of {sorted(MATRIX_DTYPES)}, got {a.dtype} {a.shape}")
+    meta = {"dtype": a.dtype.name, "dim": str(a.shape[1]), "layout": "row-major little-endian"}
+    return pa.field(name, pa.binary(a.shape[1] * a.dtype.itemsize), nullable=False, metadata=meta)
+
+
+def matrix_array(a: np.ndarray) -> pa.FixedSizeBinaryArray:
+    """``a``'s rows as fixed-size binary values, bit for bit (no copy when ``a`` is C-contiguous
+    little-endian)."""
+    a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+    width = a.shape[1] * a.dtype.itemsize
+    return pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(width), len(a), [None, pa.py_buffer(a.reshape(-1).view(np.uint8))]
+    )
+
+
+def matrix_from(column: pa.ChunkedArray | pa.Array, field: pa.Field) -> np.ndarray:
+    """``matrix_array``'s inverse, for a column of any number of chunks (one copy)."""
+    meta = {k.decode(): v.decode() for k, v in (field.metadata or {}).items()}
+    if meta.get("dtype") not in MATRIX_DTYPES or "dim" not in meta:
+        raise ValueError(f"column {field.name!r} lacks dtype/dim metadata: not a matrix column")
+    dim, dt = int(meta["dim"]), np.dtype(meta["dtype"]).newbyteorder("<")
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    parts = [
+        np.frombuffer(
+            c.buffers()[1], dtype=dt, count=len(c) * dim, offset=c.offset * dim * dt.itemsize
+        )
+        for c in chunks
+        if len(c)
+    ]
+    out = np.concatenate(parts) if parts else np.zeros(0, dt)
+    return out.reshape(-1, dim).astype(dt.newbyteorder("="), copy=len(parts) == 1)
+
+
 def read_feature_shard(path: str | PathLike, columns: Iterable[str] | None = None) -> dict:
     """Read a shard into numpy arrays keyed like `write_feature_shard`'s arguments.
 
