@@ -155,9 +155,10 @@ def _claims_section(ctx, rows, expressivity) -> list[str]:
     from pipelines import claims as core
     from pipelines.generalization import claims as gen
 
-    meta = json.loads((ctx.input_dir("dataset") / "meta.json").read_text())
-    n_train, n_test = meta["num_train"], meta["num_test"]
     results = []
+    if rows:  # the nets' data (a run of §5 or Theorem 1 alone has no dataset step)
+        meta = json.loads((ctx.input_dir("dataset") / "meta.json").read_text())
+        n_train, n_test = meta["num_train"], meta["num_test"]
     if any(r["experiment"] == "randomization" for r in rows):
         results += gen.randomization_claims(rows, n_train, n_test)
     if any(r["experiment"] == "corruption" for r in rows):

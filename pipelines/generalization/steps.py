@@ -183,7 +183,11 @@ def steps(cfg: GeneralizationConfig) -> list[Step]:
         Step(
             "report",
             write_report,
-            inputs=("dataset", *(s.name for s in out if s.name not in ("dataset", "randomize"))),
+            # the dataset only when a net trained on it (§5 and Theorem 1 read their own data)
+            inputs=(
+                *(["dataset"] if nets else []),
+                *(s.name for s in out if s.name not in ("dataset", "randomize")),
+            ),  # fmt: skip
             params=dict(experiments=tuple(e for e in EXPERIMENTS if e in want), toy_data=_toy(cfg)),
             # 2: first line names generated / toy data; n and seconds of §5 (issue 20); 3: claims
             # with intervals, cond(K) of §5 (issue 21)

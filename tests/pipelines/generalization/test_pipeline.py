@@ -240,3 +240,16 @@ def test_the_config_s_model_names_are_registered():
     from stages.models.registry import names
 
     assert set(MODELS) <= set(names())
+
+
+def test_section_5_or_theorem_1_alone_runs_to_its_report(ci_local):
+    """`--set experiments=min_norm` (the README's §5 command) once failed before any work: the
+    report read the nets' dataset step, which such a run does not have."""
+    tmp, kw, _ = ci_local
+    result = runner.run(
+        "generalization", "ci", {"experiments": "min_norm,expressivity"}, executor="local", **kw
+    )
+    assert "dataset" not in {m["step"] for m in result.manifest}
+    report = (result.run_dir / "report.md").read_text()
+    assert "Minimum-norm" in report or "minimum-norm" in report
+    assert (result.run_dir / "min_norm.parquet").exists()
