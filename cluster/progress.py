@@ -247,8 +247,10 @@ class Display:
             for b in self._shown(now):
                 # a line when due and something moved: queued or stalled work (8 Train jobs on
                 # 2 CPUs) would repeat "0/5 run" every interval; a running indicator has no count
+                # and a running indicator (no count) every 4 intervals: "still running" lines
                 moved = b.n != b.n_at_line if b.unit else True
-                if now - b.last_line >= LINE_INTERVAL_S and moved:
+                every = LINE_INTERVAL_S if b.unit else 4 * LINE_INTERVAL_S
+                if now - b.last_line >= every and moved:
                     b.last_line, b.n_at_line = now, b.n
                     self._write(self.stderr, b.line(now) + "\n")
 

@@ -93,11 +93,15 @@ def test_short_bars_and_running_indicators_leave_no_final_line(capsys):
     t.t += 3
     quick.close()  # shorter than the delay: its step lines say enough
     task = d.bar(None, "region_features", "", final=False)
-    t.t += 12
-    d.refresh()
-    t.t += 4
+    start = t.t
+    for elapsed in (12, 60, 140):  # "still running" every 2 minutes, not every 30 s
+        t.t = start + elapsed
+        d.refresh()
     task.close()
-    assert capsys.readouterr().err == "region_features: running, 00:12\n"
+    assert (
+        capsys.readouterr().err
+        == "region_features: running, 00:12\nregion_features: running, 02:20\n"
+    )
 
 
 def test_on_a_terminal_bars_share_one_status_line_and_step_lines_clear_it(pty_stdout):
