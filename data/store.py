@@ -33,6 +33,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 MARKER = "_COMPLETE.json"
 # A lock whose holder stopped refreshing it for this long is abandoned (its process died on another
@@ -166,6 +167,13 @@ class Artifact:
                 return f.read()
         except (FileNotFoundError, OSError):
             return None
+
+    def parquet_rows(self, name: str) -> int:
+        """Rows of one Parquet file of the artifact, from its footer alone (no copy of the file
+        or of the rest of the artifact)."""
+        store = ArtifactStore(self.store_uri)
+        with store.fs.open_input_file(f"{store.root}/{self.relpath}/{name}") as f:
+            return pq.ParquetFile(f).metadata.num_rows
 
     def copy_out(self, name: str, dest: Path) -> None:
         """Copy one file or folder of the artifact to ``dest`` (absent names are skipped)."""

@@ -135,13 +135,10 @@ def _save_model(
 ) -> None:
     import torch
 
-    torch.save(
-        {
-            "model": state,
-            "arch": {"model": model, "model_kwargs": model_kwargs, "num_outputs": num_outputs},
-        },
-        path,
-    )
+    arch = {"model": model, "model_kwargs": model_kwargs, "num_outputs": num_outputs}
+    torch.save({"model": state, "arch": arch}, path)
+    # the architecture alone, for a driver sizing work on the net without fetching its weights
+    path.with_name("arch.json").write_text(json.dumps(arch, sort_keys=True))
 
 
 def load_model(path: Path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -194,21 +193,19 @@ def default_chunk(device: torch.device, amp: str = "none") -> int:
 
 
 def _actor_memory_mb(
-    ctx: StepContext, layers: tuple[str, ...], images_per_shard: int, chunk: int
+    ctx: StepContext, layers: tuple[str, ...], images_per_shard: int, chunk: int, images: int
 ) -> int:
-    """An actor's memory request: its CNN, one shard of the largest images' rows (ground truth +
-    proposals) in every cached layer, and a chunk of crops (a GPU's default chunk, the larger)."""
-    import torch
-
-    model_pt = ctx.input_dir("finetune") / "model.pt"
-    arch = torch.load(model_pt, mmap=True, weights_only=True)["arch"]
+    """An actor's memory request: its CNN, one shard's rows (ground truth + proposals, 1.5× the
+    mean per image) in every cached layer, and a chunk of crops (a GPU's default chunk, the
+    larger). Sized from two small reads, never a copy of the weights or the proposals."""
+    arch_json = ctx.inputs["finetune"].read_bytes("arch.json")
+    if arch_json is None or not images:  # a model saved before arch.json: the step's request
+        return 0
+    arch = json.loads(arch_json)
     net = meta_net(arch["model"], arch["model_kwargs"], arch["num_outputs"])
-    counts = Counter(pq.read_table(ctx.input_dir("proposals") / "proposals.parquet",
-                                   columns=["image_id"])["image_id"].to_pylist())  # fmt: skip
-    # ground-truth rows too: a handful per image, next to ≈ 2000 proposals
-    per_image = max(counts.values(), default=0) + 64
+    per_image = 1.5 * ctx.inputs["proposals"].parquet_rows("proposals.parquet") / images + 64
     dims = sum(net.feature_dims[x] for x in layers)
-    shard = images_per_shard * per_image * dims * FLOAT32
+    shard = round(images_per_shard * per_image * dims * FLOAT32)
     crops = (chunk or 256) * 3 * net.input_size**2 * FLOAT32
     return memory_request_mb(features_actor_bytes(param_bytes(net), shard, crops))
 
@@ -254,7 +251,7 @@ def extract_features(
         kwargs,
         batch_size=images_per_shard,
         num_actors=num_actors,
-        memory_mb=_actor_memory_mb(ctx, layers, images_per_shard, chunk),
+        memory_mb=_actor_memory_mb(ctx, layers, images_per_shard, chunk, table.num_rows),
     )
     for files in result["files"].to_pylist():
         ctx.add_files(json.loads(files))

@@ -153,3 +153,27 @@ def test_rcnn_memory_estimates_match_the_plan_formulas():
     assert features_actor_bytes(params, 10 << 20, crops) == params + (20 << 20) + 3 * crops
     assert memory_request_mb(0) == WORKER_BASE_BYTES >> 20
     assert memory_request_mb(1) == (WORKER_BASE_BYTES >> 20) + 1  # rounded up
+
+
+def test_feature_actors_are_sized_from_arch_json_and_the_proposal_count():
+    """The features step sizes its actors from two small reads of its inputs (the net's
+    arch.json, the proposals' Parquet footer): by hand for AlexNet's pool5 + fc7 cache."""
+    import json
+    from types import SimpleNamespace
+
+    from pipelines.rcnn.common import WORKER_BASE_BYTES, meta_param_bytes
+    from pipelines.rcnn.features import _actor_memory_mb
+
+    arch = {"model": "rcnn_alexnet", "model_kwargs": {}, "num_outputs": 21}
+    finetune = SimpleNamespace(read_bytes=lambda name: json.dumps(arch).encode())
+    proposals = SimpleNamespace(parquet_rows=lambda name: 2000 * 100)  # 2,000 per image
+    ctx = SimpleNamespace(inputs={"finetune": finetune, "proposals": proposals})
+    mb = _actor_memory_mb(ctx, ("fc7", "pool5"), images_per_shard=8, chunk=0, images=100)
+    per_image = 1.5 * 2000 + 64
+    shard = round(8 * per_image * (4096 + 9216) * 4)
+    crops = 256 * 3 * 227 * 227 * 4
+    expected = meta_param_bytes("rcnn_alexnet", {}, 21) + 2 * shard + 3 * crops
+    assert mb == -(-(WORKER_BASE_BYTES + expected) // (1 << 20))
+    none = SimpleNamespace(read_bytes=lambda name: None)  # a model saved before arch.json
+    old = SimpleNamespace(inputs={"finetune": none, "proposals": proposals})
+    assert _actor_memory_mb(old, ("fc7",), 8, 0, 100) == 0  # the step's own request stands

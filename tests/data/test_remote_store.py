@@ -179,3 +179,20 @@ def test_paths_join_a_store_uri_before_its_query_string():
     )
     assert join_uri("/data/store/", "rcnn/svm/k") == "/data/store/rcnn/svm/k"
     assert Artifact("s3://bucket/store?region=x", "p/s/k").uri == "s3://bucket/store/p/s/k?region=x"
+
+
+def test_parquet_rows_reads_the_footer_without_copying_the_artifact(tmp_path):
+    """The features step sizes its actors from the proposals' row count: read from the store,
+    never a download of the artifact to the driver."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data.store import DOWNLOADS, ArtifactStore
+
+    store = ArtifactStore(tmp_path / "store")
+    art = store.artifact("p", "proposals", "k1")
+    with store.writer(art, {}) as out:
+        pq.write_table(pa.table({"image_id": ["a"] * 7 + ["b"] * 5}), out / "proposals.parquet")
+    before = len(DOWNLOADS)
+    assert art.parquet_rows("proposals.parquet") == 12
+    assert len(DOWNLOADS) == before
