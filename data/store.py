@@ -281,6 +281,19 @@ class OutputRef:
             return pafs.LocalFileSystem().open_input_file(str(Path(self.location) / self.name))
         return store.fs.open_input_file(f"{self.location}/{self.name}")
 
+    def delete(self) -> None:
+        """Remove this file, written through `write` by this step and read back: scratch that the
+        artifact does not keep (never added to the marker). A file already gone is no error, so a
+        retried step may delete again."""
+        store = ArtifactStore(self.store_uri)
+        if store.is_local:
+            (Path(self.location) / self.name).unlink(missing_ok=True)
+            return
+        try:
+            store.fs.delete_file(f"{self.location}/{self.name}")
+        except FileNotFoundError:
+            pass
+
 
 def filesystem_from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
     """``(filesystem, root path)`` of a non-local store URI (one place, for tests to stand in)."""

@@ -14,7 +14,13 @@ import pyarrow.parquet as pq
 
 from data.errors import DatasetError
 from pipelines.engine import StepContext
-from pipelines.rcnn.common import read_images
+from pipelines.rcnn.common import (
+    map_with_memory,
+    memory_request_mb,
+    proposals_task_bytes,
+    read_images,
+    search_pixels,
+)
 
 HOLDOUT_SPLIT = "holdout"  # the test split's name under data.holdout_fraction
 
@@ -242,7 +248,11 @@ def extract_proposals(
             resize_width_px=resize_width_px,
             max_per_image=max_per_image,
         )
-        results = [r for shard in ctx.map(fn, shards, desc="selective search") for r in shard]
+        # memory: the helper process searching each task's largest image (issue 19)
+        pixels = max(search_pixels(r["width"], r["height"], resize_width_px) for r in images)
+        mb = memory_request_mb(proposals_task_bytes(pixels))
+        done = map_with_memory(ctx, fn, shards, mb, "selective search")
+        results = [r for shard in done for r in shard]
         by_id = {image_id: (b, s) for image_id, b, s in results}
         boxes = [by_id[i][0] for i in ids]
         seconds = [by_id[i][1] for i in ids]

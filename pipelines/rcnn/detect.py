@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import threading
-from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +17,7 @@ from pipelines.rcnn.common import (
     _objects_by_image,
     _splits,
     load_model,
+    map_with_memory,
     read_images,
 )
 from pipelines.rcnn.features import Pool5Head, _identity, feature_shards, layer_source
@@ -36,6 +36,69 @@ def _import_solvers() -> None:
     with _SOLVER_IMPORT:
         import stages.detection.bbox_regression  # noqa: F401
         import stages.detection.svm  # noqa: F401
+
+
+def _pairs_table(cols: dict[str, np.ndarray]) -> pa.Table:
+    """The pairs as the feature cache lays matrices out: 2-D columns as fixed-size binary rows
+    (≈ 6× faster to read than Parquet fixed-size lists, stages/detection/features.py), bit for
+    bit; 1-D columns as they are."""
+    from stages.detection.features import matrix_array, matrix_field
+
+    fields, arrays = [], []
+    for k, v in cols.items():
+        if v.ndim == 2:
+            fields.append(matrix_field(k, v))
+            arrays.append(matrix_array(v))
+        else:
+            fields.append(pa.field(k, pa.from_numpy_dtype(v.dtype), nullable=False))
+            arrays.append(pa.array(v))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def _write_by_class(ref, cols: dict[str, np.ndarray], counts: np.ndarray) -> dict:
+    """Write ``cols`` (rows sorted by their first column, the class; ``counts (C,)`` rows per
+    class) through ``ref`` (an `OutputRef`), one row group per class present, uncompressed like
+    the cache; returns the file's marker entry."""
+    table = _pairs_table(cols)
+
+    def write(dest):
+        with pq.ParquetWriter(dest, table.schema, compression="none") as w:
+            start = 0
+            for n in counts[counts > 0]:
+                w.write_table(table.slice(start, int(n)), row_group_size=int(n))
+                start += int(n)
+            if not len(table):
+                w.write_table(table)
+
+    return ref.write(write)
+
+
+def _read_class(out, parts: list[dict], c: int, columns) -> dict[str, np.ndarray]:
+    """Class ``c``'s rows of the files `_write_by_class` wrote under ``out`` (each part: its
+    ``name`` and per-class ``counts``), in the parts' order: only that class's row groups are
+    read. Matrix columns come back as arrays, bit for bit."""
+    from stages.detection.features import matrix_from
+
+    pieces = []
+    for p in parts:
+        if not p["counts"][c]:
+            continue
+        with (out / p["name"]).open_input() as f:
+            pf = pq.ParquetFile(f)
+            groups = [
+                g for g in range(pf.num_row_groups)
+                if pf.metadata.row_group(g).column(0).statistics.min == c
+            ]  # fmt: skip
+            pieces.append(pf.read_row_groups(groups, columns=list(columns)))
+    if not pieces:
+        return {}
+    table = pa.concat_tables(pieces)
+    return {
+        k: matrix_from(table[k], table.schema.field(k))
+        if pa.types.is_fixed_size_binary(table[k].type)
+        else table[k].to_numpy()
+        for k in columns
+    }
 
 
 def _shard_rows(features_dir, split: str) -> list[int]:
@@ -61,10 +124,9 @@ def _row_bytes(features_dir, layer: str, transform) -> tuple[int, int]:
 
 
 def _map(ctx: StepContext, fn, items: list, memory_mb: int, desc: str) -> list:
-    """``ctx.map`` with a memory request from this map's own estimate (issue 19: 20 concurrent
-    class or shard tasks could exhaust a node). A request only schedules: it is not in the key."""
-    mb = max(ctx.resources.memory_mb, int(memory_mb))
-    return ctx.executor.map(fn, items, resources=replace(ctx.resources, memory_mb=mb), desc=desc)
+    """``ctx.map`` with a memory request from this map's own estimate (20 concurrent class or
+    shard tasks could exhaust a node): `map_with_memory`."""
+    return map_with_memory(ctx, fn, items, memory_mb, desc)
 
 
 def _memory_mb(rows: int, row_bytes: int, fixed_bytes: int = 0) -> int:
@@ -80,6 +142,7 @@ def _memory_mb(rows: int, row_bytes: int, fixed_bytes: int = 0) -> int:
 # previous round (stages/detection/svm.py "Rounds"), the per-class solvers in the step
 SVM_COLUMNS = ["image_ids", "box_index", "is_gt", "gt_class", "max_iou", "features"]
 IMAGE_BITS, BOX_BITS = 12, 20  # negative keys: (shard, image within shard, box) in one int64
+NEGATIVE_COLUMNS = ("image", "key", "features")  # a mining round's files, per class
 
 
 def _images(ids: np.ndarray) -> list[np.ndarray]:
@@ -89,21 +152,20 @@ def _images(ids: np.ndarray) -> list[np.ndarray]:
 
 def _negatives_of_image(
     s: dict, take, rows: np.ndarray, key_base: int, *, num_classes: int, neg_iou: float,
-    gt_negatives: bool, models=None, active: list[int] | None = None,
+    gt_negatives: bool, models, active: list[int],
 ) -> list[tuple[np.ndarray, np.ndarray]]:  # fmt: skip
-    """One image's negatives per class (``active`` ones, else all): ``(keys (n,), X (n, D))``, all
-    of them, or with ``models`` (`MiningModels` of ``active``) only the hard ones; ``take(rows)``
-    gives the features of shard rows."""
+    """One image's hard negatives for each class of ``active`` under ``models`` (their
+    `MiningModels`): ``(keys (n,), X (n, D))`` per class; ``take(rows)`` gives the features of
+    shard rows."""
     from stages.detection.svm import negative_mask, select_hard_negatives
 
     out = []
-    for k, c in enumerate(active if active is not None else range(num_classes)):
+    for k, c in enumerate(active):
         neg = negative_mask(s["max_iou"][rows, c], s["is_gt"][rows], neg_iou, gt_negatives)
         r = rows[neg]
         x = take(r)
-        if models is not None:
-            picked = select_hard_negatives(models, k, x)
-            r, x = r[picked], x[picked]
+        picked = select_hard_negatives(models, k, x)
+        r, x = r[picked], x[picked]
         out.append((key_base + s["box_index"][r].astype(np.int64), x))
     return out
 
@@ -115,6 +177,7 @@ def _svm_first_pass(item: tuple, *, transform, num_classes: int, neg_iou: float,
     round: all of them, unscaled since the scale is known only after this pass). Only these rows
     go through ``transform``."""
     from stages.detection.features import feature_norms, read_feature_shard
+    from stages.detection.svm import negative_mask
 
     index, path, sample_rows = item
     s = read_feature_shard(path, SVM_COLUMNS)
@@ -127,20 +190,33 @@ def _svm_first_pass(item: tuple, *, transform, num_classes: int, neg_iou: float,
     def take(rows):
         return T[np.searchsorted(needed, rows)]
 
-    kw = dict(num_classes=num_classes, neg_iou=neg_iou, gt_negatives=gt_negatives)
+    first_image = None
+    if len(first):  # its rows once, and which are each class's negatives (not a copy per class)
+        first_image = {
+            "keys": s["box_index"][first].astype(np.int64),
+            "features": take(first),
+            "negatives": np.stack([
+                negative_mask(s["max_iou"][first, c], s["is_gt"][first], neg_iou, gt_negatives)
+                for c in range(num_classes)
+            ]),
+        }  # fmt: skip
     return {
         "gt_features": take(gt_rows),
         "gt_class": s["gt_class"][gt_rows],
         "sample_norms": feature_norms(take(sample_rows)),  # N floats, not N × D
         "num_images": len(images),
-        "first_image": _negatives_of_image(s, take, first, 0, **kw) if len(first) else None,
+        "first_image": first_image,
     }
 
 
 def _svm_mining_pass(item: tuple, *, transform, scale: float, models, active: list[int],
-                     num_classes: int, neg_iou: float, gt_negatives: bool) -> list:  # fmt: skip
+                     num_classes: int, neg_iou: float, gt_negatives: bool, out) -> dict:  # fmt: skip
     """Pass 2, one shard of a round: its images from ``first_image`` on, transformed and scaled
-    once for every class, each class's hard negatives under ``models`` (one list per image)."""
+    once for every class, each class's hard negatives under ``models``, written to ``out /
+    negatives / part-NNNNN.parquet`` (one row group per class: the image's number in the shard,
+    the key, the scaled features; images in order). Returns the file's name, marker entry,
+    per-class counts and the images mined: what comes back by value, and what the object store
+    holds, does not grow with the negatives (issue 19)."""
     from stages.detection.features import read_feature_shard
 
     index, path, first_image = item
@@ -149,23 +225,52 @@ def _svm_mining_pass(item: tuple, *, transform, scale: float, models, active: li
     images = _images(s["image_ids"])
     if len(images) > 1 << IMAGE_BITS:
         raise ValueError(f"{path}: {len(images)} images in one shard; keys allow {1 << IMAGE_BITS}")
-    out = []
+    per_class: list[list] = [[] for _ in active]  # per class: (image, keys, X) per image
     for j, rows in enumerate(images[first_image:], start=first_image):
         base = ((index << IMAGE_BITS) + j) << BOX_BITS
-        out.append(
-            _negatives_of_image(
-                s,
-                X.__getitem__,
-                rows,
-                base,
-                num_classes=num_classes,
-                neg_iou=neg_iou,
-                gt_negatives=gt_negatives,
-                models=models,
-                active=active,
-            )
+        found = _negatives_of_image(
+            s,
+            X.__getitem__,
+            rows,
+            base,
+            num_classes=num_classes,
+            neg_iou=neg_iou,
+            gt_negatives=gt_negatives,
+            models=models,
+            active=active,
         )
-    return out
+        for k, (keys, x) in enumerate(found):
+            per_class[k].append((np.full(len(keys), j, np.int32), keys, x))
+    per_class_rows = [sum(len(i) for i, _, _ in p) for p in per_class]
+    cols = {
+        "cls": np.repeat(np.array(active, np.int32), per_class_rows),
+        "image": np.concatenate([i for p in per_class for i, _, _ in p]),
+        "key": np.concatenate([k for p in per_class for _, k, _ in p]),
+        "features": np.concatenate([x for p in per_class for _, _, x in p]).astype(np.float32),
+    }
+    counts = np.bincount(cols["cls"], minlength=num_classes)
+    name = f"negatives/part-{index:05d}.parquet"
+    return {"name": name, "file": _write_by_class(out / name, cols, counts), "counts": counts,
+            "images": list(range(first_image, len(images)))}  # fmt: skip
+
+
+def _add_round(miners: dict, out, parts: list[dict], dim: int) -> None:
+    """Add one round's hard negatives, as `_svm_mining_pass` wrote them, to every class's miner,
+    image by image in the round's order (an image without negatives still counts; the last one
+    ends the round); one class's rows read at a time, so the step holds one class's negatives of
+    the round. The classes are independent, so this is the order of mining image by image."""
+    images = np.array([(n << IMAGE_BITS) + j for n, p in enumerate(parts) for j in p["images"]])
+    for c, miner in miners.items():
+        rows = _read_class(out, parts, c, NEGATIVE_COLUMNS) or {
+            "image": np.zeros(0, np.int32), "key": np.zeros(0, np.int64),
+            "features": np.zeros((0, dim), np.float32),
+        }  # fmt: skip
+        part = np.repeat(np.arange(len(parts)), [int(p["counts"][c]) for p in parts])
+        at = (part << IMAGE_BITS) + rows["image"]  # ascending: parts in order, images in order
+        lo, hi = np.searchsorted(at, images, "left"), np.searchsorted(at, images, "right")
+        for i in range(len(images)):
+            miner.add_negatives(rows["key"][lo[i] : hi[i]], rows["features"][lo[i] : hi[i]],
+                                end_of_round=i == len(images) - 1)  # fmt: skip
 
 
 def mine_svms(
@@ -187,6 +292,7 @@ def mine_svms(
     retrain_after: int = 2000,
     row_bytes: int = 0,
     fixed_bytes: int = 0,
+    out,
 ) -> tuple[list[dict], float]:
     """Every class's SVM from two passes over ``shards`` (sorted, training split) whatever the
     number of classes, as ``rcnn_train.m`` mines "all classes at once (avoids loading feature
@@ -202,6 +308,12 @@ def mine_svms(
     the image that crossed ``retrain_after`` (stages/detection/svm.py "Rounds"); with one image
     per shard and ``round_shards=1`` the SVMs are those of per-class, per-image mining exactly.
     ``map_fn(fn, items, memory_mb, desc)`` runs the tasks (``ctx.map`` with a memory request).
+
+    A mining task writes its shard's hard negatives to a file under ``out`` (an `OutputRef`: the
+    step's artifact, from the task's node) and returns only their counts; the step reads them
+    back one class at a time and deletes the files after the round. Returned by value they
+    filled the object store with a shard's negatives of every class at once (at VOC2007's scale
+    in the early rounds, gigabytes per task) and the step's memory with them besides.
     """
     from stages.detection.features import norm_sample_plan, norm_scale
 
@@ -233,23 +345,23 @@ def mine_svms(
             ).start_mining(positives)  # fmt: skip
     active = sorted(miners)
     if active and first[0]["first_image"] is not None:  # round 0: R-CNN's first image
+        f = first[0]["first_image"]
         for c in active:
-            keys, x = first[0]["first_image"][c]
-            miners[c].add_negatives(keys, x * scale, end_of_round=True)
+            neg = f["negatives"][c]
+            miners[c].add_negatives(f["keys"][neg], f["features"][neg] * scale, end_of_round=True)
     work = [(0, shards[0], 1)] if first and first[0]["num_images"] > 1 else []
     work += [(i, shards[i], 0) for i in range(1, len(shards))]
+    dim = gt_X.shape[1]
     for start in range(0, len(work) if active else 0, round_shards):
         block = work[start : start + round_shards]
         fn = functools.partial(
             _svm_mining_pass, transform=transform, scale=scale,
-            models=MiningModels.of([miners[c] for c in active]), active=active, **kw,
+            models=MiningModels.of([miners[c] for c in active]), active=active, out=out, **kw,
         )  # fmt: skip
-        per_shard = map_fn(fn, block, mem, f"svm: mining round {start // round_shards + 1}")
-        images = [image for shard in per_shard for image in shard]
-        for n, image in enumerate(images):
-            for c, (keys, x) in zip(active, image, strict=True):
-                miners[c].add_negatives(keys, x, end_of_round=n == len(images) - 1)
-    dim = gt_X.shape[1]
+        parts = map_fn(fn, block, mem, f"svm: mining round {start // round_shards + 1}")
+        _add_round(miners, out, parts, dim)
+        for p in parts:  # scratch: the SVMs keep what they cached, the artifact none of it
+            (out / p["name"]).delete()
     results = []
     for c in range(num_classes):
         if c not in miners:
@@ -373,6 +485,7 @@ def train_svms(
         round_shards=round_shards,
         row_bytes=row_bytes,
         fixed_bytes=fixed_bytes,
+        out=ctx.output(""),
     )
     np.savez(
         ctx.out_dir / "svm.npz",
@@ -427,23 +540,6 @@ def _box_rows(s: dict, gt: dict[str, dict], min_iou: float) -> tuple[np.ndarray,
 PAIR_COLUMNS = ("features", "proposals", "targets", "ious")
 
 
-def _pairs_table(cols: dict[str, np.ndarray]) -> pa.Table:
-    """The pairs as the feature cache lays matrices out: 2-D columns as fixed-size binary rows
-    (≈ 6× faster to read than Parquet fixed-size lists, stages/detection/features.py), bit for
-    bit; 1-D columns as they are."""
-    from stages.detection.features import matrix_array, matrix_field
-
-    fields, arrays = [], []
-    for k, v in cols.items():
-        if v.ndim == 2:
-            fields.append(matrix_field(k, v))
-            arrays.append(matrix_array(v))
-        else:
-            fields.append(pa.field(k, pa.from_numpy_dtype(v.dtype), nullable=False))
-            arrays.append(pa.array(v))
-    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
-
-
 def _bbox_pass(item: tuple, *, gt: dict[str, dict], min_iou: float, out, num_classes: int) -> dict:
     """One pool5 shard: every class's App. C training pairs, written to ``out / pairs /
     part-NNNNN.parquet`` (rows grouped by class, one row group per class, original order within
@@ -457,46 +553,15 @@ def _bbox_pass(item: tuple, *, gt: dict[str, dict], min_iou: float, out, num_cla
     order = np.argsort(cls, kind="stable")
     cols = {"cls": cls[order].astype(np.int32), "features": s["features"][rows[order]],
             "proposals": s["boxes"][rows[order]], "targets": targets[order], "ious": ious[order]}  # fmt: skip
-    table = _pairs_table(cols)
-    counts = np.bincount(cols["cls"], minlength=num_classes)
-
-    def write(dest):
-        with pq.ParquetWriter(dest, table.schema, compression="none") as w:
-            start = 0
-            for n in counts[counts > 0]:
-                w.write_table(table.slice(start, int(n)), row_group_size=int(n))
-                start += int(n)
-            if not len(table):
-                w.write_table(table)
-
     name = f"pairs/part-{index:05d}.parquet"
+    counts = np.bincount(cols["cls"], minlength=num_classes)
     return {"sample_norms": feature_norms(s["features"][sample_rows]), "name": name, "counts": counts,
-            "file": (out / name).write(write)}  # fmt: skip
+            "file": _write_by_class(out / name, cols, counts)}  # fmt: skip
 
 
 def _class_pairs(out, parts: list[dict], c: int) -> dict[str, np.ndarray]:
-    """Class ``c``'s pairs from the files `_bbox_pass` wrote, in shard order: only its row
-    groups are read."""
-    pieces = []
-    for p in parts:
-        if not p["counts"][c]:
-            continue
-        with (out / p["name"]).open_input() as f:
-            pf = pq.ParquetFile(f)
-            groups = [
-                g for g in range(pf.num_row_groups)
-                if pf.metadata.row_group(g).column(0).statistics.min == c
-            ]  # fmt: skip
-            pieces.append(pf.read_row_groups(groups, columns=list(PAIR_COLUMNS)))
-    from stages.detection.features import matrix_from
-
-    table = pa.concat_tables(pieces)
-    return {
-        k: matrix_from(table[k], table.schema.field(k))
-        if pa.types.is_fixed_size_binary(table[k].type)
-        else table[k].to_numpy()
-        for k in PAIR_COLUMNS
-    }
+    """Class ``c``'s pairs from the files `_bbox_pass` wrote, in shard order."""
+    return _read_class(out, parts, c, PAIR_COLUMNS)
 
 
 def fit_box_regressors(

@@ -102,6 +102,13 @@ def _write_through_refs(ctx, *, fail: bool = False):
     result = ctx.infer(pa.table({"i": list(range(10))}), _ShardWriter, {"out": ctx.output("")},
                        batch_size=4)  # fmt: skip
     ctx.add_files({n: json.loads(m) for n, m in zip(*result.to_pydict().values(), strict=True)})
+    # scratch written the same way, read back and deleted (R-CNN's mining rounds): not kept
+    scratch = ctx.output("scratch/round.txt")
+    scratch.write(lambda p: p.write_text("hard negatives"))
+    with scratch.open_input() as f:
+        assert f.read() == b"hard negatives"
+    scratch.delete()
+    scratch.delete()  # a retried step deletes again: no error
     if fail:
         raise RuntimeError("after the remote writes")
     names = result["name"].to_pylist()
@@ -125,13 +132,15 @@ def test_files_remote_work_writes_join_the_artifact_hashed_once(
     monkeypatch.setattr(store_mod, "_sha256", lambda p: hashed.append(Path(p).name) or real_sha(p))
     steps = [Step("shards", _write_through_refs, kind="infer")]
     run_steps("toy", steps, store=store, executor=LocalExecutor(progress=False), log=lambda _: None)
-    # each part hashed once, by its writer; the publishing process hashed only its own file
-    assert len(hashed) == 4 and hashed[-1] == "summary.json", hashed
+    # each part (and the scratch file) hashed once, by its writer; the publishing process hashed
+    # only its own file
+    assert len(hashed) == 5 and hashed[-1] == "summary.json", hashed
     art = store.artifacts()[0]
     marker = store.marker(art)
     assert sorted(marker["files"]) == ["parts/000.txt", "parts/004.txt", "parts/008.txt",
                                        "summary.json"]  # fmt: skip
     assert (art.local_dir() / "parts" / "004.txt").read_text() == "4,5,6,7"
+    assert not list(tmp_path.rglob("round.txt"))  # the scratch file: gone from store and staging
     assert read(art, "summary.json")["read_back"] == ["0,1,2,3", "4,5,6,7", "8,9"]
     assert store.verify(art) == []
 

@@ -109,13 +109,15 @@ def test_norm_sample_plan_takes_the_rows_sample_rows_for_norm_reads(three_image_
 
 
 @pytest.mark.parametrize("mode", ["hnm", "all"])
-def test_one_image_per_round_gives_the_per_class_svms_bit_for_bit(one_image_shards, mode):
+def test_one_image_per_round_gives_the_per_class_svms_bit_for_bit(one_image_shards, mode,
+                                                                   tmp_path):  # fmt: skip
     """With one image per shard and one shard per round, the shared pass is R-CNN's per-image
     schedule: every class's weights, cache and number of trainings equal one pass per class
     (retrain_after = 40 so that classes retrain many times mid-pass)."""
     paths, rows, _ = one_image_shards
     got, scale = mine_svms(paths, rows, num_classes=3, map_fn=local_map, mode=mode,
-                           norm_sample_rows=300, seed=1, retrain_after=40, **SVM)  # fmt: skip
+                           out=_out(tmp_path), norm_sample_rows=300, seed=1, retrain_after=40,
+                           **SVM)  # fmt: skip
     assert scale == feature_norm_scale(sample_rows_for_norm(paths, 300, 1))
     for c, g in enumerate(got):
         ref = _train_class_svm(c, shards=paths, scale=scale, mode=mode, retrain_after=40, **SVM)
@@ -148,7 +150,7 @@ def _per_class_in_rounds(paths, c, scale, round_ends, retrain_after):
 
 
 def test_rounds_of_shards_equal_per_class_mining_that_retrains_at_the_rounds_ends(
-    three_image_shards,
+    three_image_shards, tmp_path
 ):
     """Nine shards of three images, two shards per round: round 0 is image 0; the next rounds are
     the rest of shard 0 with shard 1 (images 1-5), shards 2-3 (6-11), 4-5, 6-7, 8 (24-26). Each
@@ -156,7 +158,8 @@ def test_rounds_of_shards_equal_per_class_mining_that_retrains_at_the_rounds_end
     and differs from R-CNN's per-image schedule, which retrains mid-round."""
     paths, rows, _ = three_image_shards
     got, scale = mine_svms(paths, rows, num_classes=3, map_fn=local_map, round_shards=2,
-                           norm_sample_rows=300, retrain_after=40, **SVM)  # fmt: skip
+                           out=_out(tmp_path), norm_sample_rows=300, retrain_after=40,
+                           **SVM)  # fmt: skip
     round_ends = {0, 5, 11, 17, 23, 26}
     differs = 0
     for c, g in enumerate(got):
@@ -169,6 +172,73 @@ def test_rounds_of_shards_equal_per_class_mining_that_retrains_at_the_rounds_end
                                      **SVM)  # fmt: skip
         differs += not np.array_equal(per_image["coef"], g["coef"])
     assert differs >= 1  # the rounds change something here; the test above pins that 1 = none
+
+
+def test_mining_tasks_return_counts_and_their_negatives_go_through_files(
+    three_image_shards, tmp_path
+):
+    """A mining task writes its shard's hard negatives (a row group per class, the scaled
+    features bit for bit) and returns a few hundred bytes whatever their number; the step
+    deletes each round's files once read: nothing is left beside the artifact."""
+    import pickle
+
+    import pyarrow.parquet as pq
+
+    from pipelines.rcnn.detect import _read_class
+
+    paths, rows, _ = three_image_shards
+    out = _out(tmp_path)
+    seen = []
+
+    def spying_map(fn, items, memory_mb, desc):
+        results = [fn(item) for item in items]
+        if desc.startswith("svm: mining round"):
+            for item, r in zip(items, results, strict=True):
+                f = tmp_path / "staging" / r["name"]
+                meta = pq.ParquetFile(f).metadata
+                stats = [meta.row_group(g).column(0).statistics for g in range(meta.num_row_groups)]
+                per_class = [
+                    _read_class(out, [r], c, ("image", "key", "features")) for c in range(3)
+                ]
+                seen.append({
+                    "shard": item[0], "returned": len(pickle.dumps(r)), "rows": meta.num_rows,
+                    "bytes": f.stat().st_size, "counts": r["counts"].tolist(),
+                    "groups": [(st.min, st.max) for st in stats], "images": r["images"],
+                    "per_class": per_class,
+                })  # fmt: skip
+        return results
+
+    got, scale = mine_svms(paths, rows, num_classes=3, map_fn=spying_map, round_shards=2,
+                           out=out, norm_sample_rows=300, retrain_after=40, **SVM)  # fmt: skip
+    assert [s["shard"] for s in seen] == list(range(9))  # shard 0 from its second image on
+    assert [s["images"] for s in seen] == [[1, 2]] + [[0, 1, 2]] * 8
+    for s in seen:
+        assert s["rows"] == sum(s["counts"]) and s["returned"] < 1000
+        present = [c for c in range(3) if s["counts"][c]]
+        assert s["groups"] == [(c, c) for c in present]  # one row group per class, in order
+    assert sum(s["rows"] for s in seen) > 100 and max(s["bytes"] for s in seen) > 3000
+    assert not list((tmp_path / "staging").rglob("*.parquet"))  # scratch deleted
+    # the largest class's rows of one shard: the shard's features × the scale, bit for bit, its
+    # images in order, negatives of that class only
+    s, c = max(((s, c) for s in seen for c in range(3)), key=lambda sc: sc[0]["counts"][sc[1]])
+    got_rows = s["per_class"][c]
+    shard = feature_cache.read_feature_shard(paths[s["shard"]])
+    assert s["counts"][c] == len(got_rows["key"]) > 20 and np.all(np.diff(got_rows["image"]) >= 0)
+    box = (got_rows["key"] & ((1 << 20) - 1)).astype(np.int64)
+    image = (got_rows["key"] >> 20) & ((1 << 12) - 1)
+    np.testing.assert_array_equal(image, got_rows["image"])
+    ids = shard["image_ids"]
+    at = [
+        np.flatnonzero(ids == list(dict.fromkeys(ids))[j])[b]
+        for j, b in zip(image, box, strict=True)
+    ]
+    np.testing.assert_array_equal(got_rows["features"], shard["features"][at] * scale)
+    assert np.all(shard["max_iou"][at, c] < SVM["neg_iou"])
+    reference, _ = mine_svms(paths, rows, num_classes=3, map_fn=local_map, round_shards=2,
+                             out=_out(tmp_path / "ref"), norm_sample_rows=300, retrain_after=40,
+                             **SVM)  # fmt: skip
+    for a, b in zip(got, reference, strict=True):
+        np.testing.assert_array_equal(a["coef"], b["coef"])
 
 
 def test_box_regressors_from_one_pass_equal_one_pass_per_class(three_image_shards, tmp_path):
@@ -214,7 +284,7 @@ def test_shard_reads_do_not_grow_with_the_classes(tmp_path, monkeypatch, num_cla
 
     monkeypatch.setattr(feature_cache, "read_feature_shard", counting)
     svms, _ = mine_svms(paths, rows, num_classes=num_classes, map_fn=local_map, round_shards=2,
-                        norm_sample_rows=200, **SVM)  # fmt: skip
+                        out=_out(tmp_path / "svm"), norm_sample_rows=200, **SVM)  # fmt: skip
     assert sorted(reads) == sorted(paths * 2)
     assert sum(s["trained"] for s in svms) == len({c for o in gt.values() for c in o["cls"]}) >= 4
     reads.clear()
@@ -246,7 +316,8 @@ def test_on_ray_the_same_svms_and_regressors(three_image_shards, ray_executor, t
 
     kw = dict(num_classes=3, round_shards=2, norm_sample_rows=300, retrain_after=40, **SVM)
     (on_ray, s1), (local, s2) = (
-        mine_svms(paths, rows, map_fn=m, **kw) for m in (ray_map, local_map)
+        mine_svms(paths, rows, map_fn=m, out=_out(tmp_path / name), **kw)
+        for m, name in ((ray_map, "ray-svm"), (local_map, "local-svm"))
     )
     assert s1 == s2
     for a, b in zip(on_ray, local, strict=True):
@@ -260,7 +331,7 @@ def test_on_ray_the_same_svms_and_regressors(three_image_shards, ray_executor, t
         np.testing.assert_array_equal(a["coef"], b["coef"])
 
 
-def test_fc7_from_cached_pool5_once_per_shard(one_image_shards):
+def test_fc7_from_cached_pool5_once_per_shard(one_image_shards, tmp_path):
     """features.cache=pool5: the shared pass runs `Pool5Head` once per shard read (not once per
     class); its SVMs match per-class mining through the head to float tolerance (the head's
     products see other row blocks); a task's memory counts pool5, fc6, fc7 and the weights."""
@@ -280,7 +351,8 @@ def test_fc7_from_cached_pool5_once_per_shard(one_image_shards):
         return head(x)
 
     got, scale = mine_svms(paths, rows, num_classes=3, map_fn=local_map, transform=counted,
-                           norm_sample_rows=300, retrain_after=40, **SVM)  # fmt: skip
+                           out=_out(tmp_path), norm_sample_rows=300, retrain_after=40,
+                           **SVM)  # fmt: skip
     # pass 1 (its needed rows only) and the mining pass; shard 0's one image was round 0
     assert len(calls) == 2 * len(paths) - 1
     for c, g in enumerate(got):

@@ -110,3 +110,43 @@ def test_precomputed_proposals_give_the_same_recall(local_run, tmp_path):
     for key in ("proposal_recall_iou0.5", "proposal_recall_iou0.7", "proposals_per_image"):
         assert again.metrics[key] == result.metrics[key]
     assert (again.run_dir / "proposal_report.md").exists()
+
+
+def test_selective_search_tasks_request_memory_for_their_largest_image(local_run, tmp_path):
+    """Each selective-search task asks Ray for its worker, the helper process and 256 B per pixel
+    of the largest image searched (resized where proposals.resize_width_px says)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from cluster.resources import Resources
+    from pipelines.rcnn.common import proposals_task_bytes, search_pixels
+    from pipelines.rcnn.data import extract_proposals
+
+    assert search_pixels(500, 375) == 187_500
+    assert search_pixels(500, 375, 250) == 250 * 188  # 375 × 0.5 = 187.5, rounded half up
+    assert search_pixels(500, 375, 500) == 187_500
+    assert proposals_task_bytes(187_500) == (256 << 20) + 48_000_000
+    _, result = local_run
+    art = result.artifacts["dataset"]
+    rows = pq.read_table(art.local_dir() / "images.parquet").to_pylist()
+    seen = []
+
+    def fake_map(fn, items, resources, desc):  # what the search would return: no boxes
+        seen.append(resources)
+        return [[(r["image_id"], np.zeros((0, 4), np.float32), 0.0) for r in s] for s in items]
+
+    kw = dict(method="selective_search", mode="rcnn", base_k=50, inc_k=50, sigma=0.8,
+              min_width_px=20, max_per_image=0, precomputed_path="", images_per_task=2)  # fmt: skip
+    for resize in (0, 100):
+        ctx = SimpleNamespace(
+            input_dir=lambda name: art.local_dir(), input_file=lambda name: art.file(""),
+            executor=SimpleNamespace(map=fake_map), resources=Resources(cpus=1),
+            out_dir=tmp_path,
+        )  # fmt: skip
+        extract_proposals(ctx, resize_width_px=resize, **kw)
+        largest = max(search_pixels(r["width"], r["height"], resize) for r in rows)
+        want = -(-((1 << 30) + (256 << 20) + 256 * largest) // (1 << 20))
+        assert seen[-1] == Resources(cpus=1, memory_mb=want)
+    small, native = seen[-1].memory_mb, seen[0].memory_mb
+    assert 1280 <= small < native  # 1 GiB worker + 256 MiB helper, plus the pixels
