@@ -25,7 +25,11 @@ import numpy as np
 
 from pipelines import registry
 from pipelines.config import ConfigError, remote_data_paths
-from pipelines.rcnn.common import features_actor_bytes, train_worker_bytes
+from pipelines.rcnn.common import (
+    features_actor_bytes,
+    proposals_task_bytes,
+    train_worker_bytes,
+)
 
 # Throughputs measured by benchmarks/ on the 2-core development machine, no GPU (README,
 # Benchmarks). CPU hours below are core-hours at these rates; no GPU rate has been measured yet.
@@ -230,6 +234,9 @@ def _rcnn(cfg, steps) -> dict[str, dict]:
         "rows": round(props * n_images),
         "bytes_written": round(_proposal_bytes_per_row() * props * n_images),
         "cpu_core_hours": ss_s / 3600 if p.method == "selective_search" else None,
+        # the search's helper process on one image at a time (precomputed: the file is read in
+        # the step's process)
+        "peak_task_bytes": proposals_task_bytes(w * h) if p.method == "selective_search" else None,
         "note": f"≈{props:.0f} proposals per {w}x{h} image; {hours_note}",
     }
     for s in steps:
@@ -266,14 +273,19 @@ def _rcnn(cfg, steps) -> dict[str, dict]:
             # it decodes, kept as uint8 (stages.training.rcnn.ImageWindows)
             window_batch = cfg.finetune.batch_size * 3 * c.input_size**2 * FLOAT32
             decoded = idx["train"] * idx["size"][0] * idx["size"][1] * 3
+            # the window table (image index int64, box 4 × float32, label int64 per candidate
+            # window: ground truth and proposals of each training image), which the workers read
+            # from the artifact rather than from the Train config
+            windows = round(idx["train"] * per_image)
             out[s.name] = {
                 "tasks": cfg.finetune.num_workers,
                 "rows": its if enabled else 0,
-                "bytes_written": param_bytes,
+                "bytes_written": param_bytes + (32 * windows if enabled else 0),
                 "peak_task_bytes": round(train_worker_bytes(param_bytes, window_batch, decoded))
                 if enabled
                 else None,
-                "note": f"{its} warped windows ({cfg.finetune.iterations} iterations)"
+                "note": f"{its} warped windows ({cfg.finetune.iterations} iterations) drawn from "
+                f"{windows} candidates"
                 if enabled
                 else "no fine-tuning: the pretrained net",
             }

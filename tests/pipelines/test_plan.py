@@ -35,6 +35,11 @@ def test_plan_predicts_the_feature_cache_the_ci_run_writes(tmp_path):
     assert abs(predicted["rows"] / rows - 1) < 0.10, (predicted["rows"], rows)
     shards = len(list((art / "pool5").glob("*.parquet")))
     assert predicted["tasks"] == shards == 6  # 16 + 8 images, 4 per shard
+    # fine-tuning writes its weights and the candidate windows its workers read
+    tuned = _by_step(plan("rcnn", "ci", SHORT))["finetune"]
+    ft = result.artifacts["finetune"].local_dir()
+    written = sum(f.stat().st_size for f in ft.rglob("*") if f.is_file() and f.suffix != ".json")
+    assert abs(tuned["bytes_written"] / written - 1) < 0.10, (tuned, written)
 
 
 def test_voc2007_cache_matches_the_writers_bytes_per_row():
