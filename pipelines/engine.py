@@ -198,21 +198,38 @@ class StepContext:
             max_failures=max_failures,
         )
 
-    def train_capacity(self, num_workers: int = 1) -> int:
-        """Train runs of ``num_workers`` workers with this step's resources that fit at once."""
-        return self.executor.train_capacity(num_workers, self.resources)
+    def train_capacity(self, num_workers: int = 1, memory_mb: int = 0) -> int:
+        """Train runs of ``num_workers`` workers with this step's resources (and each worker's
+        ``memory_mb`` request, as `train` takes it) that fit at once."""
+        resources = self.resources
+        if memory_mb > resources.memory_mb:
+            resources = dataclasses.replace(resources, memory_mb=int(memory_mb))
+        return self.executor.train_capacity(num_workers, resources)
 
-    def sweep(self, trainable: Callable, space: dict, *, metric: str, mode: str, **kwargs):
+    def sweep(
+        self,
+        trainable: Callable,
+        space: dict,
+        *,
+        metric: str,
+        mode: str,
+        memory_mb: int = 0,
+        **kwargs,
+    ):
         """A Tune experiment under ``_work/`` named after the step's key: a step rerun after a
         crash restores it and runs only the trials that had not finished (or had failed);
-        ``--force`` deletes it first (``run_steps``)."""
+        ``--force`` deletes it first (``run_steps``). ``memory_mb``: each trial's memory
+        request, from the step's own estimate (the step's resources ask at least that)."""
         kwargs.setdefault("resume", True)
+        resources = self.resources
+        if memory_mb > resources.memory_mb:
+            resources = dataclasses.replace(resources, memory_mb=int(memory_mb))
         return self.executor.sweep(
             trainable,
             space,
             metric=metric,
             mode=mode,
-            resources_per_trial=self.resources,
+            resources_per_trial=resources,
             storage_path=self.work_uri,
             name=f"{self.step}-{self.key}",
             **kwargs,
@@ -436,6 +453,11 @@ def run_steps(
     order = topo_sort(steps)
     forced = descendants(order, force) if force else set()
     keys, artifacts = _keys_and_artifacts(pipeline, order, store)
+    # once, here, as the keys were: the manifest records the code the keys hash even if a file
+    # changes mid-run, and no step thread parses source (a step failed with CPython 3.11.7's
+    # "SystemError: AST constructor recursion depth mismatch" when files edited mid-run were
+    # parsed again in step threads while others ran)
+    codes = {s.name: code_fingerprint(s.fn) for s in order}
 
     manifest: dict[str, dict] = {}
     run_started = time.time()
@@ -468,7 +490,7 @@ def run_steps(
             "kind": s.kind,
             "key": keys[s.name],
             "version": s.version,
-            "code": code_fingerprint(s.fn),
+            "code": codes[s.name],
             "params": dict(s.params),
             "inputs": {a: keys[i] for a, i in s.input_pairs()},
             "run_dir": str(run_dir) if run_dir is not None else "",
@@ -518,7 +540,7 @@ def run_steps(
                 "kind": s.kind,
                 "key": keys[s.name],
                 "artifact": artifacts[s.name].relpath,
-                "code": code_fingerprint(s.fn),
+                "code": codes[s.name],
                 "status": "cached",
                 "wall_s": 0.0,
                 "resources": s.resources.to_dict(),
@@ -561,7 +583,7 @@ def run_steps(
                     "kind": s.kind,
                     "key": keys[s.name],
                     "artifact": artifacts[s.name].relpath,
-                    "code": code_fingerprint(s.fn),
+                    "code": codes[s.name],
                     "wall_s": wall,
                     "resources": s.resources.to_dict(),
                 }
