@@ -84,6 +84,17 @@ def _worker_resources(resources: Resources, gpus: float) -> dict:
     return out
 
 
+def _trial_resources(resources: Resources, gpus: float) -> dict:
+    """A Tune trial's request (``tune.with_resources``' dict): its CPUs, GPUs, memory (the step's
+    estimate, capped as tasks' are) and the driver's node where the step must run there."""
+    request = {"cpu": resources.cpus, "gpu": gpus}
+    if resources.memory_mb:
+        request["memory"] = _capped_memory(resources.memory_mb * (1 << 20))
+    if resources.driver_node:
+        request.update(_driver_node_resource())
+    return request
+
+
 def _capped_memory(request: int) -> int:
     """A unit's memory request (bytes, from its step's own estimate), at most the largest live
     node's ``memory`` resource: a request no node can grant would wait for ever (a whole node it
@@ -560,11 +571,16 @@ class RayExecutor(Executor):
         self, num_workers: int = 1, resources_per_worker: Resources = Resources()
     ) -> int:
         """Runs of ``num_workers`` workers that fit in the cluster's CPUs (and GPUs, when a worker
-        asks for some) at once, counting what the nodes have, not what is free now: runs beyond
-        what is free wait for it (never beyond a node's size, `_schedulable_cpus`)."""
-        cpus = float(ray.cluster_resources().get("CPU", 0.0))
+        asks for some, and memory when it asks for that) at once, counting what the nodes have,
+        not what is free now: runs beyond what is free wait for it (never beyond a node's size,
+        `_schedulable_cpus`)."""
+        total = ray.cluster_resources()
+        cpus = float(total.get("CPU", 0.0))
         per_run = num_workers * max(resources_per_worker.cpus, 1e-3)
         n = int(cpus // per_run)
+        if resources_per_worker.memory_mb:
+            request = _capped_memory(resources_per_worker.memory_mb * (1 << 20))
+            n = min(n, int(float(total.get("memory", 0.0)) // (num_workers * request)))
         gpus = resources_per_worker.resolve_gpus(self.cluster_gpus())
         if gpus:
             n = min(n, int(self.cluster_gpus() // (num_workers * gpus)))
@@ -701,9 +717,7 @@ class RayExecutor(Executor):
         # finished must not run that trial again on --resume.
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
         gpus = resources_per_trial.resolve_gpus(self.cluster_gpus())
-        request = {"cpu": resources_per_trial.cpus, "gpu": gpus}
-        if resources_per_trial.driver_node:
-            request.update(_driver_node_resource())
+        request = _trial_resources(resources_per_trial, gpus)
         fn = tune.with_resources(
             _named_trial(trainable, resources_per_trial.threads(), name), request
         )

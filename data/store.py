@@ -175,6 +175,19 @@ class Artifact:
         with store.fs.open_input_file(f"{store.root}/{self.relpath}/{name}") as f:
             return pq.ParquetFile(f).metadata.num_rows
 
+    def file_bytes(self, prefix: str = "") -> int:
+        """Bytes of the artifact's files (those under ``prefix``, a file or folder name), from
+        its marker alone: nothing is copied or listed."""
+        raw = self.read_bytes(MARKER)
+        if raw is None:
+            raise FileNotFoundError(f"{self.uri}: no completion marker (not a complete artifact)")
+        files = json.loads(raw).get("files", {})
+        return sum(
+            m["size"]
+            for rel, m in files.items()
+            if not prefix or rel == prefix or rel.startswith(prefix.rstrip("/") + "/")
+        )
+
     def copy_out(self, name: str, dest: Path) -> None:
         """Copy one file or folder of the artifact to ``dest`` (absent names are skipped)."""
         store = ArtifactStore(self.store_uri)

@@ -20,9 +20,39 @@ from pipelines.engine import StepContext
 # the experiments' trainables (module level: Tune pickles them) and step adaptors
 
 
-def _sweep(ctx: StepContext, trainable, space: dict) -> list[dict]:
+def _sweep(ctx: StepContext, trainable, space: dict, memory_mb: int = 0) -> list[dict]:
     # concurrent sweep steps take turns inside the Ray executor (Tune's registry is global)
-    return ctx.sweep(trainable, space, metric="test_acc", mode="max")
+    return ctx.sweep(trainable, space, metric="test_acc", mode="max", memory_mb=memory_mb)
+
+
+# what a unit holds of MNIST: the npz's uint8 images, converted to float32 and scaled (two float
+# copies at once, 4 bytes each per pixel); CIFAR: float32 at image_px (converted, resized,
+# normalised: three copies at the peak) of every image read
+MNIST_DATA_COPIES = 1 + 2 * 4
+CIFAR_SIZES = {"train": 50_000, "test": 10_000}
+
+
+def _mnist_mb(ctx: StepContext, hidden, batch: int) -> int:
+    """A §4.1 trial's (or worker's) memory request: the data, and the BN network at ``batch``."""
+    from pipelines.memory import input_bytes, trainer_mb
+    from stages.training.memory import meta_model
+
+    net = meta_model("bn_mnist_mlp", bn=True, hidden=tuple(hidden))
+    return trainer_mb([(net, (batch, 28, 28))], data_bytes=input_bytes(ctx, "mnist_data", "mnist.npz"),
+                      data_copies=MNIST_DATA_COPIES)  # fmt: skip
+
+
+def _variants_mb(params: dict) -> int:
+    """A §4.2 trial's memory request: CIFAR at ``image_px`` as float32, three copies at the peak,
+    and the widest Inception (BN) at the batch."""
+    from pipelines.memory import trainer_mb
+    from stages.training.memory import meta_model
+
+    px = params["image_px"]
+    n = sum(params[f"max_{s}"] or n for s, n in CIFAR_SIZES.items())
+    net = meta_model("bn_inception_small", width=params["width"], bn=True)
+    return trainer_mb([(net, (params["batch_size"], 3, px, px))], data_bytes=n * 3 * px * px * 4,
+                      data_copies=3)  # fmt: skip
 
 
 CURVES_SCHEMA = pa.schema(
@@ -90,7 +120,8 @@ def run_mnist(ctx: StepContext, **params) -> None:
     del space["seeds"]
     from stages.training.bn_experiments import mnist_trial  # torch: only where the step runs
 
-    trials = _sweep(ctx, mnist_trial, space)
+    mb = _mnist_mb(ctx, params["hidden"], params["batch_size"])
+    trials = _sweep(ctx, mnist_trial, space, mb)
     write_curves(ctx.out_dir / "curves.parquet", "mnist", trials, _mnist_variant)
     ctx.write_json("finals.json", _finals(trials, _mnist_variant))
 
@@ -109,7 +140,7 @@ def run_variants(
     }
     from stages.training.bn_experiments import variant_trial
 
-    trials = _sweep(ctx, variant_trial, space)
+    trials = _sweep(ctx, variant_trial, space, _variants_mb(params))
     write_curves(ctx.out_dir / "curves.parquet", "variants", trials, lambda c: c["variant"])
     finals = _finals(trials, lambda c: c["variant"])
     ctx.write_json("finals.json", finals)
@@ -151,7 +182,7 @@ def run_batch_size(
     }
     from stages.training.bn_experiments import batch_size_trial
 
-    trials = _sweep(ctx, batch_size_trial, space)
+    trials = _sweep(ctx, batch_size_trial, space, _mnist_mb(ctx, params["hidden"], max(sizes)))
     write_curves(ctx.out_dir / "curves.parquet", "batch_size", trials, _bs_variant)
     ctx.write_json("budget.json", {"budget": params["budget"], "ref_batch": params["ref_batch"]})
     ctx.write_json("finals.json", _finals(trials, _bs_variant))
@@ -162,7 +193,8 @@ def run_multi_worker(ctx: StepContext, num_workers: int, **params) -> None:
 
     data = ctx.input_file("mnist_data", "mnist.npz")  # resolved by each trial
     config = {**params, "data_path": data, "sync": [False, True]}
-    history = ctx.train(train_data_parallel, config, num_workers=num_workers).history
+    mb = _mnist_mb(ctx, params["hidden"], params["per_worker_batch"])
+    history = ctx.train(train_data_parallel, config, num_workers=num_workers, memory_mb=mb).history
     rows, finals, seed = [], [], params["seed"]
     for sync in (False, True):
         variant = "sync" if sync else "per_worker"

@@ -20,6 +20,28 @@ def regulariser_label(weight_decay: float, random_crop: bool, dropout: float) ->
     return "+".join(name for name, used in on if used) or "none"
 
 
+def _trial_mb(ctx: StepContext, grids: dict, train: dict, meta: dict) -> int:
+    """A trial's memory request: the clean arrays as stored, the trial's corrupted copy and both
+    as float32 tensors (6 copies of the uint8 set), and the largest model of the grid training
+    a batch of centre crops."""
+    from pipelines.memory import input_bytes, trainer_mb
+    from stages.training.fit_labels import FitConfig
+    from stages.training.memory import meta_model
+
+    fit = FitConfig(**{k: v for k, v in train.items() if k in FitConfig.__dataclass_fields__})
+    shape = (meta["in_channels"], fit.crop_px, fit.crop_px)
+    nets = [
+        (
+            meta_model(
+                name, in_shape=shape, num_classes=meta["num_classes"], width=train.get("width", 1.0)
+            ),
+            (fit.batch_size, *shape),
+        )  # fmt: skip
+        for name in grids["model"]
+    ]
+    return trainer_mb(nets, data_bytes=input_bytes(ctx, "dataset"), data_copies=6)
+
+
 def _sweep(ctx: StepContext, experiment: str, grids: dict, train: dict, seeds: tuple) -> None:
     """Run ``run_trial`` over ``grids`` × seeds under Tune; write rows.parquet and curves.parquet."""
     from stages.training.fit_labels import run_trial
@@ -39,7 +61,8 @@ def _sweep(ctx: StepContext, experiment: str, grids: dict, train: dict, seeds: t
         "seed": Grid(tuple(seeds)),
     }
     # concurrent sweep steps take turns inside the Ray executor (Tune's registry is global)
-    results = ctx.sweep(run_trial, space, metric="train_acc", mode="max")
+    mb = _trial_mb(ctx, grids, train, meta)
+    results = ctx.sweep(run_trial, space, metric="train_acc", mode="max", memory_mb=mb)
     rows, curves = [], []
     for r in results:
         c, m = r["config"], r["metrics"]

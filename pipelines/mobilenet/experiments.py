@@ -124,6 +124,25 @@ def train_config(
     }
 
 
+def _classifier_mb(cfg: dict, data: dict, models: list[tuple[str, dict, int]], batch: int) -> int:
+    """A training unit's memory request: the set at ``min(resolution, 32)`` px as float32 (the
+    loop downsizes once at load and upsizes per batch; three copies at the load's peak), and the
+    largest of ``models`` (``(name, kwargs, resolution)``) training a batch of ``batch``."""
+    from pipelines.memory import trainer_mb
+    from stages.training.memory import meta_model
+
+    channels = cfg["model_kwargs"].get("in_channels", 3)
+    n = (cfg["max_train"] or data["num_train"]) + (cfg["max_test"] or data["num_test"])
+    px = min(32, max(r for _, _, r in models))
+    nets = [
+        (meta_model(name, num_classes=cfg["num_classes"], **kw), (batch, channels, r, r))
+        for name, kw, r in models
+    ]
+    states = 2 if cfg["optimizer"] == "adamw" else 1  # rmsprop: its square average; sgd: momentum
+    return trainer_mb(nets, data_bytes=n * channels * px * px * 4, data_copies=3,
+                      optimizer_states=states)  # fmt: skip
+
+
 def train_reference(
     ctx: StepContext,
     *,
@@ -153,7 +172,11 @@ def train_reference(
     before = torch.get_num_threads()
     limit_threads(ctx.resources.threads())  # as Ray does per worker; matters in-process
     try:
-        result = ctx.train(train_classifier, cfg, num_workers=num_workers)
+        per_worker = max(1, cfg["batch_size"] // num_workers)
+        mb = _classifier_mb(
+            cfg, data, [(cfg["model"], cfg["model_kwargs"], resolution)], per_worker
+        )
+        result = ctx.train(train_classifier, cfg, num_workers=num_workers, memory_mb=mb)
     finally:
         limit_threads(before)
     if result.checkpoint is not None:
@@ -227,12 +250,17 @@ def run_sweep(
     )
     space = {"point": Grid(tuple(points)), "seed": Grid(tuple(seeds))}
     # the two sweep steps take turns: the Ray executor runs one Tune experiment per driver at once
+    models = []
+    for point in points:
+        variant, width, res = parse_point(point)
+        models.append((*model_for(variant, width, model), res))
     results = ctx.sweep(
         trainable,
         space,
         metric="accuracy",
         mode="max",
         scheduler=None if scheduler == "none" else scheduler,
+        memory_mb=_classifier_mb(base, data, models, base["batch_size"]),
     )
     rows = []
     for r in results:

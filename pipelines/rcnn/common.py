@@ -10,6 +10,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow.parquet as pq
 
+from pipelines.memory import WORKER_BASE_BYTES  # noqa: F401 - the rcnn steps' names for them
+from pipelines.memory import request_mb as memory_request_mb  # noqa: F401
+
 if TYPE_CHECKING:  # torch loads in the steps that use it, not with the pipeline's definition
     import torch
 
@@ -82,10 +85,6 @@ def _build_model(model: str, model_kwargs: dict, num_outputs: int, state: dict |
 # memory requests (issue 19): each unit of work asks Ray for its own estimate, so concurrent
 # units never exhaust a node; `paperline plan` prints the same estimates (without the base)
 FLOAT32 = 4
-# what a worker process holds before its model and data: the interpreter, torch, pyarrow, Ray
-# (a features actor of the `tiny` demo peaked at 606 MiB with a 0.3 MB net and 60 MB of rows,
-# which Ray Data's memory check reported against a request made with a 512 MiB base)
-WORKER_BASE_BYTES = 1 << 30
 
 
 def train_worker_bytes(param_bytes: int, batch_bytes: int, decoded_bytes: int = 0) -> int:
@@ -100,9 +99,6 @@ def features_actor_bytes(param_bytes: int, shard_feature_bytes: int, crop_bytes:
     return param_bytes + 2 * shard_feature_bytes + 3 * crop_bytes
 
 
-def memory_request_mb(nbytes: int) -> int:
-    """Megabytes to ask Ray for: the estimate plus the worker's base."""
-    return -(-(WORKER_BASE_BYTES + int(nbytes)) // (1 << 20))
 
 
 # Selective search's peak in its helper process per pixel searched: 160-210 B/px measured on

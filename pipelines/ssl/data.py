@@ -57,5 +57,10 @@ def make_dataset(
     np.savez(ctx.out_dir / "data.npz", **arrays)
     ctx.write_json(
         "metrics.json",
-        {"dataset_train": len(arrays["train_labels"]), "dataset_test": len(arrays["test_labels"])},
+        {
+            "dataset_train": len(arrays["train_labels"]),
+            "dataset_test": len(arrays["test_labels"]),
+            # (C, H, W): what the training steps size their memory requests by, without a copy
+            "image_shape": list(arrays["train_images"].shape[1:]),
+        },
     )

@@ -11,6 +11,26 @@ from cluster.space import Grid
 from pipelines.engine import StepContext
 
 
+def _run_mb(ctx: StepContext, settings: dict, world: int = 1) -> int:
+    """One SSL run's memory request (a Train worker's, or a λ trial's): the set as stored and
+    as float32 (5 copies of its uint8 bytes), and the model training on a worker's share of the
+    labelled batch and both views of the unlabeled one (weights, gradients, momentum, the EMA
+    copy)."""
+    from pipelines.memory import input_bytes, trainer_mb
+    from stages.training.memory import meta_model
+
+    meta = json.loads(ctx.inputs["dataset"].read_bytes("metrics.json"))
+    if "image_shape" not in meta:  # a set made before the shape was recorded: the step's own
+        return 0
+    shape = tuple(meta["image_shape"])
+    net = meta_model(settings.get("model", "wrn_28_2"), num_classes=10, in_channels=shape[0],
+                     **dict(settings.get("model_kwargs", ())))  # fmt: skip
+    batch = settings.get("batch_size", 64)
+    per_worker = max(1, batch * (1 + 2 * settings.get("mu", 7)) // world)
+    return trainer_mb([(net, (per_worker, *shape))], data_bytes=input_bytes(ctx, "dataset"),
+                      data_copies=5, optimizer_states=2)  # fmt: skip
+
+
 def train_method(
     ctx: StepContext,
     *,
@@ -39,7 +59,8 @@ def train_method(
         "checkpoint_every": checkpoint_every,
         "data_path": ctx.input_file("dataset", "data.npz"),  # each worker resolves it
     }
-    k = ctx.train_capacity(num_workers)  # 1 in-process: threads would share torch's RNG
+    mb = _run_mb(ctx, settings, num_workers)
+    k = ctx.train_capacity(num_workers, mb)  # 1 in-process: threads would share torch's RNG
     if parallel_runs:
         k = min(k, parallel_runs)
     groups = [g.tolist() for g in np.array_split(np.arange(len(runs)), max(1, min(k, len(runs))))]
@@ -47,7 +68,8 @@ def train_method(
     def train(group: list[int]) -> list:
         part = "" if len(groups) == 1 else f"runs{group[0]}-{group[-1]}"
         result = ctx.train(ssl_train_fn, {**base, "runs": [runs[i] for i in group]},
-                           num_workers=num_workers, max_failures=max_failures, part=part)  # fmt: skip
+                           num_workers=num_workers, max_failures=max_failures, part=part,
+                           memory_mb=mb)  # fmt: skip
         return result.checkpoint["results"]
 
     if len(groups) == 1:
@@ -102,7 +124,8 @@ def sweep_scalar(
         "seed": Grid(tuple(seeds)),
         "scalar_weight": Grid(tuple(grid)),
     }
-    trials = ctx.sweep(trainable, space, metric="val_accuracy", mode="max")
+    trials = ctx.sweep(trainable, space, metric="val_accuracy", mode="max",
+                       memory_mb=_run_mb(ctx, settings))  # fmt: skip
     failed = [t for t in trials if t["error"]]
     if failed:
         raise RuntimeError(f"{len(failed)} scalar-λ trials failed; first: {failed[0]['error']}")

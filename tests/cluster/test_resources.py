@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from cluster.resources import limit_threads
@@ -15,6 +16,7 @@ import sys
 from cluster.resources import limit_threads
 limit_threads(1)
 loaded_early = "torch" in sys.modules
+import pytest
 import torch
 first = torch.get_num_threads()
 limit_threads(2)
@@ -177,3 +179,67 @@ def test_feature_actors_are_sized_from_arch_json_and_the_proposal_count():
     none = SimpleNamespace(read_bytes=lambda name: None)  # a model saved before arch.json
     old = SimpleNamespace(inputs={"finetune": none, "proposals": proposals})
     assert _actor_memory_mb(old, ("fc7",), 8, 0, 100) == 0  # the step's own request stands
+
+
+def test_tune_trials_and_train_capacity_count_the_steps_memory_estimate(monkeypatch, tmp_path):
+    """A trial's request carries the step's estimate (capped to the largest node), and the runs
+    that fit at once are bounded by memory as well as by CPUs."""
+    import ray
+    from ray._private import state
+
+    from cluster import ray_executor
+    from cluster.resources import Resources
+    from pipelines.engine import StepContext
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 8.0, "memory": 10.0 * 2**30}}]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "memory": 10.0 * 2**30})
+    monkeypatch.setattr(state.state, "get_cluster_config", lambda: None)
+    trial = ray_executor._trial_resources
+    assert trial(Resources(cpus=2), 0) == {"cpu": 2, "gpu": 0}
+    assert trial(Resources(cpus=1, memory_mb=3000), 0.5) == {
+        "cpu": 1, "gpu": 0.5, "memory": 3000 * 2**20,
+    }  # fmt: skip
+    assert trial(Resources(cpus=1, memory_mb=50_000), 0)["memory"] == 10 * 2**30
+    ex = ray_executor.RayExecutor(progress=False)
+    assert ex.train_capacity(1, Resources(cpus=1)) == 8  # CPUs alone
+    assert ex.train_capacity(1, Resources(cpus=1, memory_mb=3 * 1024)) == 3  # 10 GiB / 3 GiB
+    assert ex.train_capacity(2, Resources(cpus=1, memory_mb=3 * 1024)) == 1
+    assert ex.train_capacity(1, Resources(cpus=1, memory_mb=50_000)) == 1  # capped: one fits
+
+    seen = []
+
+    class Recorder:
+        def sweep(self, fn, space, *, resources_per_trial, **kw):
+            seen.append(resources_per_trial)
+
+        def train_capacity(self, num_workers, resources):
+            seen.append(resources)
+
+    ctx = StepContext(pipeline="p", step="s", key="k", inputs={}, out_dir=tmp_path,
+                      resources=Resources(cpus=1, memory_mb=1000), work_uri=str(tmp_path),
+                      executor=Recorder())  # fmt: skip
+    ctx.sweep(print, {}, metric="m", mode="max", memory_mb=2500)
+    ctx.sweep(print, {}, metric="m", mode="max")  # no estimate: the step's own request
+    ctx.train_capacity(2, memory_mb=4000)
+    assert [r.memory_mb for r in seen] == [2500, 1000, 4000]
+
+
+def test_artifact_bytes_come_from_the_marker_without_a_copy(tmp_path):
+    from data.store import ArtifactStore
+
+    store = ArtifactStore(tmp_path / "store")
+    art = store.artifact("p", "s", "k1")
+    with store.writer(art) as out:
+        (out / "data.npz").write_bytes(b"x" * 1000)
+        (out / "parts").mkdir()
+        (out / "parts" / "a.bin").write_bytes(b"y" * 300)
+        (out / "parts" / "b.bin").write_bytes(b"z" * 20)
+    files = store.marker(art)["files"]
+    assert art.file_bytes() == sum(m["size"] for m in files.values()) >= 1320
+    assert art.file_bytes("data.npz") == 1000
+    assert art.file_bytes("parts") == art.file_bytes("parts/") == 320
+    assert art.file_bytes("part") == 0  # a prefix of a name is not a folder
+    missing = store.artifact("p", "s", "nope")
+    with pytest.raises(FileNotFoundError, match="nope: no completion marker"):
+        missing.file_bytes()
