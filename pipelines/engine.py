@@ -144,6 +144,13 @@ class StepContext:
         path.write_text(json.dumps(obj, indent=1, sort_keys=True, default=_json_default))
         return path
 
+    def resources_with(self, memory_mb: int) -> Resources:
+        """The step's resources with the memory request raised to ``memory_mb`` (a unit's own
+        estimate), never lowered: scheduling only, not in the key."""
+        if memory_mb > self.resources.memory_mb:
+            return dataclasses.replace(self.resources, memory_mb=int(memory_mb))
+        return self.resources
+
     def map(self, fn: Callable, items: Sequence, desc: str | None = None) -> list:
         return self.executor.map(fn, items, resources=self.resources, desc=desc or self.step)
 
@@ -159,9 +166,7 @@ class StepContext:
     ):
         """The predictor's output rows (``pa.Table``): see ``cluster.executor.Executor.infer``.
         ``memory_mb``: each actor's memory request, from the step's own estimate."""
-        resources = self.resources
-        if memory_mb > resources.memory_mb:
-            resources = dataclasses.replace(resources, memory_mb=int(memory_mb))
+        resources = self.resources_with(memory_mb)
         return self.executor.infer(
             source,
             predictor,
@@ -185,9 +190,7 @@ class StepContext:
         """One Train run of this step, named after its key (and ``part``, for a step that runs
         several: each resumes from its own checkpoints). ``memory_mb``: each worker's memory
         request, from the step's own estimate (the step's resources ask at least that)."""
-        resources = self.resources
-        if memory_mb > resources.memory_mb:
-            resources = dataclasses.replace(resources, memory_mb=int(memory_mb))
+        resources = self.resources_with(memory_mb)
         return self.executor.train(
             train_fn,
             config,
@@ -201,9 +204,7 @@ class StepContext:
     def train_capacity(self, num_workers: int = 1, memory_mb: int = 0) -> int:
         """Train runs of ``num_workers`` workers with this step's resources (and each worker's
         ``memory_mb`` request, as `train` takes it) that fit at once."""
-        resources = self.resources
-        if memory_mb > resources.memory_mb:
-            resources = dataclasses.replace(resources, memory_mb=int(memory_mb))
+        resources = self.resources_with(memory_mb)
         return self.executor.train_capacity(num_workers, resources)
 
     def sweep(
@@ -221,9 +222,7 @@ class StepContext:
         ``--force`` deletes it first (``run_steps``). ``memory_mb``: each trial's memory
         request, from the step's own estimate (the step's resources ask at least that)."""
         kwargs.setdefault("resume", True)
-        resources = self.resources
-        if memory_mb > resources.memory_mb:
-            resources = dataclasses.replace(resources, memory_mb=int(memory_mb))
+        resources = self.resources_with(memory_mb)
         return self.executor.sweep(
             trainable,
             space,

@@ -99,8 +99,6 @@ def features_actor_bytes(param_bytes: int, shard_feature_bytes: int, crop_bytes:
     return param_bytes + 2 * shard_feature_bytes + 3 * crop_bytes
 
 
-
-
 # Selective search's peak in its helper process per pixel searched: 160-210 B/px measured on
 # generated scenes and on noise from 250x188 to 1000x750 px (the segmentations, gradient images
 # and region histograms of OpenCV's implementation), rounded up; plus the helper's interpreter
