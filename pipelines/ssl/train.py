@@ -19,7 +19,8 @@ def _run_mb(ctx: StepContext, settings: dict, world: int = 1) -> int:
     from pipelines.memory import input_bytes, trainer_mb
     from stages.training.memory import meta_model
 
-    meta = json.loads(ctx.inputs["dataset"].read_bytes("metrics.json"))
+    raw = ctx.inputs["dataset"].read_bytes("metrics.json")
+    meta = json.loads(raw) if raw is not None else {}
     if "image_shape" not in meta:  # a set made before the shape was recorded: the step's own
         return 0
     shape = tuple(meta["image_shape"])

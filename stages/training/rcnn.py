@@ -191,6 +191,7 @@ class ImageWindows:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("_windows_ref", None)  # pickled before `store` existed
         if self._windows_ref is not None and self.labels is None:
             import pyarrow.parquet as pq
 
