@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -125,25 +124,25 @@ def map_with_memory(ctx, fn, items: list, memory_mb: int, desc: str) -> list:
     """``ctx.map`` with a memory request from the map's own estimate (issue 19: concurrent tasks
     could exhaust a node), raised above the step's request, never lowered. A request only
     schedules: it is not in the key."""
-    mb = max(ctx.resources.memory_mb, int(memory_mb))
-    return ctx.executor.map(
-        fn, items, resources=dataclasses.replace(ctx.resources, memory_mb=mb), desc=desc
-    )
+    return ctx.executor.map(fn, items, resources=ctx.resources_with(memory_mb), desc=desc)
 
 
 def param_bytes(net) -> int:
-    return FLOAT32 * sum(p.numel() for p in net.parameters())
+    from stages.training.memory import param_bytes as weights  # torch only where it is needed
+
+    return weights(net)
 
 
 def meta_net(model: str, model_kwargs: dict, num_outputs: int):
-    """The net built on torch's meta device: its shapes, no memory, no weights."""
+    """The net built on torch's meta device (`stages.training.memory.meta_model`) with a head of
+    ``num_outputs``: its shapes, no memory, no weights."""
     import torch
 
-    from stages.models.registry import create
+    from stages.training.memory import meta_model
 
-    with torch.device("meta"):
-        net = create(model, **model_kwargs)
-        if net.num_outputs != num_outputs:
+    net = meta_model(model, **model_kwargs)
+    if net.num_outputs != num_outputs:
+        with torch.device("meta"):
             net.replace_head(num_outputs)
     return net
 

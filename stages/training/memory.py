@@ -11,7 +11,7 @@ training step holds at its peak is then counted from the shapes::
       + two input batches (one training, one prepared ahead)
 
 Counting leaf modules' outputs over-counts where a module keeps no input (ReLU in place) and
-under-counts what functional code keeps between modules; `tests/stages/test_memory.py` pins the
+under-counts what functional code keeps between modules; `tests/stages/test_training_memory.py` pins the
 count on hand-worked nets and compares it with the bytes autograd actually saves.
 """
 

@@ -294,22 +294,31 @@ def test_shard_reads_do_not_grow_with_the_classes(tmp_path, monkeypatch, num_cla
     assert sorted(reads) == sorted(paths)
 
 
-def test_map_requests_its_own_memory_estimate():
+def _ctx(resources, executor, tmp_path):
+    from pipelines.engine import StepContext
+
+    return StepContext(pipeline="rcnn", step="svm", key="k", inputs={}, out_dir=tmp_path,
+                       resources=resources, work_uri=str(tmp_path), executor=executor)  # fmt: skip
+
+
+def test_map_requests_its_own_memory_estimate(tmp_path):
     seen = []
     executor = SimpleNamespace(map=lambda fn, items, resources, desc: seen.append(resources) or [])
-    ctx = SimpleNamespace(resources=Resources(cpus=1, torch_threads=2), executor=executor)
+    ctx = _ctx(Resources(cpus=1, torch_threads=2, memory_mb=500), executor, tmp_path)
     # 2 × 1000 rows × 1 MiB + 3 MiB of weights + 256 MiB for the worker
     mb = _memory_mb(1000, 1 << 20, 3 << 20)
     assert mb == 256 + 2000 + 3
     _map(ctx, len, [1], mb, "x")
-    assert seen[0] == Resources(cpus=1, torch_threads=2, memory_mb=2259)
+    _map(ctx, len, [1], 100, "x")  # below the step's own request: the step's stands
+    assert seen == [Resources(cpus=1, torch_threads=2, memory_mb=2259),
+                    Resources(cpus=1, torch_threads=2, memory_mb=500)]  # fmt: skip
 
 
 @pytest.mark.ray
 def test_on_ray_the_same_svms_and_regressors(three_image_shards, ray_executor, tmp_path):
     """Mining and gathering tasks on Ray (with their memory requests) give the in-process bytes."""
     paths, rows, gt = three_image_shards
-    ctx = SimpleNamespace(resources=Resources(cpus=1), executor=ray_executor)
+    ctx = _ctx(Resources(cpus=1), ray_executor, tmp_path)
 
     def ray_map(fn, items, memory_mb, desc):
         return _map(ctx, fn, items, memory_mb, desc)

@@ -120,6 +120,7 @@ def test_selective_search_tasks_request_memory_for_their_largest_image(local_run
     import numpy as np
 
     from cluster.resources import Resources
+    from pipelines.engine import StepContext
     from pipelines.rcnn.common import proposals_task_bytes, search_pixels
     from pipelines.rcnn.data import extract_proposals
 
@@ -139,11 +140,9 @@ def test_selective_search_tasks_request_memory_for_their_largest_image(local_run
     kw = dict(method="selective_search", mode="rcnn", base_k=50, inc_k=50, sigma=0.8,
               min_width_px=20, max_per_image=0, precomputed_path="", images_per_task=2)  # fmt: skip
     for resize in (0, 100):
-        ctx = SimpleNamespace(
-            input_dir=lambda name: art.local_dir(), input_file=lambda name: art.file(""),
-            executor=SimpleNamespace(map=fake_map), resources=Resources(cpus=1),
-            out_dir=tmp_path,
-        )  # fmt: skip
+        ctx = StepContext(pipeline="rcnn", step="proposals", key="k", inputs={"dataset": art},
+                          out_dir=tmp_path, resources=Resources(cpus=1), work_uri=str(tmp_path),
+                          executor=SimpleNamespace(map=fake_map))  # fmt: skip
         extract_proposals(ctx, resize_width_px=resize, **kw)
         largest = max(search_pixels(r["width"], r["height"], resize) for r in rows)
         want = -(-((1 << 30) + (256 << 20) + 256 * largest) // (1 << 20))
