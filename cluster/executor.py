@@ -3,7 +3,7 @@
 ``LocalExecutor`` (``cluster.local``, in-process, no Ray) and ``RayExecutor``
 (``cluster.ray_executor``) both declare ``Executor`` as their base and keep its signatures exactly
 (``tests/cluster/test_executors.py`` compares them). A new executor (say, one that submits to a
-batch scheduler) subclasses it and fills in the five methods.
+batch scheduler) subclasses it and fills in its methods.
 """
 
 from __future__ import annotations
@@ -74,6 +74,25 @@ class TrainResult:
     history: list[dict]  # every report, in order
 
 
+class ActorGroup(Protocol):
+    """Long-lived units of work with state (`Executor.actors`), used as a context manager: the
+    actors go when the block ends, whether it ends in an error or not."""
+
+    def call(self, method: str, args: Sequence[tuple]) -> list:
+        """``actor_i.method(*args[i])`` on every actor at once (one ``args`` entry per actor, in
+        the order of their ``kwargs``); the results in that order. The first error raised by a
+        call is raised here, as the remote code's own exception."""
+        ...
+
+    def close(self) -> None:
+        """Free the actors (and their memory); idempotent."""
+        ...
+
+    def __enter__(self) -> ActorGroup: ...
+
+    def __exit__(self, *exc) -> None: ...
+
+
 @runtime_checkable
 class Executor(Protocol):
     name: str  # "local", "ray"
@@ -111,6 +130,17 @@ class Executor(Protocol):
         They are meant to be small (a row per batch or per input row): a predictor with bulky
         output writes it to the store from its own node (``StepContext.output``) and returns
         what it wrote."""
+        ...
+
+    def actors(
+        self, factory: type, kwargs: Sequence[dict], *, resources: Resources = Resources()
+    ) -> ActorGroup:
+        """One ``factory(**kw)`` per entry of ``kwargs``, each kept alive with its state between
+        calls (Ray: an actor anywhere in the cluster; in-process: an object), behind an
+        `ActorGroup`. An actor holds its memory (and GPU) request for its whole life but asks for
+        no CPU: it computes only inside `ActorGroup.call`, while the step that owns it waits, and
+        a CPU held between calls would starve the step's own tasks (an actor per CPU of a 2-CPU
+        node would leave the map that feeds them none). Calls run with ``resources.threads()``."""
         ...
 
     def train(

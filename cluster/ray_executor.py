@@ -21,6 +21,7 @@ import pyarrow as pa
 import ray
 
 from cluster.executor import (
+    ActorGroup,
     Executor,
     TrainResult,
     bar_desc,
@@ -190,6 +191,51 @@ def autoscaler_gpus() -> float:
 @ray.remote
 def _remote_call(fn: Callable, threads: int, args: tuple, kwargs: dict):
     return _call(fn, threads, *args, **kwargs)
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class _ActorHost:
+    """One actor of `RayActors`: the object ``factory(**kwargs)`` and its state. Not restarted
+    when its process dies (its state would be gone): the call fails, and with it the step."""
+
+    def __init__(self, factory: type, kwargs: dict, threads: int):
+        self._threads = threads
+        limit_threads(threads)
+        self._object = factory(**kwargs)
+
+    def call(self, method: str, args: tuple):
+        limit_threads(self._threads)
+        return getattr(self._object, method)(*args)
+
+
+class RayActors(ActorGroup):
+    """`Executor.actors` on Ray: one `_ActorHost` per ``kwargs`` entry, spread over the nodes
+    (their memory with them), each asking for ``resources``' memory and GPUs and no CPU (see
+    `Executor.actors`)."""
+
+    def __init__(self, factory: type, kwargs: Sequence[dict], *, options: dict, threads: int):
+        opts = {**options, "num_cpus": 0, "scheduling_strategy": "SPREAD"}
+        self._actors = [_ActorHost.options(**opts).remote(factory, kw, threads) for kw in kwargs]
+
+    def call(self, method: str, args: Sequence[tuple]) -> list:
+        if len(args) != len(self._actors):
+            raise ValueError(f"{len(args)} argument tuples for {len(self._actors)} actors")
+        refs = [a.call.remote(method, tuple(x)) for a, x in zip(self._actors, args, strict=True)]
+        try:
+            return [_owned(r) for r in _get(refs)]
+        finally:
+            del refs  # results leave the object store as they are returned
+
+    def close(self) -> None:
+        for a in self._actors:
+            ray.kill(a, no_restart=True)
+        self._actors = []
+
+    def __enter__(self) -> RayActors:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 @ray.remote(num_cpus=0)
@@ -516,6 +562,12 @@ class RayExecutor(Executor):
         finally:
             bar.close()
         return results
+
+    def actors(
+        self, factory: type, kwargs: Sequence[dict], *, resources: Resources = Resources()
+    ) -> ActorGroup:
+        return RayActors(factory, kwargs, options=self._options(resources),
+                         threads=resources.threads())  # fmt: skip
 
     def infer(
         self,

@@ -177,6 +177,12 @@ class StepContext:
             desc=self.step,
         )
 
+    def actors(self, factory: type, kwargs: Sequence[dict], *, memory_mb: int = 0):
+        """Long-lived units with state, one ``factory(**kw)`` per entry of ``kwargs``
+        (``cluster.executor.Executor.actors``), used as a context manager; ``memory_mb``: each
+        one's memory request, from the step's own estimate."""
+        return self.executor.actors(factory, kwargs, resources=self.resources_with(memory_mb))
+
     def train(
         self,
         train_fn: Callable,

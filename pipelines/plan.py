@@ -301,12 +301,18 @@ def _rcnn(cfg, steps) -> dict[str, dict]:
     shard_task = round(shard_rows * (src_dim + dims[layer]) * FLOAT32 + head)
     for s in steps:
         if s.identity == "svm":
+            from pipelines.rcnn.detect import solver_memory_mb
+
+            positives = math.ceil(idx["train"] * idx["objects"] / max(1, idx["classes"]))
+            solver = solver_memory_mb(1, positives, dims[layer], 4 * 2000) / 1024
             out[s.name] = {
                 "tasks": 2 * train_shards,
                 "bytes_written": idx["classes"] * (dims[layer] + 1) * FLOAT32,
                 "peak_task_bytes": shard_task,
                 "note": f"2 passes over the {train_shards} training shards, all classes at once "
-                "(positives + norm sample, then mining)",
+                f"(positives + norm sample, then mining); caches and solves in up to "
+                f"{idx['classes']} solver actors, ≈{solver:.1f} GiB for one class (≈{positives} "
+                "positives and an estimated 8000 cached negatives, held and solved)",
             }
         elif s.identity == "bbox_regression":
             # the training pairs are kept in the artifact (pool5, proposal, target, IoU, class);

@@ -143,6 +143,7 @@ def _memory_mb(rows: int, row_bytes: int, fixed_bytes: int = 0) -> int:
 SVM_COLUMNS = ["image_ids", "box_index", "is_gt", "gt_class", "max_iou", "features"]
 IMAGE_BITS, BOX_BITS = 12, 20  # negative keys: (shard, image within shard, box) in one int64
 NEGATIVE_COLUMNS = ("image", "key", "features")  # a mining round's files, per class
+FIRST_IMAGE = "first_image.parquet"  # R-CNN's first round, from the first pass
 
 
 def _images(ids: np.ndarray) -> list[np.ndarray]:
@@ -171,11 +172,15 @@ def _negatives_of_image(
 
 
 def _svm_first_pass(item: tuple, *, transform, num_classes: int, neg_iou: float,
-                    gt_negatives: bool) -> dict:  # fmt: skip
-    """Pass 1 over one training shard: the ground-truth rows of every class (positives), the rows
-    of the mean-norm sample, and for the first shard the first image's negatives (the first
-    round: all of them, unscaled since the scale is known only after this pass). Only these rows
-    go through ``transform``."""
+                    gt_negatives: bool, out) -> dict:  # fmt: skip
+    """Pass 1 over one training shard: the rows of the mean-norm sample, the ground-truth rows of
+    every class (positives) and, for the first shard, the first image's rows (R-CNN's first
+    round: all its negatives). Only these rows go through ``transform``; they are written
+    unscaled (the scale is known only after this pass) through ``out`` for the class solvers to
+    read (`ClassSolvers`): ``positives/part-NNNNN.parquet`` (one row group per class, shard
+    order) and ``first_image.parquet`` (its rows once, with which classes each is a negative of).
+    Returns the norms, the counts and the files' names and marker entries: nothing that grows
+    with the features."""
     from stages.detection.features import feature_norms, read_feature_shard
     from stages.detection.svm import negative_mask
 
@@ -183,30 +188,44 @@ def _svm_first_pass(item: tuple, *, transform, num_classes: int, neg_iou: float,
     s = read_feature_shard(path, SVM_COLUMNS)
     images = _images(s["image_ids"])
     first = images[0] if index == 0 and images else np.zeros(0, np.int64)
-    gt_rows = np.flatnonzero(s["is_gt"])
+    gt_rows = np.flatnonzero(s["is_gt"] & (s["gt_class"] >= 0))
+    gt_rows = gt_rows[np.argsort(s["gt_class"][gt_rows], kind="stable")]  # by class, shard order
     needed = np.unique(np.concatenate([gt_rows, sample_rows, first]).astype(np.int64))
     T = transform(s["features"][needed])  # (len(needed), D)
 
     def take(rows):
         return T[np.searchsorted(needed, rows)]
 
-    first_image = None
-    if len(first):  # its rows once, and which are each class's negatives (not a copy per class)
-        first_image = {
-            "keys": s["box_index"][first].astype(np.int64),
-            "features": take(first),
-            "negatives": np.stack([
-                negative_mask(s["max_iou"][first, c], s["is_gt"][first], neg_iou, gt_negatives)
-                for c in range(num_classes)
-            ]),
-        }  # fmt: skip
-    return {
-        "gt_features": take(gt_rows),
-        "gt_class": s["gt_class"][gt_rows],
+    gt_class = s["gt_class"][gt_rows].astype(np.int32)
+    counts = np.bincount(gt_class, minlength=num_classes)
+    name = f"positives/part-{index:05d}.parquet"
+    cols = {"cls": gt_class, "features": take(gt_rows)}
+    result = {
         "sample_norms": feature_norms(take(sample_rows)),  # N floats, not N × D
         "num_images": len(images),
-        "first_image": first_image,
+        "dim": int(T.shape[1]),
+        "positives": {
+            "name": name,
+            "file": _write_by_class(out / name, cols, counts),
+            "counts": counts,
+        },  # fmt: skip
+        "first_image": None,
     }
+    if len(first):  # its rows once, and which are each class's negatives (not a copy per class)
+        negatives = np.stack([
+            negative_mask(s["max_iou"][first, c], s["is_gt"][first], neg_iou, gt_negatives)
+            for c in range(num_classes)
+        ], axis=1).astype(np.int32)  # fmt: skip
+        table = _pairs_table({
+            "key": s["box_index"][first].astype(np.int64), "features": take(first),
+            "negative_of": negatives,
+        })  # fmt: skip
+        result["first_image"] = {
+            "name": FIRST_IMAGE, "file": (out / FIRST_IMAGE).write(
+                lambda dest: pq.write_table(table, dest, compression="none")
+            ),
+        }  # fmt: skip
+    return result
 
 
 def _svm_mining_pass(item: tuple, *, transform, scale: float, models, active: list[int],
@@ -257,8 +276,9 @@ def _svm_mining_pass(item: tuple, *, transform, scale: float, models, active: li
 def _add_round(miners: dict, out, parts: list[dict], dim: int) -> None:
     """Add one round's hard negatives, as `_svm_mining_pass` wrote them, to every class's miner,
     image by image in the round's order (an image without negatives still counts; the last one
-    ends the round); one class's rows read at a time, so the step holds one class's negatives of
-    the round. The classes are independent, so this is the order of mining image by image."""
+    ends the round); one class's rows read at a time, so a solver holds one class's negatives
+    of the round besides the caches. The classes are independent, so this is the order of mining
+    image by image."""
     images = np.array([(n << IMAGE_BITS) + j for n, p in enumerate(parts) for j in p["images"]])
     for c, miner in miners.items():
         rows = _read_class(out, parts, c, NEGATIVE_COLUMNS) or {
@@ -271,6 +291,82 @@ def _add_round(miners: dict, out, parts: list[dict], dim: int) -> None:
         for i in range(len(images)):
             miner.add_negatives(rows["key"][lo[i] : hi[i]], rows["features"][lo[i] : hi[i]],
                                 end_of_round=i == len(images) - 1)  # fmt: skip
+
+
+class ClassSolvers:
+    """Some classes' hard-negative miners (`HardNegativeSVM`), each holding its cache of hard
+    negatives from the first round to the last, in one long-lived unit (`Executor.actors`). On
+    Ray that is an actor: the caches live off the driver, spread over the cluster, and the
+    classes retrain in parallel (issue 19: at 20 classes the step held every class's cache
+    and ran every liblinear solve itself, one after the other). Every call reads what it needs
+    through ``out`` from its own node and returns only each class's model."""
+
+    def __init__(self, classes: list[int], *, out, positive_parts: list[dict], scale: float,
+                 svm: dict):  # fmt: skip
+        _import_solvers()
+        from stages.detection.svm import HardNegativeSVM
+
+        self.out, self.miners = out, {}
+        for c in classes:
+            positives = _read_class(out, positive_parts, c, ("features",))["features"] * scale
+            self.miners[c] = HardNegativeSVM(**svm).start_mining(positives)
+
+    def models(self) -> dict[int, tuple]:
+        """Each class's ``(coef float32, intercept, takes_all)``: what `MiningModels` needs."""
+        return {
+            c: (m.coef_.astype(np.float32), float(m.intercept_), bool(m.takes_all))
+            for c, m in self.miners.items()
+        }
+
+    def first_round(self, scale: float) -> dict[int, tuple]:
+        """R-CNN's first image: every class adds all its negatives and trains."""
+        from stages.detection.features import matrix_from
+
+        with (self.out / FIRST_IMAGE).open_input() as f:
+            t = pq.read_table(f)
+        keys = t["key"].to_numpy()
+        X = matrix_from(t["features"], t.schema.field("features"))
+        negative_of = matrix_from(t["negative_of"], t.schema.field("negative_of")).astype(bool)
+        for c, miner in self.miners.items():
+            neg = negative_of[:, c]
+            miner.add_negatives(keys[neg], X[neg] * scale, end_of_round=True)
+        return self.models()
+
+    def add_round(self, parts: list[dict], dim: int) -> dict[int, tuple]:
+        """One mining round's hard negatives (`_add_round`); the models after it."""
+        _add_round(self.miners, self.out, parts, dim)
+        return self.models()
+
+    def finish(self) -> dict[int, dict]:
+        """The final training of each class (`HardNegativeSVM.finish_mining`) and its result,
+        each class's cache freed before the next class's training."""
+        results = {}
+        for c in list(self.miners):
+            svm = self.miners.pop(c).finish_mining()
+            results[c] = {
+                "coef": svm.coef_.astype(np.float32), "intercept": float(svm.intercept_),
+                "cache": int(svm.n_negatives_cache_), "retrains": len(svm.history_),
+            }  # fmt: skip
+        return results
+
+
+def solver_memory_mb(n_classes: int, positives: int, dim: int, cache_rows: int) -> int:
+    """MiB for a `ClassSolvers` of ``n_classes`` classes with at most ``positives`` positives
+    each: every class's positives and cache of ``cache_rows`` float32 rows of ``dim``, and one
+    class's liblinear solve at a time on top (``LinearSVC`` copies the rows to float64 and
+    liblinear to 16-byte sparse nodes: ≈ 7× the float32 rows), plus 256 MiB for the
+    interpreter. ``cache_rows`` is an estimate (how many negatives a class keeps is known only
+    by mining them): `train_svms` takes ``4 × retrain_after``."""
+    row = 4 * dim
+    held = n_classes * (positives + cache_rows) * row
+    return 256 + -(-(held + 7 * (positives + cache_rows) * row) // (1 << 20))
+
+
+def in_process_actors(factory: type, kwargs: list[dict], memory_mb: int):
+    """`mine_svms`' default ``actors_fn``: the solvers as objects of this process."""
+    from cluster.local import InProcessActors
+
+    return InProcessActors(factory, kwargs)
 
 
 def mine_svms(
@@ -293,6 +389,8 @@ def mine_svms(
     row_bytes: int = 0,
     fixed_bytes: int = 0,
     out,
+    actors_fn=in_process_actors,
+    num_solvers=1,
 ) -> tuple[list[dict], float]:
     """Every class's SVM from two passes over ``shards`` (sorted, training split) whatever the
     number of classes, as ``rcnn_train.m`` mines "all classes at once (avoids loading feature
@@ -302,18 +400,25 @@ def mine_svms(
     first image's negatives, which make the first round: each class adds them all and trains, as
     after R-CNN's first image. Pass 2 mines the remaining images in order in rounds of
     ``round_shards`` shards: one map task per shard scores the shard's rows against every class's
-    model from the end of the previous round and returns each class's hard negatives; the step
-    adds them image by image to one `HardNegativeSVM` per class, which may retrain only at the end
-    of the round. Retraining thus waits for the round's end where the code retrains right after
-    the image that crossed ``retrain_after`` (stages/detection/svm.py "Rounds"); with one image
-    per shard and ``round_shards=1`` the SVMs are those of per-class, per-image mining exactly.
+    model from the end of the previous round and writes each class's hard negatives; each class's
+    `HardNegativeSVM` adds them image by image and may retrain only at the end of the round.
+    Retraining thus waits for the round's end where the code retrains right after the image that
+    crossed ``retrain_after`` (stages/detection/svm.py "Rounds"); with one image per shard and
+    ``round_shards=1`` the SVMs are those of per-class, per-image mining exactly.
     ``map_fn(fn, items, memory_mb, desc)`` runs the tasks (``ctx.map`` with a memory request).
 
-    A mining task writes its shard's hard negatives to a file under ``out`` (an `OutputRef`: the
-    step's artifact, from the task's node) and returns only their counts; the step reads them
-    back one class at a time and deletes the files after the round. Returned by value they
-    filled the object store with a shard's negatives of every class at once (at VOC2007's scale
-    in the early rounds, gigabytes per task) and the step's memory with them besides.
+    What grows with the features never reaches the step. The tasks write it under ``out`` (an
+    `OutputRef`: the step's artifact, from the task's node) and return counts: pass 1 the
+    positives and the first image, a mining task its shard's hard negatives (returned by value
+    they filled the object store with a shard's negatives of every class at once: at VOC2007's
+    scale in the early rounds, gigabytes per task). The classes' miners and their caches live
+    in ``num_solvers`` `ClassSolvers` (classes dealt round-robin), which read those files;
+    ``actors_fn(factory, kwargs, memory_mb)`` starts them (``ctx.actors``: Ray actors; by
+    default objects of this process). The step holds each class's model between rounds, and
+    deletes the scratch files once read. ``num_solvers``: a number, or a function of one
+    one-class solver's memory request (MiB) giving how many fit (``ctx.train_capacity``); never
+    more than the classes. It changes where the work runs, not its result: every class's SVM is
+    the same bit for bit.
     """
     from stages.detection.features import norm_sample_plan, norm_scale
 
@@ -329,51 +434,67 @@ def mine_svms(
     picks = norm_sample_plan(rows_per_shard, norm_sample_rows, seed)
     items = [(i, p, picks[i]) for i, p in enumerate(shards)]
     mem = _memory_mb(max(rows_per_shard), row_bytes, fixed_bytes)
-    first = map_fn(functools.partial(_svm_first_pass, transform=transform, **kw), items, mem,
-                   "svm: positives and norm sample")  # fmt: skip
+    first = map_fn(functools.partial(_svm_first_pass, transform=transform, out=out, **kw), items,
+                   mem, "svm: positives and norm sample")  # fmt: skip
     scale = norm_scale(np.concatenate([f["sample_norms"] for f in first]))
-    gt_X = np.concatenate([f["gt_features"] for f in first])
-    gt_class = np.concatenate([f["gt_class"] for f in first])
-    miners: dict[int, HardNegativeSVM] = {}
-    n_pos = np.bincount(gt_class[gt_class >= 0].astype(np.int64), minlength=num_classes)
-    for c in range(num_classes):
-        positives = gt_X[gt_class == c] * scale
-        if len(positives):  # none: e.g. data.max_images left no object of this class in training
-            miners[c] = HardNegativeSVM(
-                C=C, pos_weight=pos_weight, bias_value=bias_value, mode=mode,
-                retrain_after=retrain_after,
-            ).start_mining(positives)  # fmt: skip
-    active = sorted(miners)
-    if active and first[0]["first_image"] is not None:  # round 0: R-CNN's first image
-        f = first[0]["first_image"]
-        for c in active:
-            neg = f["negatives"][c]
-            miners[c].add_negatives(f["keys"][neg], f["features"][neg] * scale, end_of_round=True)
-    work = [(0, shards[0], 1)] if first and first[0]["num_images"] > 1 else []
-    work += [(i, shards[i], 0) for i in range(1, len(shards))]
-    dim = gt_X.shape[1]
-    for start in range(0, len(work) if active else 0, round_shards):
-        block = work[start : start + round_shards]
-        fn = functools.partial(
-            _svm_mining_pass, transform=transform, scale=scale,
-            models=MiningModels.of([miners[c] for c in active]), active=active, out=out, **kw,
-        )  # fmt: skip
-        parts = map_fn(fn, block, mem, f"svm: mining round {start // round_shards + 1}")
-        _add_round(miners, out, parts, dim)
-        for p in parts:  # scratch: the SVMs keep what they cached, the artifact none of it
-            (out / p["name"]).delete()
+    dim = first[0]["dim"]
+    positive_parts = [f["positives"] for f in first]
+    n_pos = np.sum([p["counts"] for p in positive_parts], axis=0)
+    active = [c for c in range(num_classes) if n_pos[c]]  # none: e.g. data.max_images left no
+    # object of this class in training: no SVM, so no detections of it
+    svm = dict(C=C, pos_weight=pos_weight, bias_value=bias_value, mode=mode,
+               retrain_after=retrain_after)  # fmt: skip
+    add_threshold = HardNegativeSVM(**svm).add_threshold
+    cache_rows = sum(rows_per_shard) if mode == "all" else 4 * retrain_after
+    if callable(num_solvers):
+        num_solvers = num_solvers(solver_memory_mb(1, int(n_pos.max(initial=0)), dim, cache_rows))
+    n = max(1, min(int(num_solvers), len(active)))
+    groups = [g for g in (active[i::n] for i in range(n)) if g]
+    solver_mb = solver_memory_mb(max(map(len, groups), default=0), int(n_pos.max(initial=0)),
+                                 dim, cache_rows)  # fmt: skip
+    solver_kwargs = [dict(classes=g, out=out, positive_parts=positive_parts, scale=scale, svm=svm)
+                     for g in groups]  # fmt: skip
+    trained: dict[int, dict] = {}
+    with actors_fn(ClassSolvers, solver_kwargs, solver_mb) as solvers:
+
+        def models_of(results: list[dict]) -> MiningModels:
+            by_class = {c: m for r in results for c, m in r.items()}
+            return MiningModels(
+                coef=np.stack([by_class[c][0] for c in active]),
+                intercept=np.array([by_class[c][1] for c in active], np.float64),
+                take_all=np.array([by_class[c][2] for c in active]),
+                add_threshold=add_threshold,
+            )
+
+        if groups and first[0]["first_image"] is not None:  # round 0: R-CNN's first image
+            models = models_of(solvers.call("first_round", [(scale,)] * len(groups)))
+        elif groups:
+            models = models_of(solvers.call("models", [()] * len(groups)))
+        for f in first:  # read by the solvers: scratch, never in the artifact
+            for part in (f["positives"], f["first_image"]):
+                if part is not None:
+                    (out / part["name"]).delete()
+        work = [(0, shards[0], 1)] if first and first[0]["num_images"] > 1 else []
+        work += [(i, shards[i], 0) for i in range(1, len(shards))]
+        for start in range(0, len(work) if groups else 0, round_shards):
+            block = work[start : start + round_shards]
+            fn = functools.partial(_svm_mining_pass, transform=transform, scale=scale,
+                                   models=models, active=active, out=out, **kw)  # fmt: skip
+            parts = map_fn(fn, block, mem, f"svm: mining round {start // round_shards + 1}")
+            models = models_of(solvers.call("add_round", [(parts, dim)] * len(groups)))
+            for p in parts:  # scratch: the SVMs keep what they cached, the artifact none of it
+                (out / p["name"]).delete()
+        if groups:
+            trained = {
+                c: r for g in solvers.call("finish", [()] * len(groups)) for c, r in g.items()
+            }
     results = []
     for c in range(num_classes):
-        if c not in miners:
+        if c not in trained:
             results.append({"coef": np.zeros(dim, np.float32), "intercept": 0.0, "positives": 0,
                             "cache": 0, "retrains": 0, "trained": False})  # fmt: skip
             continue
-        svm = miners.pop(c).finish_mining()  # frees the class's cache before the next one
-        results.append({
-            "coef": svm.coef_.astype(np.float32), "intercept": float(svm.intercept_),
-            "positives": int(n_pos[c]),
-            "cache": int(svm.n_negatives_cache_), "retrains": len(svm.history_), "trained": True,
-        })  # fmt: skip
+        results.append({**trained[c], "positives": int(n_pos[c]), "trained": True})
     return results, scale
 
 
@@ -486,6 +607,8 @@ def train_svms(
         row_bytes=row_bytes,
         fixed_bytes=fixed_bytes,
         out=ctx.output(""),
+        actors_fn=lambda factory, kwargs, mb: ctx.actors(factory, kwargs, memory_mb=mb),
+        num_solvers=lambda mb: ctx.train_capacity(1, memory_mb=mb),
     )
     np.savez(
         ctx.out_dir / "svm.npz",

@@ -11,7 +11,7 @@ from cluster.executor import Executor
 from cluster.local import LocalExecutor
 from cluster.ray_executor import RayExecutor
 
-METHODS = ("run_task", "map", "infer", "train", "train_capacity", "sweep")
+METHODS = ("run_task", "map", "infer", "actors", "train", "train_capacity", "sweep")
 
 
 @pytest.mark.parametrize("cls", [LocalExecutor, RayExecutor])

@@ -13,6 +13,7 @@ from cluster.resources import Resources
 from cluster.space import Choice, Grid, Uniform, expand
 from tests.cluster.workloads import (
     AffinePredictor,
+    Tally,
     big_result,
     fail_on_three,
     linear_regression_train,
@@ -337,3 +338,45 @@ def test_trial_reports_come_back_the_same_from_tune_as_in_process(ray_executor, 
     assert [sorted(h) for h in history] == [["acc", "best", "loss", "step"]] * 2 + [
         ["best", "curve", "final"]
     ]
+
+
+@both
+def test_actors_keep_their_state_between_calls(ex):
+    """One object per kwargs entry, each keeping its state from call to call; results in the
+    actors' order, with the resources' threads; an error comes back as the code's own."""
+    with ex.actors(
+        Tally, [{"start": 0}, {"start": 100}], resources=Resources(torch_threads=1)
+    ) as g:
+        first = g.call("add", [(1,), (2,)])
+        second = g.call("add", [(10,), (20,)])
+        assert [t for t, _, _ in first] == [1, 102] and [t for t, _, _ in second] == [11, 122]
+        assert {n for _, _, n in first + second} == {1}
+        with pytest.raises(ValueError, match="cannot add -1"):
+            g.call("add", [(1,), (-1,)])
+        with pytest.raises(ValueError, match="1 argument tuples for 2 actors"):
+            g.call("add", [(1,)])
+    if ex.name == "ray":  # separate processes, neither the driver's
+        assert len({pid for _, pid, _ in first}) == 2 and os.getpid() not in {
+            pid for _, pid, _ in first
+        }
+
+
+@pytest.mark.ray
+def test_ray_actors_hold_memory_not_cpu_and_go_when_the_block_ends(ray_executor):
+    """An actor asks for its memory for its whole life and no CPU (`Executor.actors`): the
+    step's own tasks still get every CPU while its actors live."""
+    import time
+
+    def free(kind):
+        return ray.available_resources().get(kind, 0.0)
+
+    cpus, memory = free("CPU"), free("memory")
+    with ray_executor.actors(Tally, [{"start": 0}] * 2, resources=Resources(memory_mb=64)) as g:
+        g.call("add", [(1,), (1,)])
+        assert free("CPU") == cpus and memory - free("memory") == pytest.approx(2 * 64 * 2**20)
+        out = ray_executor.map(threads_and_double, [1, 2], resources=Resources(cpus=2))
+        assert [v for _, v in out] == [2, 4]  # a 2-CPU task runs beside them
+    deadline = time.monotonic() + 10
+    while free("memory") < memory and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert free("memory") == memory

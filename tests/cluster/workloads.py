@@ -92,6 +92,19 @@ def pid_trial(config: dict, report) -> None:
     report({"pid": os.getpid(), "threads": threads, "x": config["x"]})
 
 
+class Tally:
+    """An actor's state: a running total; ``add`` fails on a negative number."""
+
+    def __init__(self, start: int):
+        self.total = start
+
+    def add(self, n: int) -> tuple[int, int, int]:
+        if n < 0:
+            raise ValueError(f"cannot add {n}")
+        self.total += n
+        return self.total, os.getpid(), torch.get_num_threads()
+
+
 def make_table(n: int) -> pa.Table:
     return pa.table({"id": np.arange(n), "x": np.linspace(0, 1, n)})
 

@@ -17,7 +17,9 @@ from pipelines.rcnn.detect import (
     _train_class_regressor,
     _train_class_svm,
     fit_box_regressors,
+    in_process_actors,
     mine_svms,
+    solver_memory_mb,
 )
 from stages.detection.boxes import box_iou_voc
 from stages.detection.features import (
@@ -241,6 +243,68 @@ def test_mining_tasks_return_counts_and_their_negatives_go_through_files(
         np.testing.assert_array_equal(a["coef"], b["coef"])
 
 
+def test_the_solvers_hold_the_caches_and_their_number_changes_nothing(three_image_shards,
+                                                                     tmp_path):  # fmt: skip
+    """The classes' miners live in `ClassSolvers` (Ray actors in the step), dealt round-robin:
+    one, two or three of them (or as many as the capacity function allows) give the same SVMs
+    bit for bit; what comes back from them each round is the classes' models, a few hundred
+    bytes, never the caches; the solvers get their memory estimate."""
+    import pickle
+
+    paths, rows, _ = three_image_shards
+    kw = dict(num_classes=3, map_fn=local_map, round_shards=2, norm_sample_rows=300,
+              retrain_after=40, **SVM)  # fmt: skip
+    calls = []
+
+    def spying_actors(num):
+        def start(factory, kwargs, memory_mb):
+            group = in_process_actors(factory, kwargs, memory_mb)
+            real = group.call
+
+            def call(method, args):
+                out = real(method, args)
+                calls.append((num, method, len(pickle.dumps(out)), memory_mb,
+                              [k["classes"] for k in kwargs]))  # fmt: skip
+                return out
+
+            group.call = call
+            return group
+
+        return start
+
+    runs = {}
+    shards = [feature_cache.read_feature_shard(p) for p in paths]
+    pos = max(sum(int(((s["gt_class"] == c) & s["is_gt"]).sum()) for s in shards) for c in range(3))
+    for name, n in ((1, 1), (2, 2), (3, 3), ("capacity", lambda mb: 2 if mb ==
+                    solver_memory_mb(1, pos, DIM, 160) else 0)):  # fmt: skip
+        runs[name], _ = mine_svms(paths, rows, out=_out(tmp_path / str(name)),
+                                  actors_fn=spying_actors(name), num_solvers=n, **kw)  # fmt: skip
+    for name in (2, 3, "capacity"):
+        for a, b in zip(runs[1], runs[name], strict=True):
+            np.testing.assert_array_equal(a["coef"], b["coef"])
+            assert (a["intercept"], a["cache"], a["retrains"]) == (
+                b["intercept"], b["cache"], b["retrains"]
+            )  # fmt: skip
+    groups = {name: g for name, _, _, _, g in calls}
+    assert groups == {1: [[0, 1, 2]], 2: [[0, 2], [1]], 3: [[0], [1], [2]],
+                      "capacity": [[0, 2], [1]]}  # fmt: skip
+    methods = [m for name, m, _, _, _ in calls if name == 1]
+    assert methods[0] == "first_round" and methods[-1] == "finish"
+    assert methods.count("add_round") == 5  # the rounds of the schedule above
+    assert max(size for _, m, size, _, _ in calls if m != "finish") < 3 * (4 * DIM + 200)
+    caches = max(r["cache"] for r in runs[1])
+    assert caches * 4 * DIM > 3 * (4 * DIM + 200)  # what did not come back is bigger than that
+    assert {mb for name, _, _, mb, _ in calls if name == 1} == {solver_memory_mb(3, pos, DIM, 160)}
+
+
+def test_solver_memory_by_hand():
+    # 2 classes × (10 positives + 90 cached rows) × 1024 × 4 B held, one solve of 100 rows at 7×
+    # that, 256 MiB for the interpreter: 819,200 + 2,867,200 B = 3.52 MiB -> 4
+    assert solver_memory_mb(2, 10, 1024, 90) == 256 + 4
+    # 8000 cached fc7 rows: held once and solved at 7×, 8 × 8000 × 16 KiB = 1000 MiB
+    assert solver_memory_mb(1, 0, 4096, 8000) == 256 + 1000
+
+
 def test_box_regressors_from_one_pass_equal_one_pass_per_class(three_image_shards, tmp_path):
     """The pairs go through files (one per shard, a row group per class) and come back bit for
     bit: the regressors equal the per-class reference's; each file holds its shard's pairs."""
@@ -316,18 +380,21 @@ def test_map_requests_its_own_memory_estimate(tmp_path):
 
 @pytest.mark.ray
 def test_on_ray_the_same_svms_and_regressors(three_image_shards, ray_executor, tmp_path):
-    """Mining and gathering tasks on Ray (with their memory requests) give the in-process bytes."""
+    """Mining and gathering tasks on Ray (with their memory requests) and the class solvers as
+    two Ray actors give the in-process bytes."""
     paths, rows, gt = three_image_shards
     ctx = _ctx(Resources(cpus=1), ray_executor, tmp_path)
 
     def ray_map(fn, items, memory_mb, desc):
         return _map(ctx, fn, items, memory_mb, desc)
 
+    def ray_actors(factory, kwargs, memory_mb):
+        return ctx.actors(factory, kwargs, memory_mb=memory_mb)
+
     kw = dict(num_classes=3, round_shards=2, norm_sample_rows=300, retrain_after=40, **SVM)
-    (on_ray, s1), (local, s2) = (
-        mine_svms(paths, rows, map_fn=m, out=_out(tmp_path / name), **kw)
-        for m, name in ((ray_map, "ray-svm"), (local_map, "local-svm"))
-    )
+    on_ray, s1 = mine_svms(paths, rows, map_fn=ray_map, out=_out(tmp_path / "ray-svm"),
+                           actors_fn=ray_actors, num_solvers=2, **kw)  # fmt: skip
+    local, s2 = mine_svms(paths, rows, map_fn=local_map, out=_out(tmp_path / "local-svm"), **kw)
     assert s1 == s2
     for a, b in zip(on_ray, local, strict=True):
         np.testing.assert_array_equal(a["coef"], b["coef"])
