@@ -356,7 +356,7 @@ def solver_memory_mb(n_classes: int, positives: int, dim: int, cache_rows: int) 
     class's liblinear solve at a time on top (``LinearSVC`` copies the rows to float64 and
     liblinear to 16-byte sparse nodes: ≈ 7× the float32 rows), plus 256 MiB for the
     interpreter. ``cache_rows`` is an estimate (how many negatives a class keeps is known only
-    by mining them): `train_svms` takes ``4 × retrain_after``."""
+    by mining them): `mine_svms` takes ``4 × retrain_after``."""
     row = 4 * dim
     held = n_classes * (positives + cache_rows) * row
     return 256 + -(-(held + 7 * (positives + cache_rows) * row) // (1 << 20))
