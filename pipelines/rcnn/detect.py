@@ -5,6 +5,7 @@ function here takes explicit arguments."""
 from __future__ import annotations
 
 import functools
+import os
 import threading
 
 import numpy as np
@@ -827,12 +828,30 @@ DETECTIONS_SCHEMA = pa.schema(
 )
 
 
+@functools.lru_cache(maxsize=8)
+def _npz_at(path: str, mtime_ns: int, size: int) -> dict[str, np.ndarray]:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _weights(source) -> dict[str, np.ndarray]:
+    """``source`` as it is when a dict, else an ``.npz`` reference (`ArtifactFile`, path) read
+    once per process and file version: a detect task loads its step's SVM and box-regression
+    weights from the store on its own node instead of receiving them by value, so the object
+    store holds none of them, whatever the number of classes (issue 19). Not to be mutated."""
+    if isinstance(source, dict):
+        return source
+    path = os.fspath(source)
+    st = os.stat(path)
+    return _npz_at(path, st.st_mtime_ns, st.st_size)
+
+
 def _detect_shard(
     pair: tuple[str, str],
     *,
     classes: list[str],
-    svm: dict,
-    bbox: dict | None,
+    svm,
+    bbox,
     sizes: dict[str, tuple[int, int]],
     top_k: int,
     nms_iou: float,
@@ -842,12 +861,14 @@ def _detect_shard(
 ) -> pa.Table | list[np.ndarray]:
     """Detections of one feature shard; with ``scores_only``, the scores of each class's
     per-image top-k candidates (``list`` over classes), from which ``detect`` sets the set-wide
-    per-class thresholds ``min_scores (C,)`` of rcnn_test.m."""
+    per-class thresholds ``min_scores (C,)`` of rcnn_test.m. ``svm`` and ``bbox`` (None: no
+    regression): the weights, or references to their ``.npz`` files (`_weights`)."""
     from stages.detection.bbox_regression import decode_boxes
     from stages.detection.boxes import clip_boxes_voc
     from stages.detection.features import read_feature_shard
     from stages.detection.nms import nms_per_class, top_k_per_class
 
+    svm, bbox = _weights(svm), None if bbox is None else _weights(bbox)
     feat_path, pool5_path = pair
     s = read_feature_shard(feat_path, ["image_ids", "is_gt", "boxes", "features"])
     keep = ~s["is_gt"]  # leak guard: ground-truth rows are never scored at test time
@@ -951,8 +972,8 @@ def detect(
     fn = functools.partial(
         _detect_shard,
         classes=classes,
-        svm=svm,
-        bbox=bbox,
+        svm=ctx.input_file("svm", "svm.npz"),  # read by each task: no weights by value
+        bbox=ctx.input_file("bbox_regression", "bbox_regression.npz") if bbox is not None else None,
         sizes=sizes,
         top_k=top_k,
         nms_iou=nms_iou,

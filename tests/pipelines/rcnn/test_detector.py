@@ -390,6 +390,46 @@ def test_a_zero_width_proposal_survives_box_regression(tmp_path):
     assert det.num_rows == 2
 
 
+def test_detect_tasks_read_the_weights_from_references_once_per_file(tmp_path):
+    """Issue 19: detect's tasks get the SVM and box-regression weights as references to their
+    .npz files and read them on their own node, once per process and file version; the
+    detections are those of the weights given by value, bit for bit."""
+    from pipelines.rcnn import detect as d
+
+    path = tmp_path / "shard.parquet"
+    rng = np.random.default_rng(3)
+    write_feature_shard(
+        path, image_ids=["im"] * 6, box_index=np.arange(6, dtype=np.int32),
+        is_gt=np.zeros(6, bool), boxes=(rng.uniform(0, 40, (6, 4)) + [0, 0, 45, 45]).astype(np.float32),
+        gt_class=np.full(6, -1), max_iou=np.zeros((6, 2), np.float32),
+        features=rng.normal(size=(6, 3)).astype(np.float32),
+    )  # fmt: skip
+    svm = {"coef": rng.normal(size=(2, 3)).astype(np.float32),
+           "intercept": np.zeros(2, np.float32), "scale": np.float32(1.5)}  # fmt: skip
+    bbox = {"coef": rng.normal(0, 0.05, (2, 4, 3)).astype(np.float32),
+            "intercept": np.zeros((2, 4), np.float32), "scale": np.float32(1.0),
+            "trained": np.array([True, True])}  # fmt: skip
+    np.savez(tmp_path / "svm.npz", **svm)
+    np.savez(tmp_path / "bbox.npz", **bbox)
+    kw = dict(classes=["a", "b"], sizes={"im": (90, 90)}, top_k=100, nms_iou=0.3)
+    shard = (str(path), str(path))
+    by_value = d._detect_shard(shard, svm=svm, bbox=bbox, **kw)
+    d._npz_at.cache_clear()
+    by_ref = d._detect_shard(shard, svm=tmp_path / "svm.npz", bbox=tmp_path / "bbox.npz", **kw)
+    assert by_value.num_rows >= 2 and by_ref.equals(by_value)
+    d._detect_shard(shard, svm=tmp_path / "svm.npz", bbox=tmp_path / "bbox.npz", **kw)
+    assert d._npz_at.cache_info().misses == 2 and d._npz_at.cache_info().hits == 2
+    # a new version of the file at the same path is read again, not served from the cache
+    np.savez(tmp_path / "svm.npz", **{**svm, "coef": -svm["coef"]})
+    os.utime(tmp_path / "svm.npz", ns=(1, 1))
+    flipped = d._detect_shard(shard, svm=tmp_path / "svm.npz", bbox=None, **kw)
+    assert d._npz_at.cache_info().misses == 3
+    expect = d._detect_shard(shard, svm={**svm, "coef": -svm["coef"]}, bbox=None, **kw)
+    assert flipped.equals(expect) and not flipped.equals(
+        d._detect_shard(shard, svm=svm, bbox=None, **kw)
+    )
+
+
 def test_the_dataset_key_follows_the_annotation_files(tmp_path):
     """An edited annotation (same root, same split names) must give a new dataset key."""
     from pipelines.config import apply_overrides
@@ -606,3 +646,17 @@ def test_remote_work_gets_references_not_driver_paths(ci_run):
     # windows' images and pretrained model, pretraining its crop shards (issue 19)
     assert all(b"ArtifactFile" in payload for _, payload in REMOTE_PAYLOADS)
     assert sum(m == "train" for m, _ in REMOTE_PAYLOADS) == 2
+    # detect's tasks (detect, detect-nobb; the caps pass where asked) read the SVM and
+    # box-regression weights themselves: none of them goes by value, whatever the classes
+    import cloudpickle
+
+    from data.store import ArtifactFile
+    from pipelines.rcnn.detect import _detect_shard
+
+    fns = [cloudpickle.loads(p)[0][0] for m, p in REMOTE_PAYLOADS if m == "map"]
+    detect_fns = [f for f in fns if getattr(f, "func", None) is _detect_shard]
+    assert len(detect_fns) >= 2
+    for f in detect_fns:
+        assert isinstance(f.keywords["svm"], ArtifactFile)
+        assert f.keywords["bbox"] is None or isinstance(f.keywords["bbox"], ArtifactFile)
+    assert {f.keywords["bbox"] is None for f in detect_fns} == {True, False}
