@@ -499,6 +499,25 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+INLINE_FN_BYTES = 64 * 1024
+
+
+def _shipped(fn: Callable):
+    """What a map sends its tasks as ``fn``: the function itself when it pickles to under
+    ``INLINE_FN_BYTES`` (Ray inlines arguments under 100 KiB in each task's message, so the
+    object store never holds it), else one ``ray.put`` for the whole map. Freed objects leave
+    the store asynchronously (in batches, about once a second), so a put per call of maps that
+    follow one another quickly — svm's mining rounds — piled up their functions in the store,
+    one per round, as if per task."""
+    from ray import cloudpickle
+
+    try:
+        small = len(cloudpickle.dumps(fn)) < INLINE_FN_BYTES
+    except Exception:  # noqa: BLE001 - Ray's own serializer may still take it: put it
+        small = False
+    return fn if small else ray.put(fn)
+
+
 class RayExecutor(Executor):
     name = "ray"
 
@@ -541,9 +560,10 @@ class RayExecutor(Executor):
         """One Ray task per item (retried by Ray if its worker or node dies); results in order.
 
         ``fn`` (often a partial holding a model's weights) goes to the object store once per call
-        and reaches each node once, not pickled into every task (issue 19)."""
+        and reaches each node once, not pickled into every task (issue 19); a small one travels
+        in each task's own message instead (`_shipped`)."""
         remote = _remote_call.options(**self._options(resources), max_retries=3)
-        fn_ref = ray.put(fn) if items else None
+        fn_ref = _shipped(fn) if items else None
         pending = [remote.remote(fn_ref, resources.threads(), (item,), {}) for item in items]
         position = {ref: i for i, ref in enumerate(pending)}
         results: list = [None] * len(pending)

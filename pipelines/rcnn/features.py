@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -287,16 +288,42 @@ class Pool5Head:
     or a torch device ("cpu", "cuda") to choose. On a GPU the products round differently: the
     scores agree with numpy's to float32 tolerance, not bit for bit (`tests/pipelines/rcnn/
     test_features.py`, and its ``gpu`` test in ``benchmarks/gpu_check.sh``). The weights go to
-    the device once per process and never travel with the pickled head."""
+    the device once per process and never travel with the pickled head.
+
+    ``Pool5Head.stored(ref, layer)`` keeps the reference to the fine-tuned model's file
+    (``ArtifactFile``) it was read from and pickles as that reference: a task reads the weights
+    from the store on its own node, once per process and file version, instead of receiving
+    them by value (AlexNet's fc6/fc7 are ≈ 218 MiB, and svm maps once per mining round: at
+    VOC2007's 627 rounds that was ≈ 137 GB through the object store; issue 19)."""
+
+    _WEIGHTS = ("w6", "b6", "w7", "b7")
 
     def __init__(self, net, layer: str, device: str = "auto"):
         self.layer, self.device = layer, device
         self.w6, self.b6 = net.fc6.weight.detach().numpy(), net.fc6.bias.detach().numpy()
         self.w7, self.b7 = net.fc7.weight.detach().numpy(), net.fc7.bias.detach().numpy()
+        self.source = None
         self._on_device: tuple | None = None
 
+    @classmethod
+    def stored(cls, ref, layer: str, device: str = "auto") -> Pool5Head:
+        """The head of the model saved at ``ref`` (``ArtifactFile`` or path), pickling as ``ref``
+        (read here without the per-process cache: the step's process keeps no copy after it)."""
+        head = cls(load_model(Path(os.fspath(ref))), layer, device)
+        head.source = ref
+        return head
+
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_on_device": None}
+        state = {**self.__dict__, "_on_device": None}
+        if self.source is not None:  # the reference travels, not the weights
+            state.update(dict.fromkeys(self._WEIGHTS))
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("source", None)
+        if self.source is not None:
+            self.w6, self.b6, self.w7, self.b7 = _head_weights(self.source)
 
     def _torch_device(self) -> str | None:
         if self.device == "numpy":
@@ -332,6 +359,21 @@ class Pool5Head:
         return h.cpu().numpy()
 
 
+@functools.lru_cache(maxsize=2)
+def _head_weights_at(path: str, mtime_ns: int, size: int) -> tuple[np.ndarray, ...]:
+    net = load_model(Path(path))
+    return tuple(t.detach().numpy() for t in (net.fc6.weight, net.fc6.bias, net.fc7.weight,
+                                              net.fc7.bias))  # fmt: skip
+
+
+def _head_weights(ref) -> tuple[np.ndarray, ...]:
+    """fc6/fc7 weights and biases of the model saved at ``ref``, read once per process and file
+    version (the store's artifacts never change under a key; the version guards a rewrite)."""
+    path = os.fspath(ref)
+    st = os.stat(path)
+    return _head_weights_at(path, st.st_mtime_ns, st.st_size)
+
+
 def _identity(x: np.ndarray) -> np.ndarray:
     return x
 
@@ -342,5 +384,5 @@ def layer_source(ctx: StepContext, layer: str, split: str):
     features_dir, ref = ctx.input_dir("features"), ctx.input_file("features")
     if (features_dir / layer).is_dir():
         return feature_shards(features_dir, layer, split, ref), _identity
-    net = load_model(ctx.input_dir("finetune") / "model.pt")
-    return feature_shards(features_dir, "pool5", split, ref), Pool5Head(net, layer)
+    head = Pool5Head.stored(ctx.input_file("finetune", "model.pt"), layer)
+    return feature_shards(features_dir, "pool5", split, ref), head

@@ -20,6 +20,7 @@ from tests.cluster.workloads import (
     make_table,
     pid_trial,
     quadratic_trial,
+    scaled_sum,
     threads_and_double,
     threads_train,
 )
@@ -72,6 +73,27 @@ def test_ray_map_results_leave_the_object_store_as_they_are_fetched(ray_executor
     while (held := _object_store_bytes() - before) > 1 << 20 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert held < 1 << 20, f"{held / 2**20:.1f} MiB still in the store for 32 MiB of results"
+
+
+@pytest.mark.ray
+def test_ray_map_sends_a_small_function_with_each_task_and_puts_a_large_one_once(ray_executor):
+    """Issue 19: a function with a model's weights goes to the object store once per map; a
+    small one travels inside each task's message, so maps in quick succession (svm's mining
+    rounds) leave nothing of theirs in the store, where freed objects linger about a second."""
+    import functools
+
+    from cluster.ray_executor import INLINE_FN_BYTES, _shipped
+
+    small = functools.partial(scaled_sum, weights=np.ones(1000, np.float32))  # 4 KB
+    big = functools.partial(scaled_sum, weights=np.ones(INLINE_FN_BYTES // 4, np.float32))
+    assert _shipped(small) is small and isinstance(_shipped(big), ray.ObjectRef)
+    before = _object_store_bytes()
+    peak = 0
+    for _ in range(5):
+        assert ray_executor.map(small, [1, 2], resources=Resources(cpus=1)) == [1000.0, 2000.0]
+        peak = max(peak, _object_store_bytes() - before)
+    assert peak < 4000, f"{peak} B in the store for five maps of a 4 KB function"
+    assert ray_executor.map(big, [1], resources=Resources(cpus=1)) == [float(INLINE_FN_BYTES // 4)]
 
 
 @both

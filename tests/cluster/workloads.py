@@ -18,6 +18,11 @@ def big_result(i: int) -> dict:
     return {"i": i, "array": np.full((1 << 20,), i, np.float32), "parts": [np.arange(3) + i]}
 
 
+def scaled_sum(i: int, *, weights: np.ndarray) -> float:
+    """``i`` times the sum of ``weights``: a map function holding arrays, like a model's."""
+    return float(i * weights.sum())
+
+
 def fail_on_three(i: int) -> int:
     if i == 3:
         raise ValueError("item 3 is bad")

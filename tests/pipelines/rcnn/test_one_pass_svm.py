@@ -3,6 +3,7 @@ the number of classes (issue 19): the same models as one pass per class, and a c
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -469,6 +470,43 @@ def test_pool5_head_in_torch_matches_numpy_and_auto_stays_numpy_without_a_gpu(la
     auto = Pool5Head(net, layer)
     np.testing.assert_array_equal(auto(x), ref)
     assert auto._on_device is None
+
+
+def test_a_stored_pool5_head_travels_as_its_reference_and_reads_once_per_process(tmp_path):
+    """Issue 19: the head svm and detect recompute fc6/fc7 with pickles as the reference to the
+    fine-tuned model's file, not its weights (AlexNet's ≈ 218 MiB went into the object store once
+    per mining round); a task reads them once per process and file version, and computes what
+    the head built from the net does, bit for bit."""
+    import pickle
+
+    import torch
+
+    from pipelines.rcnn import features as f
+    from pipelines.rcnn.common import _save_model
+    from stages.models.registry import create
+
+    torch.manual_seed(0)
+    kw = {"num_classes": 5, "input_size": 32}
+    net = create("rcnn_small", **kw).eval()
+    _save_model(tmp_path / "model.pt", net.state_dict(), model="rcnn_small", model_kwargs=kw,
+                num_outputs=5)  # fmt: skip
+    by_value = f.Pool5Head(net, "fc7", device="numpy")
+    weights = sum(getattr(by_value, w).nbytes for w in f.Pool5Head._WEIGHTS)
+    assert weights == 4 * (512 * 512 * 2 + 512 * 2) and len(pickle.dumps(by_value)) > weights
+    f._head_weights_at.cache_clear()
+    head = f.Pool5Head.stored(tmp_path / "model.pt", "fc7", device="numpy")
+    sent = pickle.dumps(head)
+    assert len(sent) < 2000
+    x = np.abs(np.random.default_rng(0).standard_normal((9, 512))).astype(np.float32)
+    got = [pickle.loads(sent)(x) for _ in range(3)]
+    for g in got:
+        np.testing.assert_array_equal(g, by_value(x))
+    assert f._head_weights_at.cache_info()[:2] == (2, 1)  # (hits, misses): one read per process
+    torch.manual_seed(1)  # a new model written at the same path is read again
+    _save_model(tmp_path / "model.pt", create("rcnn_small", **kw).state_dict(), model="rcnn_small",
+                model_kwargs=kw, num_outputs=5)  # fmt: skip
+    os.utime(tmp_path / "model.pt", ns=(1, 1))
+    assert not np.array_equal(pickle.loads(sent)(x), got[0])
 
 
 def test_svm_and_detect_ask_for_a_gpu_only_when_they_recompute_fc7():
