@@ -47,8 +47,22 @@ class Resources:
         return asdict(self)
 
 
+def _blas_threads(n: int) -> int:
+    """Pin numpy's BLAS (the OpenBLAS its wheel bundles; torch has its own) to ``n`` threads;
+    returns the largest count before (0 when numpy has loaded none). Products such as
+    `Pool5Head`'s fc6/fc7 round differently with 1 and 2 BLAS threads (up to 5e-7 on a
+    float32 fc7), so an artifact would depend on the executor, not only its key."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    pools = [p for p in threadpool_info() if p["user_api"] == "blas"]
+    before = max((p["num_threads"] for p in pools), default=0)
+    if any(p["num_threads"] != n for p in pools):
+        threadpool_limits(n, user_api="blas")
+    return before
+
+
 def limit_threads(n: int) -> int:
-    """Pin torch and OpenCV thread pools to ``n``.
+    """Pin torch, numpy's BLAS and OpenCV thread pools to ``n``.
 
     Ray reuses worker processes between tasks and torch fixes its pool size at first use, so every
     unit of work sets this from its own CPU request (DESIGN: no oversubscription). A process that
@@ -65,6 +79,7 @@ def limit_threads(n: int) -> int:
         before = torch.get_num_threads()
         if before != n:
             torch.set_num_threads(n)
+    _blas_threads(n)
     try:
         import cv2
 
@@ -78,10 +93,13 @@ def limit_threads(n: int) -> int:
 def pinned_threads(n: int) -> Iterator[None]:
     """``limit_threads(n)`` for a block of the calling process (the in-process executor), then the
     torch thread count from before."""
+    blas = _blas_threads(n)
     before = limit_threads(n)
     try:
         yield
     finally:
+        if blas:
+            _blas_threads(blas)
         torch = sys.modules.get("torch")
         if torch is not None and before and torch.get_num_threads() != before:
             torch.set_num_threads(before)

@@ -293,7 +293,7 @@ class Pool5Head:
     ``Pool5Head.stored(ref, layer)`` keeps the reference to the fine-tuned model's file
     (``ArtifactFile``) it was read from and pickles as that reference: a task reads the weights
     from the store on its own node, once per process and file version, instead of receiving
-    them by value (AlexNet's fc6/fc7 are ≈ 218 MiB, and svm maps once per mining round: at
+    them by value (AlexNet's fc6/fc7 are ≈ 218 MB, and svm maps once per mining round: at
     VOC2007's 627 rounds that was ≈ 137 GB through the object store; issue 19)."""
 
     _WEIGHTS = ("w6", "b6", "w7", "b7")

@@ -15,6 +15,7 @@ from tests.cluster.workloads import (
     AffinePredictor,
     Tally,
     big_result,
+    blas_product,
     fail_on_three,
     linear_regression_train,
     make_table,
@@ -94,6 +95,25 @@ def test_ray_map_sends_a_small_function_with_each_task_and_puts_a_large_one_once
         peak = max(peak, _object_store_bytes() - before)
     assert peak < 4000, f"{peak} B in the store for five maps of a 4 KB function"
     assert ray_executor.map(big, [1], resources=Resources(cpus=1)) == [float(INLINE_FN_BYTES // 4)]
+
+
+@pytest.mark.ray
+def test_numpy_products_follow_the_units_threads_not_the_executor(ray_executor):
+    """Same key, same bytes: a unit's numpy BLAS runs on the unit's own threads on Ray and in
+    process alike (its products round differently with 1 and 2 threads; Pool5Head's fc7 did,
+    and features.cache=pool5 gave other SVM bytes on Ray than in process)."""
+    from threadpoolctl import threadpool_limits
+
+    from cluster.local import LocalExecutor
+
+    one = Resources(cpus=1)
+    on_ray = ray_executor.map(blas_product, [0, 1], resources=one)
+    in_process = LocalExecutor(progress=False).map(blas_product, [0, 1], resources=one)
+    assert on_ray == in_process
+    with threadpool_limits(1, user_api="blas"):
+        assert blas_product(0) == on_ray[0]
+    with threadpool_limits(2, user_api="blas"):
+        assert blas_product(0) != on_ray[0]  # the difference this pins down exists here
 
 
 @both

@@ -41,6 +41,26 @@ def test_limit_threads_resizes_a_loaded_torch():
         torch.set_num_threads(before)
 
 
+def test_limit_threads_pins_numpys_blas_and_the_in_process_block_restores_it():
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from cluster.resources import pinned_threads
+
+    def blas() -> set[int]:
+        return {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"}
+
+    before = torch.get_num_threads()
+    with threadpool_limits(2, user_api="blas"):
+        try:
+            with pinned_threads(1):
+                assert blas() == {1}
+            assert blas() == {2}
+            limit_threads(1)
+            assert blas() == {1}
+        finally:
+            torch.set_num_threads(before)
+
+
 def test_auto_gpus_count_the_gpu_nodes_an_autoscaler_can_start(monkeypatch):
     """Issue 18: with GPU workers at min_workers 0 the cluster has no GPU until a request starts
     one; "auto" must count the autoscaler's GPU node types (as published in the GCS) or it

@@ -23,6 +23,15 @@ def scaled_sum(i: int, *, weights: np.ndarray) -> float:
     return float(i * weights.sum())
 
 
+def blas_product(seed: int) -> bytes:
+    """relu(x @ w) in float32 at fc7's shapes, as bytes: OpenBLAS rounds it differently with one
+    and with two threads."""
+    rng = np.random.default_rng(seed)
+    x = np.abs(rng.standard_normal((600, 2048))).astype(np.float32)
+    w = rng.standard_normal((2048, 512)).astype(np.float32)
+    return np.maximum(x @ w, 0).tobytes()
+
+
 def fail_on_three(i: int) -> int:
     if i == 3:
         raise ValueError("item 3 is bad")

@@ -474,7 +474,7 @@ def test_pool5_head_in_torch_matches_numpy_and_auto_stays_numpy_without_a_gpu(la
 
 def test_a_stored_pool5_head_travels_as_its_reference_and_reads_once_per_process(tmp_path):
     """Issue 19: the head svm and detect recompute fc6/fc7 with pickles as the reference to the
-    fine-tuned model's file, not its weights (AlexNet's ≈ 218 MiB went into the object store once
+    fine-tuned model's file, not its weights (AlexNet's ≈ 218 MB went into the object store once
     per mining round); a task reads them once per process and file version, and computes what
     the head built from the net does, bit for bit."""
     import pickle
