@@ -359,7 +359,7 @@ class Pool5Head:
         return h.cpu().numpy()
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=1)  # one head per process (a task's memory request counts one)
 def _head_weights_at(path: str, mtime_ns: int, size: int) -> tuple[np.ndarray, ...]:
     net = load_model(Path(path))
     return tuple(t.detach().numpy() for t in (net.fc6.weight, net.fc6.bias, net.fc7.weight,
