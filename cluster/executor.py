@@ -9,6 +9,7 @@ batch scheduler) subclasses it and fills in its methods.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -116,7 +117,7 @@ class Executor(Protocol):
 
     def infer(
         self,
-        source: pa.Table | Sequence[str],
+        source: pa.Table | os.PathLike,
         predictor: type,
         predictor_kwargs: dict,
         *,
@@ -125,8 +126,11 @@ class Executor(Protocol):
         num_actors: int = 1,
         desc: str = "infer",
     ) -> pa.Table:
-        """``predictor(**predictor_kwargs)`` (built once per actor) over batches of ``source`` (a
-        table or Parquet files); the tables it returns, concatenated, come back to the caller.
+        """``predictor(**predictor_kwargs)`` (built once per actor) over batches of ``source``: a
+        table, or a reference to one Parquet file (an ``ArtifactFile``: any path-like that
+        resolves on the node that reads it), which the actors read on their own nodes instead of
+        it travelling through the object store; the tables it returns, concatenated, come back
+        to the caller.
         They are meant to be small (a row per batch or per input row): a predictor with bulky
         output writes it to the store from its own node (``StepContext.output``) and returns
         what it wrote."""

@@ -9,6 +9,7 @@ bytes do not depend on the executor (issue 22).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,9 @@ from cluster.resources import Resources, pinned_threads
 from cluster.space import expand
 
 
-def iter_batches(source: pa.Table | Sequence[str], batch_size: int) -> Iterable[pa.Table]:
-    """Record batches of ``batch_size`` rows from a table or a list of Parquet files, in order."""
-    tables = [source] if isinstance(source, pa.Table) else (pq.read_table(p) for p in source)
+def iter_batches(source: pa.Table | os.PathLike, batch_size: int) -> Iterable[pa.Table]:
+    """Batches of ``batch_size`` rows from a table or a Parquet file, in order."""
+    tables = [source] if isinstance(source, pa.Table) else [pq.read_table(os.fspath(source))]
     buffer: list[pa.Table] = []
     buffered = 0
     for table in tables:
@@ -79,7 +80,7 @@ class LocalExecutor(Executor):
 
     def infer(
         self,
-        source: pa.Table | Sequence[str],
+        source: pa.Table | os.PathLike,
         predictor: type,
         predictor_kwargs: dict,
         *,
@@ -98,7 +99,7 @@ class LocalExecutor(Executor):
         rows = (
             source.num_rows
             if isinstance(source, pa.Table)
-            else sum(pq.ParquetFile(p).metadata.num_rows for p in source)
+            else pq.ParquetFile(os.fspath(source)).metadata.num_rows
         )
         out = []
         with progress_bar(rows, desc, "row", enabled=self.progress) as bar:

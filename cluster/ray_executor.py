@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import json
 import os
 import tempfile
@@ -168,6 +169,16 @@ def _owned(obj):
     return obj
 
 
+def _owned_table(table: pa.Table) -> pa.Table:
+    """``table`` copied out of the object store (the Arrow counterpart of ``_owned``): a block
+    ``iter_batches`` hands over is a view of the store's shared memory, and a step keeping the
+    blocks would keep every one of them in the store until it ends."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return pa.ipc.open_stream(sink.getvalue()).read_all()
+
+
 def _call(fn: Callable, threads: int, *args, **kwargs):
     limit_threads(threads)
     return fn(*args, **kwargs)
@@ -296,18 +307,51 @@ class _RemoteBar:
 
 
 class _PredictorActor:
-    """Ray Data actor: builds the model once in ``__init__`` and applies it to each batch."""
+    """Ray Data actor: builds the model once in ``__init__`` and applies it to each batch. With
+    ``rows`` (a reference to a Parquet file) its input blocks hold batch numbers: it reads the
+    file once, on its own node, and applies the model to rows ``[i * batch_size, (i + 1) *
+    batch_size)`` for each number ``i`` of the block."""
 
-    def __init__(self, factory: type, kwargs: dict, threads: int, progress=None):
+    def __init__(
+        self,
+        factory: type,
+        kwargs: dict,
+        threads: int,
+        progress=None,
+        rows: os.PathLike | None = None,
+        batch_size: int = 0,
+    ):
         limit_threads(threads)
         self.model = factory(**kwargs)
         self.progress = progress
+        self.rows, self.batch_size, self._table = rows, batch_size, None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.rows is None:
+            return self._apply(batch)
+        if self._table is None:  # an index: small next to what the model makes of its rows
+            import pyarrow.parquet as pq
+
+            self._table = pq.read_table(os.fspath(self.rows))
+        return pa.concat_tables(
+            [
+                self._apply(self._table.slice(i * self.batch_size, self.batch_size))
+                for i in batch.column("batch").to_pylist()
+            ]
+        ).combine_chunks()  # one chunk, not one per batch: an Arrow chunk costs ~100 B stored
+
+    def _apply(self, batch: pa.Table) -> pa.Table:
         out = self.model(batch)
         if self.progress is not None:
             self.progress.add.remote(batch.num_rows)
         return out
+
+
+# Blocks of batch numbers per actor when ``infer`` reads a Parquet file: a fixed number, so the
+# object store holds as many small blocks whatever the rows. An actor takes its next block when
+# it has finished one (one task in flight: its input is a few numbers, nothing to prefetch), so
+# the actors stay balanced to within one block, a quarter of a share.
+BLOCKS_PER_ACTOR = 4
 
 
 # Checkpoints a Train run keeps in its storage: the newest to resume from, and the one before in
@@ -591,7 +635,7 @@ class RayExecutor(Executor):
 
     def infer(
         self,
-        source: pa.Table | Sequence[str],
+        source: pa.Table | os.PathLike,
         predictor: type,
         predictor_kwargs: dict,
         *,
@@ -601,43 +645,65 @@ class RayExecutor(Executor):
         desc: str = "infer",
     ) -> pa.Table:
         """Ray Data ``map_batches`` with an actor pool; each actor holds one model (GPU if asked).
-        The (small) output blocks come back to the caller through the object store: nothing is
-        written to a path, which on a cluster would be the disk of whichever node ran the write."""
+
+        A table source goes into the object store whole, one block per batch so that every actor
+        of the pool gets work (a single block would feed a single actor). A Parquet file
+        reference does not: the blocks hold batch numbers, ``BLOCKS_PER_ACTOR`` blocks per actor
+        whatever the number of rows, and each actor reads the file on its own node and runs a
+        block's batches one after the other in one call. The (small) output blocks are taken as
+        they are made, not gathered in the store first; nothing is written to a path, which on
+        a cluster would be the disk of whichever node ran the write."""
+        in_flight = None  # Ray Data's default
+        constructor = {
+            "factory": predictor,
+            "kwargs": predictor_kwargs,
+            "threads": resources.threads(),
+        }
         if isinstance(source, pa.Table):
             rows = source.num_rows
-            # one block per batch, so every actor of the pool gets work (a single block would
-            # feed a single actor)
             blocks = [source.slice(i, batch_size) for i in range(0, source.num_rows, batch_size)]
             ds = ray.data.from_arrow(blocks or [source])
         else:
             import pyarrow.parquet as pq
 
-            rows = sum(pq.ParquetFile(p).metadata.num_rows for p in source)  # footers only
-            ds = ray.data.read_parquet(list(source))
+            rows = pq.ParquetFile(os.fspath(source)).metadata.num_rows  # the footer only
+            batches = -(-rows // batch_size)
+            if not batches:
+                return pa.table({})
+            ds = ray.data.from_items(
+                [{"batch": i} for i in range(batches)],
+                override_num_blocks=min(batches, BLOCKS_PER_ACTOR * max(1, num_actors)),
+            )
+            constructor.update(rows=source, batch_size=batch_size)
+            batch_size, in_flight = None, 1  # a block of batch numbers per call
         opts = self._options(resources)
         remote_bar = _RemoteBar(rows, desc, "row", self.progress)
         ds = ds.map_batches(
             _PredictorActor,
-            fn_constructor_kwargs={
-                "factory": predictor,
-                "kwargs": predictor_kwargs,
-                "threads": resources.threads(),
-                "progress": remote_bar.actor,
-            },
+            fn_constructor_kwargs={**constructor, "progress": remote_bar.actor},
             batch_size=batch_size,
             batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=num_actors),
+            compute=ray.data.ActorPoolStrategy(
+                size=num_actors, max_tasks_in_flight_per_actor=in_flight
+            ),
             num_cpus=opts["num_cpus"],
             num_gpus=opts["num_gpus"],
             **({"memory": opts["memory"]} if "memory" in opts else {}),
         )
+        out = []
         try:
             with remote_bar:
-                blocks = _get(ds.to_arrow_refs())
+                for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    if block.num_rows:
+                        out.append(_owned_table(block))
         except Exception as e:  # noqa: BLE001 - re-raised as the predictor's own error
             raise original_error(e) from None
-        blocks = [b for b in blocks if b.num_rows]
-        return pa.concat_tables(blocks) if blocks else pa.table({})
+        finally:
+            # the finished execution holds its blocks' references in reference cycles: they
+            # stayed in the object store through the steps that followed until a collection
+            del ds
+            gc.collect()
+        return pa.concat_tables(out) if out else pa.table({})
 
     def train_capacity(
         self, num_workers: int = 1, resources_per_worker: Resources = Resources()

@@ -224,14 +224,7 @@ def extract_features(
     amp: str = "none",
 ) -> None:
     dataset_dir = ctx.input_dir("dataset")
-    # image paths as the dataset artifact holds them (relative to it, or absolute for a data.root
-    # set): each actor joins them to its own node's copy of the artifact
-    table = pa.Table.from_pylist(
-        [
-            {k: r[k] for k in ("image_id", "path", "split", "width", "height")}
-            for r in pq.read_table(dataset_dir / "images.parquet").to_pylist()
-        ]
-    )
+    images = pq.ParquetFile(dataset_dir / "images.parquet").metadata.num_rows  # the footer only
     kwargs = dict(  # references the actors resolve on their node, not the driver's paths
         model_path=ctx.input_file("finetune", "model.pt"),
         dataset_dir=ctx.input_file("dataset"),
@@ -244,15 +237,17 @@ def extract_features(
         warp=warp,
         amp=amp,
     )
-    # one inference pass over both splits (one actor pool to start, not one per split); rows
-    # sorted by split, and FeatureWriter splits any batch that straddles two
+    # one inference pass over both splits (one actor pool to start, not one per split) of the
+    # dataset's image rows, which it writes split by split: FeatureWriter splits the batch that
+    # straddles the two. The actors read the rows from the artifact on their own nodes; image
+    # paths are as the artifact holds them (relative to it, or absolute for a data.root set)
     result = ctx.infer(
-        table.sort_by("split"),
+        ctx.input_file("dataset", "images.parquet"),
         FeatureWriter,
         kwargs,
         batch_size=images_per_shard,
         num_actors=num_actors,
-        memory_mb=_actor_memory_mb(ctx, layers, images_per_shard, chunk, table.num_rows),
+        memory_mb=_actor_memory_mb(ctx, layers, images_per_shard, chunk, images),
     )
     for files in result["files"].to_pylist():
         ctx.add_files(json.loads(files))

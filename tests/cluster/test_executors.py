@@ -13,6 +13,7 @@ from cluster.resources import Resources
 from cluster.space import Choice, Grid, Uniform, expand
 from tests.cluster.workloads import (
     AffinePredictor,
+    BatchSpans,
     Tally,
     big_result,
     blas_product,
@@ -147,6 +148,65 @@ def test_infer_applies_model_to_every_row(ex, tmp_path):
     np.testing.assert_allclose(out.column("y").to_numpy(), 2 * np.linspace(0, 1, 100) + 1)
     # one model per actor, not one per batch (7 batches)
     assert len(os.listdir(markers)) == 1
+
+
+@both
+def test_infer_over_a_parquet_reference_takes_its_rows_in_batches_of_batch_size(ex, tmp_path):
+    """A Parquet file source: every row once, batch i = rows [16 i, 16 i + 16), the last short,
+    whatever the executor and however many actors share the batches."""
+    import pyarrow.parquet as pq
+
+    table = make_table(100)
+    pq.write_table(table, tmp_path / "rows.parquet", row_group_size=30)
+    out = ex.infer(
+        tmp_path / "rows.parquet", BatchSpans, {}, batch_size=16, resources=Resources(cpus=1),
+        num_actors=2,
+    ).sort_by("first")  # fmt: skip
+    assert out["first"].to_pylist() == [0, 16, 32, 48, 64, 80, 96]
+    assert out["rows"].to_pylist() == [16] * 6 + [4]
+    x = table.column("x").to_numpy()
+    np.testing.assert_allclose(
+        out["x"].to_numpy(), [x[i : i + 16].sum() for i in range(0, 100, 16)]
+    )
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(table.slice(0, 0), empty)
+    assert ex.infer(empty, BatchSpans, {}, batch_size=16).num_rows == 0
+
+
+@pytest.mark.ray
+def test_ray_infer_over_a_reference_puts_as_many_blocks_whatever_the_rows(
+    ray_executor, tmp_path, monkeypatch
+):
+    """Issue 19: the object store holds a fixed number of small blocks of batch numbers, not the
+    rows (a table source puts one block per batch); the actors read the file themselves, and
+    nothing of the run is left in the store once it has returned."""
+    import time
+
+    import pyarrow.parquet as pq
+
+    from cluster.ray_executor import BLOCKS_PER_ACTOR
+
+    blocks = []
+    from_items = ray.data.from_items
+
+    def counted(items, *, override_num_blocks):
+        blocks.append((len(items), override_num_blocks))
+        return from_items(items, override_num_blocks=override_num_blocks)
+
+    monkeypatch.setattr(ray.data, "from_items", counted)
+    before = _object_store_bytes()
+    for rows in (3, 40, 4000):
+        pq.write_table(make_table(rows), tmp_path / "rows.parquet")
+        out = ray_executor.infer(
+            tmp_path / "rows.parquet", BatchSpans, {}, batch_size=1, resources=Resources(cpus=1),
+            num_actors=2,
+        )  # fmt: skip
+        assert sorted(out["first"].to_pylist()) == list(range(rows))
+    assert blocks == [(3, 3), (40, 2 * BLOCKS_PER_ACTOR), (4000, 2 * BLOCKS_PER_ACTOR)]
+    deadline = time.monotonic() + 10  # the owner frees released objects asynchronously
+    while (held := _object_store_bytes() - before) > 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert held <= 0, f"{held} B of the inference still in the store"
 
 
 @both

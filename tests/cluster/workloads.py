@@ -53,6 +53,17 @@ class AffinePredictor:
         return pa.table({"id": batch.column("id"), "y": pa.array(self.scale * x + 1.0)})
 
 
+class BatchSpans:
+    """A 'model' that says which rows each batch held: its first ``id``, its length, and the
+    sum of its ``x`` (what the rows held, not only where they were)."""
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        x = batch.column("x").to_numpy()
+        return pa.table(
+            {"first": [batch.column("id")[0].as_py()], "rows": [batch.num_rows], "x": [x.sum()]}
+        )
+
+
 def linear_regression_train(ctx, config: dict) -> None:
     """Fit y = 3x - 1 with SGD; checkpoints every epoch, resumes from the last one."""
     torch.manual_seed(0)
