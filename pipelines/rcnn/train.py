@@ -260,8 +260,9 @@ def finetune(
         padding=padding,
         warp=warp,
     )
-    # the windows go to the store (part of the artifact), not into the Train config (issue 19)
-    ctx.add_files({"windows.parquet": source.store(ctx.output("windows.parquet"))})
+    # the windows and their images go to the store (part of the artifact), not into the Train
+    # config (issue 19)
+    ctx.add_files(source.store(ctx.output("")))
     # a worker decodes every training image once and keeps it (uint8), beside the net's state
     # and two minibatches of windows
     worker = train_worker_bytes(

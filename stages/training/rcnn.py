@@ -114,6 +114,29 @@ class WindowSource(Protocol):
     def get(self, indices: np.ndarray) -> torch.Tensor: ...  # (B, 3, S, S) float
 
 
+def _split_references(paths: list) -> tuple[list, list[int], list[str]]:
+    """Paths as ``(bases, base, name)``: a reference into an artifact (``data.store``'s
+    ``ArtifactFile``, ``base / name``) as the index of its base in ``bases``, each base kept once,
+    and its name; any other path as base -1 and the path itself. ``bases[b] / name`` gives the
+    reference back."""
+    import dataclasses
+
+    bases: list = []
+    seen: dict = {}
+    base, name = [], []
+    for p in paths:
+        if dataclasses.is_dataclass(p) and hasattr(p, "artifact"):
+            root = dataclasses.replace(p, name="")
+            base.append(seen.setdefault(root, len(seen)))
+            if len(seen) > len(bases):
+                bases.append(root)
+            name.append(p.name)
+        else:
+            base.append(-1)
+            name.append(os.fspath(p))
+    return bases, base, name
+
+
 class ImageWindows:
     """A ``WindowSource`` of proposal windows warped from their images, on the worker that trains.
 
@@ -124,12 +147,13 @@ class ImageWindows:
     2.8 GB) and only each window's pixels are converted to float, never the whole image per window
     (2.9 of 3.3 ms per window before, issue 19); the crop geometry of a batch is one vectorised
     call. Thread-safe, so batches can be warped ahead on background threads (``prefetch``).
-    Picklable: only paths, boxes and labels travel, and after `store` not even the windows
-    (VOC2007 trainval: ≈ 10 M windows, 320 MB): a reference that the unpickling process reads
-    them back from. The decoded images stay where they are made.
+    Picklable: only paths, boxes and labels travel, and after `store` not even those (VOC2007
+    trainval: ≈ 10 M windows, 320 MB; 5,011 image paths): a reference that the unpickling process
+    reads them back from. The decoded images stay where they are made.
     """
 
     WINDOW_COLUMNS = ("image_index", "boxes", "labels")
+    WINDOWS, IMAGES = "windows.parquet", "window_images.parquet"  # what `store` writes
 
     def __init__(
         self,
@@ -161,45 +185,65 @@ class ImageWindows:
         self.size, self.padding, self.warp = size, padding, warp
         self.mean = np.asarray(mean_bgr, np.float32).reshape(3)
         self._cache: dict[int, np.ndarray] = {}
-        self._windows_ref = None
+        self._stored, self._bases = None, []  # see `store`
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def store(self, ref) -> dict:
-        """Write the windows (image index, box, label per window) through ``ref`` (an
-        `data.store.OutputRef`: a file of the step's artifact, written from here) and from then
-        on pickle with the reference in their place; returns the file's marker entry. A Train
-        worker reads them from the store on its own node, not from ``train_loop_config``."""
+        """Write the windows (image index, box, label per window) to ``ref / WINDOWS`` and the
+        images (path, width, height) to ``ref / IMAGES`` (``ref``: an `data.store.OutputRef`,
+        the step's artifact, written from here), and from then on pickle with the reference in
+        their place; returns the files' marker entries by name. A Train worker reads them from
+        the store on its own node, not from ``train_loop_config``: what travels is the same
+        whatever the number of windows or images."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pa.table({
+        windows = pa.table({
             "image_index": self.image_index,
             "boxes": pa.FixedSizeListArray.from_arrays(pa.array(self.boxes.reshape(-1)), 4),
             "labels": self.labels,
         })  # fmt: skip
-        entry = ref.write(lambda path: pq.write_table(table, path, compression="none"))
-        self._windows_ref = ref
-        return entry
+        bases, base, name = _split_references(self.paths)
+        images = pa.table({
+            "base": pa.array(base, pa.int32()),
+            "path": pa.array(name, pa.string()),
+            "width": self.sizes[:, 0],
+            "height": self.sizes[:, 1],
+        })  # fmt: skip
+        entries = {
+            name: (ref / name).write(
+                lambda path, t=table: pq.write_table(t, path, compression="none")
+            )
+            for name, table in ((self.WINDOWS, windows), (self.IMAGES, images))
+        }
+        self._stored, self._bases = ref, bases
+        return entries
 
     def __getstate__(self) -> dict:
         state = {**self.__dict__, "_cache": {}}  # decoded images never travel
-        if self._windows_ref is not None:  # nor stored windows: the reference does
-            state.update(dict.fromkeys(self.WINDOW_COLUMNS))
+        if self._stored is not None:  # nor stored windows and images: the reference does
+            state.update(dict.fromkeys((*self.WINDOW_COLUMNS, "paths", "sizes")))
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self.__dict__.setdefault("_windows_ref", None)  # pickled before `store` existed
-        if self._windows_ref is not None and self.labels is None:
+        if self._stored is not None and self.labels is None:
             import pyarrow.parquet as pq
 
-            with self._windows_ref.open_input() as f:
+            with (self._stored / self.WINDOWS).open_input() as f:
                 t = pq.read_table(f)
             self.image_index = t["image_index"].to_numpy()
             self.boxes = t["boxes"].combine_chunks().flatten().to_numpy().reshape(-1, 4)
             self.labels = t["labels"].to_numpy()
+            with (self._stored / self.IMAGES).open_input() as f:
+                t = pq.read_table(f)
+            self.paths = [
+                self._bases[b] / n if b >= 0 else n
+                for b, n in zip(t["base"].to_pylist(), t["path"].to_pylist(), strict=True)
+            ]
+            self.sizes = np.stack([t["width"].to_numpy(), t["height"].to_numpy()], 1)
 
     def image(self, i: int) -> np.ndarray:
         """Image ``i`` decoded (once per process) as ``(H, W, 3)`` BGR uint8."""

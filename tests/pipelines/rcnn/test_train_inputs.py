@@ -178,35 +178,51 @@ def test_image_windows_check_boxes_and_images_up_front(tmp_path):
 
 def test_stored_windows_travel_as_a_reference_and_come_back_bit_for_bit(tmp_path):
     """After `store`, pickling (what Ray Train does with the config) carries the reference, not
-    the windows: 300 windows pickle to the size of 3; unpickled, the windows are the same arrays
-    bit for bit and warp the same crops."""
-    from data.store import OutputRef
+    the windows nor their images: 300 windows of 200 images pickle to the size of 3 windows of
+    one image; unpickled, windows, paths (references into an artifact as references, plain paths
+    as they were) and sizes are the same bit for bit, and warp the same crops."""
+    import dataclasses
+
+    from data.store import Artifact, ArtifactFile, OutputRef
 
     _hand_made_image(tmp_path / "a.png")
+    store = str(tmp_path / "store")
+    dataset = ArtifactFile(Artifact(store, "rcnn/dataset/k"))
     rng = np.random.default_rng(0)
-    n = 300
+    n, images = 300, 200
     xy = rng.uniform(1, 60, (n, 2))
     boxes = np.hstack([xy, xy + rng.uniform(5, 29, (n, 2))]).astype(np.float32)
     labels = rng.integers(0, 5, n)
+    # image 0 is the real one; the others alternate references into the artifact and plain paths
+    paths = [str(tmp_path / "a.png")] + [
+        dataset / f"JPEGImages/{i:06d}.jpg" if i % 2 else f"/data/voc/{i:06d}.jpg"
+        for i in range(1, images)
+    ]
+    sizes = [(120, 90)] * images
 
-    def windows(k):
-        return ImageWindows([str(tmp_path / "a.png")], [(120, 90)], np.zeros(k, np.int64),
-                            boxes[:k], labels[:k], size=16, padding=2)  # fmt: skip
+    def windows(k, m):
+        index = np.zeros(k, np.int64)
+        index[1::2] = np.arange(1, k, 2) % m  # windows spread over the m images
+        return ImageWindows(paths[:m], sizes[:m], index, boxes[:k], labels[:k], size=16,
+                            padding=2)  # fmt: skip
 
     (tmp_path / "staging").mkdir()
-    ref = OutputRef(str(tmp_path / "store"), str(tmp_path / "staging")) / "windows.parquet"
-    big, small = windows(n), windows(3)
-    entry = big.store(ref)
-    assert (
-        entry["size"] == (tmp_path / "staging" / "windows.parquet").stat().st_size > 300 * 16
-    )  # the boxes
+    ref = OutputRef(store, str(tmp_path / "staging"))
+    big, small = windows(n, images), windows(3, 1)
+    entries = big.store(ref)
+    assert sorted(entries) == ["window_images.parquet", "windows.parquet"]
+    for name, entry in entries.items():
+        assert entry["size"] == (tmp_path / "staging" / name).stat().st_size
+    assert entries["windows.parquet"]["size"] > 300 * 16  # the boxes
     sent = pickle.dumps(big)
-    assert len(sent) < len(pickle.dumps(small)) + 500 < len(pickle.dumps(windows(n)))
+    assert len(sent) < len(pickle.dumps(small)) + 500 < len(pickle.dumps(windows(n, images)))
     back = pickle.loads(sent)
-    for name in ("image_index", "boxes", "labels"):
+    for name in ("image_index", "boxes", "labels", "sizes"):
         a, b = getattr(back, name), getattr(big, name)
-        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
-    order = np.arange(0, n, 7)
+        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+    assert back.paths == big.paths
+    assert all(dataclasses.is_dataclass(p) == (i % 2 == 1) for i, p in enumerate(back.paths))
+    order = np.arange(0, n, 14)  # the windows of image 0
     assert torch.equal(back.get(order), big.get(order))
 
 
