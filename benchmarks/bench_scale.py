@@ -200,7 +200,9 @@ def report(runs: list[dict]) -> None:
         rss = [r["rss"]["run"] for r in rs]
         store = [r["store"]["run"] for r in rs]
         print(f"driver peak RSS MiB: {', '.join(f'{x * mb:.0f}' for x in rss)}")
-        print(f"object-store peak MiB: {', '.join(f'{x * mb:.1f}' for x in store)}")
+        print(f"object-store peak KiB: {', '.join(f'{x / 1024:.1f}' for x in store)}")
+        top = max(rs[-1]["store"].items(), key=lambda kv: kv[1] if kv[0] != "run" else 0)
+        print(f"  at N={ns[-1]} the object store peaked during {top[0]}")
         top = max(rs[-1]["rss"].items(), key=lambda kv: kv[1] if kv[0] != "run" else 0)
         print(f"  at N={ns[-1]} the driver peaked during {top[0]} ({top[1] * mb:.0f} MiB)")
         if len(ns) > 1:
