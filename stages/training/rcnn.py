@@ -205,10 +205,10 @@ class ImageWindows:
             "boxes": pa.FixedSizeListArray.from_arrays(pa.array(self.boxes.reshape(-1)), 4),
             "labels": self.labels,
         })  # fmt: skip
-        bases, base, name = _split_references(self.paths)
+        bases, base, names = _split_references(self.paths)
         images = pa.table({
             "base": pa.array(base, pa.int32()),
-            "path": pa.array(name, pa.string()),
+            "path": pa.array(names, pa.string()),
             "width": self.sizes[:, 0],
             "height": self.sizes[:, 1],
         })  # fmt: skip
